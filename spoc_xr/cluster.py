@@ -1,0 +1,103 @@
+"""Where the graphs run: a LocalCluster sized to the machine, or an existing Dask scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from spoc_xr.errors import ParameterError, SpocError
+
+SCHEDULER_ENV = "SPOC_XR_SCHEDULER"
+
+
+def parse_memory_limit(value: str | None) -> str | None:
+    """Check a ``--memory-limit`` value such as ``"2GB"`` or ``"auto"`` (None: Dask's default)."""
+    if value is None:
+        return None
+    from dask.utils import parse_bytes
+
+    if value == "auto":
+        return value
+    try:
+        parse_bytes(value)
+    except (ValueError, TypeError) as err:
+        raise ParameterError(
+            f"memory limit {value!r} is not a size; pass e.g. --memory-limit 2GB"
+        ) from err
+    return value
+
+
+@contextlib.contextmanager
+def dask_client(
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+    processes: bool = True,
+    quiet: bool = False,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
+
+    The scheduler address may also come from the ``SPOC_XR_SCHEDULER`` environment variable. A
+    local cluster listens on 127.0.0.1 only, with its dashboard on a free local port.
+
+    Examples
+    --------
+    >>> with dask_client(workers=2, memory_limit="2GB") as client:  # doctest: +SKIP
+    ...     print(client.dashboard_link)
+    """
+    from distributed import Client, LocalCluster
+
+    address = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if address:
+        if workers is not None or memory_limit is not None:
+            raise ParameterError(
+                "--workers and --memory-limit size a local cluster; they cannot be used with "
+                "--scheduler (size the remote cluster where it runs)"
+            )
+        try:
+            client = Client(address, timeout="20s")
+        except OSError as err:
+            raise SpocError(
+                f"cannot reach the Dask scheduler at {address!r}: {err}; check the address "
+                f"(or unset {SCHEDULER_ENV})"
+            ) from err
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n_cores = os.cpu_count() or 1
+    n_workers = workers if workers is not None else min(n_cores, 4)
+    if n_workers < 1:
+        raise ParameterError(f"--workers {n_workers} must be at least 1")
+    threads = threads_per_worker or max(1, n_cores // n_workers)
+    cluster_kwargs: dict[str, Any] = {
+        "n_workers": n_workers,
+        "threads_per_worker": threads,
+        "processes": processes,
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+    }
+    if memory_limit is not None:
+        cluster_kwargs["memory_limit"] = parse_memory_limit(memory_limit)
+    with LocalCluster(**cluster_kwargs) as cluster, Client(cluster) as client:
+        if not quiet:
+            print(
+                f"Dask LocalCluster: {n_workers} worker(s) x {threads} thread(s) at "
+                f"{cluster.scheduler_address}, dashboard {client.dashboard_link}"
+            )
+        yield client
+
+
+def active_client() -> Any | None:
+    """The current ``distributed.Client`` if one is running, else None."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None

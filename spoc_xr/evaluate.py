@@ -1,0 +1,252 @@
+"""Scores of an annotation against truth masks.
+
+Truth format (written by :func:`spoc_xr.synthetic.write_truth`, readable from Zarr or ``.npz``):
+
+- ``boats`` ``(time, y, x)`` int: instance labels, 0 background, one positive id per boat per date;
+- ``clouds`` ``(time, y, x)`` uint8/bool: 1 where cloud or cloud shadow;
+- ``water`` ``(y, x)`` (optional, not used for scoring);
+- ``time`` coordinate: the dates, matched to the annotation's dates (dates missing on either side
+  are not scored).
+
+Scores:
+
+- boats, object level: predicted boats are the connected components (8-connectivity) of the small
+  class that lie mostly on water (all small components when the stack had no water index). A true
+  boat is found when a predicted boat touches it (overlaps it or a pixel next to it). Precision is
+  the share of predicted boats that touch a true boat. Boats and predictions touching truth clouds
+  are not scored, nor are pixels without valid data.
+- clouds: pixel IoU of the large class with truth clouds, over valid pixels of all scored dates.
+- heatmap: Pearson correlation of the annotation's heatmap with the count of true boat pixels per
+  pixel over the scored dates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from spoc_xr import kernels
+from spoc_xr.detect import LARGE, SMALL
+from spoc_xr.errors import InputError
+
+# A small component is a boat when at least this share of its pixels lies on (widened) water.
+ON_WATER_SHARE = 0.5
+
+
+@dataclass
+class DateScore:
+    """Counts for one date."""
+
+    date: str
+    true_boats: int = 0
+    found_boats: int = 0
+    predicted_boats: int = 0
+    correct_predictions: int = 0
+    cloud_intersection: int = 0
+    cloud_union: int = 0
+
+
+@dataclass
+class Scores:
+    """Scores over all matched dates (see the module docstring for definitions)."""
+
+    precision: float
+    recall: float
+    f1: float
+    cloud_iou: float
+    heatmap_correlation: float
+    dates: list[DateScore] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table, one row per date and a total row."""
+        lines = [
+            f"{'date':<20}{'true':>6}{'found':>7}{'pred':>6}{'correct':>9}{'cloud IoU':>11}",
+        ]
+        for row in self.dates:
+            iou = row.cloud_intersection / row.cloud_union if row.cloud_union else float("nan")
+            lines.append(
+                f"{row.date:<20}{row.true_boats:>6}{row.found_boats:>7}{row.predicted_boats:>6}"
+                f"{row.correct_predictions:>9}{iou:>11.3f}"
+            )
+        lines.append(
+            f"boats: precision {self.precision:.3f}  recall {self.recall:.3f}  "
+            f"F1 {self.f1:.3f}  |  cloud IoU {self.cloud_iou:.3f}  |  heatmap correlation {self.heatmap_correlation:.3f}"
+        )
+        return "\n".join(lines)
+
+
+def read_truth(path: str | os.PathLike[str]) -> xr.Dataset:
+    """Open a truth store (Zarr folder or ``.npz`` file) in the format above."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"truth {str(path)!r} does not exist; pass a truth Zarr store or .npz")
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            missing = {"boats", "clouds", "time"} - set(data.files)
+            if missing:
+                raise InputError(f"truth {str(path)!r} lacks arrays {sorted(missing)}")
+            times = pd.to_datetime(data["time"].astype(str)).values
+            variables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+                "boats": (("time", "y", "x"), data["boats"]),
+                "clouds": (("time", "y", "x"), data["clouds"].astype(np.uint8)),
+            }
+            if "water" in data.files:
+                variables["water"] = (("y", "x"), data["water"].astype(np.uint8))
+            return xr.Dataset(variables, coords={"time": times})
+    truth = xr.open_zarr(path)
+    missing = {"boats", "clouds"} - set(truth.data_vars)
+    if missing:
+        raise InputError(f"truth {str(path)!r} lacks variables {sorted(missing)}")
+    return truth
+
+
+def boat_components(
+    small: np.ndarray, water: np.ndarray | None
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Label small-object components and tell which are boats (mostly on water).
+
+    Returns the labels, their count and a boolean array ``is_boat[label]`` (index 0 unused).
+    """
+    labels, count = kernels.label(small, connectivity=8)
+    if water is None or count == 0:
+        return labels, count, np.ones(count + 1, dtype=bool)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    wet = np.bincount(labels.ravel(), weights=water.ravel().astype(np.float64), minlength=count + 1)
+    share = wet / np.maximum(sizes, 1)
+    return labels, count, share >= ON_WATER_SHARE
+
+
+def score_date(
+    date: str,
+    mask: np.ndarray,
+    valid: np.ndarray,
+    boats: np.ndarray,
+    clouds: np.ndarray,
+    water: np.ndarray | None,
+) -> DateScore:
+    """Object and pixel counts for one date (see the module docstring)."""
+    row = DateScore(date=date)
+    clouds = clouds.astype(bool)
+    labels, count, is_boat = boat_components(mask == SMALL, water)
+    predicted = np.isin(labels, np.flatnonzero(is_boat)) & (labels > 0)
+    # "Touch" tolerates the one-pixel offsets that rounding of sub-pixel shifts produces.
+    near_truth = kernels.binary_dilation(boats > 0, 3)
+    near_prediction = kernels.binary_dilation(predicted, 3)
+    under_cloud_truth = np.unique(boats[clouds & (boats > 0)])
+    for boat_id in np.unique(boats[boats > 0]):
+        if boat_id in under_cloud_truth:
+            continue
+        pixels = boats == boat_id
+        if not valid[pixels].any():
+            continue
+        row.true_boats += 1
+        row.found_boats += bool(near_prediction[pixels].any())
+    touches_cloud = np.zeros(count + 1, dtype=bool)
+    touches_cloud[np.unique(labels[clouds & (labels > 0)])] = True
+    correct = np.zeros(count + 1, dtype=bool)
+    correct[np.unique(labels[near_truth & (labels > 0)])] = True
+    scored = is_boat & ~touches_cloud
+    scored[0] = False
+    row.predicted_boats = int(scored.sum())
+    row.correct_predictions = int((scored & correct).sum())
+    large = (mask == LARGE) & valid.astype(bool)
+    truth_clouds = clouds & valid.astype(bool)
+    row.cloud_intersection = int((large & truth_clouds).sum())
+    row.cloud_union = int((large | truth_clouds).sum())
+    return row
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def evaluate(annotations: xr.Dataset, truth: xr.Dataset) -> Scores:
+    """Score an annotation Dataset against a truth Dataset, date by date (bounded memory).
+
+    Parameters
+    ----------
+    annotations : xarray.Dataset
+        With ``mask``, ``valid``, ``heatmap`` and ``water`` (from :func:`spoc_xr.annotate`).
+    truth : xarray.Dataset
+        See the module docstring.
+
+    Returns
+    -------
+    Scores
+
+    Examples
+    --------
+    >>> scores = evaluate(xr.open_zarr("out.zarr"), read_truth("truth.zarr"))  # doctest: +SKIP
+    >>> print(scores.table())  # doctest: +SKIP
+    """
+    ann_times = pd.DatetimeIndex(annotations.time.values)
+    truth_times = pd.DatetimeIndex(truth.time.values)
+    if annotations.sizes["y"] != truth.sizes["y"] or annotations.sizes["x"] != truth.sizes["x"]:
+        raise InputError(
+            f"truth is {truth.sizes['y']} x {truth.sizes['x']} px but the annotation is "
+            f"{annotations.sizes['y']} x {annotations.sizes['x']}; pass the truth of this stack"
+        )
+    matches = [(i, j) for j, t in enumerate(truth_times) for i in np.flatnonzero(ann_times == t)]
+    if not matches:
+        # Truth written with dates only matches acquisitions on the same day.
+        matches = [
+            (i, j)
+            for j, t in enumerate(truth_times.normalize())
+            for i in np.flatnonzero(ann_times.normalize() == t)
+        ]
+    if not matches:
+        raise InputError(
+            "no date of the truth matches a date of the annotation; check that the truth belongs "
+            "to this stack"
+        )
+    water = None
+    if "water" in annotations and annotations["water"].attrs.get("index", "none") != "none":
+        water = annotations["water"].values.astype(bool)
+    rows = []
+    true_heat = np.zeros((truth.sizes["y"], truth.sizes["x"]), dtype=np.float64)
+    for i, j in matches:
+        boats = np.asarray(truth["boats"].isel(time=j).values)
+        clouds = np.asarray(truth["clouds"].isel(time=j).values)
+        mask = np.asarray(annotations["mask"].isel(time=i).values)
+        valid = np.asarray(annotations["valid"].isel(time=i).values).astype(bool)
+        true_heat += boats > 0
+        rows.append(score_date(str(ann_times[i])[:19], mask, valid, boats, clouds, water))
+    true_boats = sum(r.true_boats for r in rows)
+    precision = _ratio(
+        sum(r.correct_predictions for r in rows), sum(r.predicted_boats for r in rows)
+    )
+    recall = _ratio(sum(r.found_boats for r in rows), true_boats)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    cloud_iou = _ratio(sum(r.cloud_intersection for r in rows), sum(r.cloud_union for r in rows))
+    predicted_heat = np.asarray(annotations["heatmap"].values, dtype=np.float64)
+    correlation = float("nan")
+    if predicted_heat.std() > 0 and true_heat.std() > 0:
+        correlation = float(np.corrcoef(predicted_heat.ravel(), true_heat.ravel())[0, 1])
+    return Scores(precision, recall, f1, cloud_iou, correlation, rows)
+
+
+def write_scores(scores: Scores, path: str | os.PathLike[str]) -> Path:
+    """Write scores as JSON (NaN written as null)."""
+    path = Path(path)
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not np.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(clean(scores.as_dict()), indent=2))
+    return path

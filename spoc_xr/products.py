@@ -1,0 +1,143 @@
+"""Products of the mask cube: water index, boat-route heatmap and per-date summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+
+from spoc_xr import kernels
+from spoc_xr.detect import CLEAR, INVALID, LARGE, SMALL, filter_spatial
+
+# Band names that carry each spectral role, Sentinel-2 and Landsat style and plain words.
+GREEN_NAMES = ("b03", "green", "b3", "g")
+NIR_NAMES = ("b08", "b8a", "nir", "nir08", "b8", "b5_nir", "nir1")
+SWIR_NAMES = ("b11", "swir1", "swir", "swir16", "b6", "swir_1")
+# Ships moored at quays overlap the quay edge after misregistration: a pixel within this many
+# pixels of water still counts as on water (as a window side, 2 px each way).
+WATER_MARGIN = 5
+
+
+@dataclass(frozen=True)
+class WaterIndex:
+    """Which water index a stack's bands allow.
+
+    Attributes
+    ----------
+    name : str
+        ``"MNDWI"`` (green, SWIR), ``"NDWI"`` (green, NIR) or ``"none"``.
+    bands : tuple of str
+        The two band names used, empty for ``"none"``.
+    """
+
+    name: str
+    bands: tuple[str, ...]
+
+    @property
+    def available(self) -> bool:
+        """True when a water index can be computed."""
+        return self.name != "none"
+
+    def describe(self) -> str:
+        """One line for command output and attributes."""
+        if not self.available:
+            return (
+                "no water index (the bands lack green plus NIR or SWIR): the heatmap counts "
+                "all small objects"
+            )
+        return f"{self.name} from bands {self.bands[0]} and {self.bands[1]} > 0"
+
+
+def _find_band(bands: list[str], names: tuple[str, ...]) -> str | None:
+    lowered = {band.lower(): band for band in bands}
+    return next((lowered[name] for name in names if name in lowered), None)
+
+
+def choose_water_index(bands: list[str]) -> WaterIndex:
+    """Pick MNDWI (green, SWIR) where present, else NDWI (green, NIR), else none.
+
+    Examples
+    --------
+    >>> choose_water_index(["B02", "B03", "B04", "B08"]).name
+    'NDWI'
+    >>> choose_water_index(["red", "nir", "swir1"]).name
+    'none'
+    """
+    green = _find_band(bands, GREEN_NAMES)
+    swir = _find_band(bands, SWIR_NAMES)
+    nir = _find_band(bands, NIR_NAMES)
+    if green and swir:
+        return WaterIndex("MNDWI", (green, swir))
+    if green and nir:
+        return WaterIndex("NDWI", (green, nir))
+    return WaterIndex("none", ())
+
+
+def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:
+    """Lazy ``(y, x)`` boolean water mask from a (smoothed) reference, widened by ``WATER_MARGIN``.
+
+    Without a usable index every pixel counts as water, so the heatmap holds every small object.
+    """
+    plane = reference.isel(band=0, drop=True)
+    if not index.available:
+        return xr.ones_like(plane, dtype=bool).rename("water")
+    green = reference.sel(band=index.bands[0], drop=True)
+    other = reference.sel(band=index.bands[1], drop=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (green - other) / (green + other)
+    water = (ratio > 0).astype(np.uint8)
+    widened = filter_spatial(water, kernels.maximum_filter, WATER_MARGIN // 2, size=WATER_MARGIN)
+    return widened.astype(bool).rename("water")
+
+
+def mask_from_codes(codes: xr.DataArray) -> xr.DataArray:
+    """The public mask cube: codes with invalid pixels as clear, CF flag attributes."""
+    mask = codes.where(codes != INVALID, CLEAR).astype(np.uint8).rename("mask")
+    mask.attrs = {
+        "flag_values": [CLEAR, SMALL, LARGE],
+        "flag_meanings": "clear small_object large_object",
+        "long_name": "objects found by comparison with the reference",
+        "comment": "pixels with no valid data are 0 here and 0 in the `valid` variable",
+    }
+    return mask
+
+
+def valid_from_codes(codes: xr.DataArray) -> xr.DataArray:
+    """``(time, y, x)`` uint8: 1 where the date and the reference had valid data."""
+    valid = (codes != INVALID).astype(np.uint8).rename("valid")
+    valid.attrs = {"flag_values": [0, 1], "flag_meanings": "nodata valid"}
+    return valid
+
+
+def heatmap(codes: xr.DataArray, water: xr.DataArray) -> xr.DataArray:
+    """On how many dates each pixel was a small object on water (a lazy tree reduction).
+
+    Parameters
+    ----------
+    codes : xarray.DataArray
+        ``(time, y, x)`` mask codes from :func:`spoc_xr.detect.classify`.
+    water : xarray.DataArray
+        ``(y, x)`` boolean water mask.
+    """
+    counts = ((codes == SMALL) & water).sum("time", dtype=np.uint16).rename("heatmap")
+    counts.attrs = {
+        "long_name": "number of dates with a small object on water",
+        "units": "dates",
+    }
+    return counts
+
+
+def date_summary(codes: xr.DataArray) -> xr.Dataset:
+    """Per-date pixel shares of valid data, small objects and large objects (lazy)."""
+    valid = codes != INVALID
+    n_valid = valid.sum(("y", "x"))
+    total = codes.sizes["y"] * codes.sizes["x"]
+    safe = n_valid.where(n_valid > 0)
+    return xr.Dataset(
+        {
+            "valid_fraction": (n_valid / total).astype(np.float32),
+            "small_fraction": ((codes == SMALL).sum(("y", "x")) / safe).astype(np.float32),
+            "large_fraction": ((codes == LARGE).sum(("y", "x")) / safe).astype(np.float32),
+        }
+    )

@@ -1,0 +1,320 @@
+"""Choosing or building the clean reference image, and the per-date radiometry relative to it.
+
+Global statistics (which date is cleanest, each date's gain and offset) come from an *overview*: the
+stack subsampled on a fixed pixel grid (every ``stride``-th pixel), small enough to hold in memory
+(``OVERVIEW_SIDE``² pixels per date and band). The grid depends only on the image shape, never on
+the chunking, so chunked and unchunked runs see the same statistics.
+
+The full-resolution reference is lazy: a single date (``auto`` or a date string) or a per-pixel
+temporal median of the radiometrically normalised dates (``median``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from spoc_xr.errors import NoDataError, ParameterError
+
+# An overview of 512 x 512 pixels per date holds ~260k samples: plenty for a robust gain/offset
+# fit and small enough (4 bands x 100 dates x 1 MB) to keep in the driver's memory.
+OVERVIEW_SIDE = 512
+# A residual above this many robust standard deviations marks a pixel as changed (cloud, boat).
+OUTLIER_SIGMA = 4.0
+# Dates whose valid fraction is below this share of the best date's are never picked as reference.
+MIN_VALID_SHARE = 0.95
+# Robust fits need a minimum of clean samples; below it a date keeps gain 1 and offset 0.
+MIN_FIT_SAMPLES = 64
+# MAD -> standard deviation for Gaussian noise.
+MAD_TO_SIGMA = 1.4826
+# Memory per spatial block when all dates of a block are needed at once (temporal median).
+MEDIAN_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Radiometry:
+    """Per-date statistics that the detection needs, computed from the overview.
+
+    Attributes
+    ----------
+    reference : str
+        How the reference was built: ``"date"`` or ``"median"``.
+    reference_index : int or None
+        Index of the reference date (``None`` for a median reference).
+    gains, offsets : numpy.ndarray
+        ``(time, band)`` float64: ``gain * date + offset`` matches the reference radiometry.
+    valid_fraction : numpy.ndarray
+        ``(time,)`` share of valid pixels per date in the overview.
+    change_fraction : numpy.ndarray
+        ``(time,)`` share of valid overview pixels that differ from the temporal composite
+        (clouds, objects): the cleanliness score used by ``auto``.
+    """
+
+    reference: str
+    reference_index: int | None
+    gains: np.ndarray
+    offsets: np.ndarray
+    valid_fraction: np.ndarray
+    change_fraction: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+
+def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:
+    """Return the subsampling step so that the overview is at most ``side`` pixels a side."""
+    return max(1, math.ceil(max(shape) / side))
+
+
+def valid_pixels(stack: xr.DataArray) -> xr.DataArray:
+    """Lazy boolean array: pixel is finite and not the stack's nodata value, in every band.
+
+    Parameters
+    ----------
+    stack : xarray.DataArray
+        ``(..., band, y, x)`` raw values with an optional ``nodata`` attribute.
+    """
+    data = stack
+    ok = xr.ones_like(data, dtype=bool)
+    nodata = stack.attrs.get("nodata")
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        ok = ok & (data != nodata)
+    if np.issubdtype(stack.dtype, np.floating):
+        ok = ok & np.isfinite(data)
+    return ok.all("band")
+
+
+def to_float(stack: xr.DataArray) -> xr.DataArray:
+    """Cast to float32 with invalid pixels (nodata, non-finite) set to NaN, lazily."""
+    valid = valid_pixels(stack)
+    return stack.astype(np.float32).where(valid)
+
+
+def compute_overview(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> np.ndarray:
+    """Read the overview ``(time, band, h, w)`` float32 with NaN for invalid pixels.
+
+    This reads every chunk of the stack once (Zarr decompresses whole chunks); stores written by
+    ``spoc-xr ingest`` could carry it precomputed in a later version.
+    """
+    stride = overview_stride((stack.sizes["y"], stack.sizes["x"]), side)
+    sub = to_float(stack.isel(y=slice(None, None, stride), x=slice(None, None, stride)))
+    return np.asarray(sub.transpose("time", "band", "y", "x").values, dtype=np.float32)
+
+
+def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """Fit ``target ≈ gain * source + offset`` ignoring outliers (clouds, objects, NaN).
+
+    Least squares, then twice again on the samples within ``OUTLIER_SIGMA`` robust standard
+    deviations of the previous fit. A fit that would invert or explode the radiometry (gain outside
+    [0.2, 5]) falls back to a median ratio.
+    """
+    ok = np.isfinite(source) & np.isfinite(target)
+    x = source[ok].astype(np.float64)
+    y = target[ok].astype(np.float64)
+    if x.size < MIN_FIT_SAMPLES:
+        return 1.0, 0.0
+    # Start from the median ratio, which ignores up to half the pixels changing (clouds can
+    # cover 40% of a date and would drag a least-squares start far off).
+    positive = (x > 0) & (y > 0)
+    gain = float(np.median(y[positive] / x[positive])) if positive.sum() >= MIN_FIT_SAMPLES else 1.0
+    offset = float(np.median(y - gain * x))
+    for _ in range(4):
+        residual = y - (gain * x + offset)
+        centre = np.median(residual)
+        scale = MAD_TO_SIGMA * np.median(np.abs(residual - centre))
+        if scale == 0:
+            break
+        keep = np.abs(residual - centre) < OUTLIER_SIGMA * scale
+        if keep.sum() < MIN_FIT_SAMPLES or np.ptp(x[keep]) == 0:
+            break
+        gain, offset = np.polyfit(x[keep], y[keep], 1)
+    if not 0.2 < gain < 5.0:
+        positive = (x > 0) & (y > 0)
+        gain = float(np.median(y[positive] / x[positive])) if positive.any() else 1.0
+        offset = 0.0
+    return float(gain), float(offset)
+
+
+def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gains and offsets ``(time, band)`` that map each date of the overview onto ``target``."""
+    n_time, n_band = overview.shape[:2]
+    gains = np.ones((n_time, n_band))
+    offsets = np.zeros((n_time, n_band))
+    for t in range(n_time):
+        for b in range(n_band):
+            gains[t, b], offsets[t, b] = robust_linear_fit(overview[t, b], target[b])
+    return gains, offsets
+
+
+def change_fractions(
+    overview: np.ndarray, target: np.ndarray, gains: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
+    """Share of valid pixels per date whose normalised value departs from ``target``."""
+    normalised = overview * gains[:, :, None, None] + offsets[:, :, None, None]
+    residual = normalised - target[None]
+    scale = MAD_TO_SIGMA * np.nanmedian(np.abs(residual), axis=(0, 2, 3))
+    scale = np.where(scale > 0, scale, 1.0)
+    outlier = (np.abs(residual) > OUTLIER_SIGMA * scale[None, :, None, None]).any(axis=1)
+    valid = np.isfinite(residual).all(axis=1)
+    counts = valid.sum(axis=(1, 2))
+    return np.where(counts > 0, (outlier & valid).sum(axis=(1, 2)) / np.maximum(counts, 1), 1.0)
+
+
+def parse_reference(reference: str, times: xr.DataArray) -> str | int:
+    """Check a ``reference`` argument: ``"auto"``, ``"median"`` or a date (returns its index)."""
+    if reference in ("auto", "median"):
+        return reference
+    try:
+        wanted = pd.Timestamp(reference)
+    except (ValueError, TypeError) as err:
+        raise ParameterError(
+            f"reference {reference!r} is neither 'auto', 'median' nor a date; "
+            "pass e.g. --reference 2023-05-01"
+        ) from err
+    stamps = pd.DatetimeIndex(times.values)
+    exact = np.flatnonzero(stamps == wanted)
+    if exact.size == 0:
+        # A date without a time of day picks the acquisition on that day.
+        same_day = np.flatnonzero(stamps.normalize() == wanted.normalize())
+        exact = same_day if wanted == wanted.normalize() else exact
+    if exact.size != 1:
+        first, last = stamps.min().date(), stamps.max().date()
+        raise ParameterError(
+            f"reference date {reference!r} is not in the stack ({len(stamps)} dates from {first} "
+            f"to {last}); pass one of its dates, 'auto' or 'median'"
+        )
+    return int(exact[0])
+
+
+def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
+    """Choose the reference date (for ``auto``) and fit every date's radiometry to it.
+
+    Parameters
+    ----------
+    overview : numpy.ndarray
+        ``(time, band, h, w)`` float with NaN where invalid, from :func:`compute_overview`.
+    reference : {"auto", "median"} or int
+        Reference kind, or the index of the reference date.
+
+    Returns
+    -------
+    Radiometry
+    """
+    valid = np.isfinite(overview).all(axis=1)
+    valid_fraction = valid.mean(axis=(1, 2))
+    if not valid_fraction.any():
+        raise NoDataError("every date of the stack is entirely nodata; check the nodata value")
+    with np.errstate(all="ignore"):
+        composite = np.nanmedian(overview, axis=0)
+    gains, offsets = fit_radiometry(overview, composite)
+    changed = change_fractions(overview, composite, gains, offsets)
+    notes: list[str] = []
+    if reference == "median":
+        return Radiometry("median", None, gains, offsets, valid_fraction, changed, notes)
+    if reference == "auto":
+        eligible = valid_fraction >= MIN_VALID_SHARE * valid_fraction.max()
+        score = np.where(eligible, changed + (1 - valid_fraction), np.inf)
+        index = int(np.argmin(score))
+        notes.append(
+            f"auto reference: date {index} has the fewest changed pixels "
+            f"({changed[index]:.1%}) among dates with >= {MIN_VALID_SHARE:.0%} of the best coverage"
+        )
+    else:
+        index = int(reference)
+        if valid_fraction[index] == 0:
+            raise NoDataError(
+                f"the reference date (index {index}) is entirely nodata; pick another date, "
+                "'auto' or 'median'"
+            )
+    gains, offsets = fit_radiometry(overview, overview[index])
+    gains[index], offsets[index] = 1.0, 0.0
+    return Radiometry("date", index, gains, offsets, valid_fraction, changed, notes)
+
+
+def normalise(
+    stack: xr.DataArray, radiometry: Radiometry, indices: list[int] | None = None
+) -> xr.DataArray:
+    """Lazy float32 stack mapped onto the reference radiometry, NaN where invalid.
+
+    ``indices`` gives the positions of ``stack``'s dates in the full stack, when it is a subset.
+    """
+    rows = slice(None) if indices is None else indices
+    gains = xr.DataArray(radiometry.gains[rows].astype(np.float32), dims=("time", "band"))
+    offsets = xr.DataArray(radiometry.offsets[rows].astype(np.float32), dims=("time", "band"))
+    gains = gains.assign_coords(time=stack.time, band=stack.band)
+    offsets = offsets.assign_coords(time=stack.time, band=stack.band)
+    return (to_float(stack) * gains + offsets).astype(np.float32)
+
+
+def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray:
+    """Lazy full-resolution reference ``(band, y, x)`` float32, NaN where unknown.
+
+    A median reference takes the per-pixel median over all dates; to keep memory per task
+    independent of the number of dates, the spatial blocks shrink as the dates grow.
+    """
+    if radiometry.reference_index is not None:
+        return to_float(stack.isel(time=radiometry.reference_index)).drop_vars("time")
+    normalised = normalise(stack, radiometry)
+    n_time, n_band = stack.sizes["time"], stack.sizes["band"]
+    side = max(16, int(math.sqrt(MEDIAN_BLOCK_BYTES / (4 * n_time * n_band))))
+    columns = normalised.chunk({"time": -1, "band": -1, "y": side, "x": side})
+    median: xr.DataArray = xr.apply_ufunc(
+        _nanmedian_time,
+        columns,
+        input_core_dims=[["time"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+    stack_chunks = stack.chunksizes
+    return (
+        median.chunk({"y": stack_chunks["y"], "x": stack_chunks["x"]}) if stack_chunks else median
+    )
+
+
+def _nanmedian_time(values: np.ndarray) -> np.ndarray:
+    # All-NaN pixels are expected (nodata on every date); they stay NaN without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(values, axis=-1).astype(np.float32)
+
+
+def noise_sample_indices(n_time: int, reference_index: int | None, max_dates: int) -> list[int]:
+    """Evenly spaced dates (never the reference date) that feed the per-pixel noise model."""
+    candidates = [t for t in range(n_time) if t != reference_index]
+    if len(candidates) <= max_dates:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, max_dates).round().astype(int)
+    return [candidates[i] for i in np.unique(picks)]
+
+
+def temporal_deviation(
+    stack: xr.DataArray, reference: xr.DataArray, radiometry: Radiometry, *, max_dates: int
+) -> xr.DataArray:
+    """Lazy per-pixel robust spread ``(band, y, x)`` of the normalised dates around the reference.
+
+    ``1.4826 * median_t |date_t - reference|`` over at most ``max_dates`` evenly spaced dates, so
+    memory per task does not grow with the length of the stack. Pixels that vary from date to date
+    (vegetation, surf, shifting edges) get a large spread and need a larger change to be flagged.
+    """
+    indices = noise_sample_indices(stack.sizes["time"], radiometry.reference_index, max_dates)
+    if not indices:
+        return xr.full_like(reference, np.nan)
+    normalised = normalise(stack.isel(time=indices), radiometry, indices)
+    deviation = abs(normalised - reference).chunk({"time": -1})
+    spread = xr.apply_ufunc(
+        _nanmedian_time,
+        deviation,
+        input_core_dims=[["time"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+    return (spread * np.float32(MAD_TO_SIGMA)).astype(np.float32)
+
+
+def is_lazy(array: xr.DataArray) -> bool:
+    """True when the array is backed by Dask."""
+    return isinstance(array.data, da.Array)

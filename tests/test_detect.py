@@ -1,0 +1,202 @@
+"""The detection chain: chunked results equal plain numpy/scipy, value for value, and stay lazy."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import xarray as xr
+
+from spoc_xr.detect import (
+    INVALID,
+    LARGE,
+    SMALL,
+    DetectParams,
+    classify,
+    parse_threshold,
+    reference_products,
+)
+from spoc_xr.errors import ParameterError
+from spoc_xr.pipeline import annotate, build_annotations
+from spoc_xr.reference import (
+    build_reference,
+    compute_overview,
+    plan_radiometry,
+    temporal_deviation,
+)
+from tests.helpers import make_stack, raise_if_dask_computes
+
+PARAMS = DetectParams(kernel=3, tolerance=3, open_size=5, close_size=5, margin=3)
+
+
+def scipy_products(reference: np.ndarray, spread: np.ndarray, params: DetectParams) -> dict:
+    size = (1, params.tolerance, params.tolerance)
+    low = ndi.minimum_filter(np.nan_to_num(reference), size, mode="nearest")
+    high = ndi.maximum_filter(np.nan_to_num(reference), size, mode="nearest")
+    unknown = ndi.maximum_filter(np.isnan(reference), size, mode="nearest")
+    low[unknown], high[unknown] = np.nan, np.nan
+    ksize = (1, params.kernel, params.kernel)
+    noise = ndi.median_filter(np.nan_to_num(spread), ksize, mode="nearest")
+    noise[np.isnan(spread)] = np.nan
+    return {"low": low, "high": high, "noise": noise}
+
+
+def scipy_codes(date, low, high, noise, gain, offset, nodata, params: DetectParams) -> np.ndarray:
+    """The whole chain in plain numpy/scipy on an edge-padded image, then cropped."""
+    d = params.depth
+    pad3 = ((0, 0), (d, d), (d, d))
+    date, low, high, noise = (np.pad(a, pad3, mode="edge") for a in (date, low, high, noise))
+    values = date.astype(np.float32)
+    valid = (date != nodata).all(0) & np.isfinite(low).all(0)
+    normalised = values * gain[:, None, None] + offset[:, None, None]
+    with np.errstate(invalid="ignore"):
+        excess = np.maximum(normalised - high, low - normalised) / noise
+    score = np.where(valid[None], excess, 0).max(0)
+    binary = (score > params.effective_threshold) & valid
+
+    def grey(fn, mask, size):
+        return fn(mask.astype(np.uint8), size, mode="nearest").astype(bool)
+
+    opened = grey(ndi.maximum_filter, grey(ndi.minimum_filter, binary, params.open_size), params.open_size)
+    large = grey(ndi.minimum_filter, grey(ndi.maximum_filter, opened, params.close_size), params.close_size)
+    fringe = grey(ndi.maximum_filter, large, params.margin)
+    codes = np.where(large, LARGE, np.where(binary & ~fringe, SMALL, 0)).astype(np.uint8)
+    codes[~valid] = INVALID
+    return codes[d:-d, d:-d]
+
+
+@pytest.fixture(scope="module")
+def stack() -> xr.DataArray:
+    return make_stack(n_time=5, shape=(31, 37), seed=1)
+
+
+def _prepared(stack: xr.DataArray, chunks: dict):
+    chunked = stack.chunk({"time": 1, **chunks})
+    radiometry = plan_radiometry(compute_overview(chunked), "auto")
+    reference = build_reference(chunked, radiometry)
+    spread = temporal_deviation(chunked, reference, radiometry, max_dates=8)
+    return chunked, radiometry, reference, spread
+
+
+@pytest.mark.parametrize("chunks", [{"y": 7, "x": 9}, {"y": 13, "x": 37}, {"y": -1, "x": -1}])
+def test_reference_products_equal_scipy(stack, chunks):
+    _, _, reference, spread = _prepared(stack, chunks)
+    products = reference_products(reference, spread, PARAMS).compute()
+    expected = scipy_products(reference.values, spread.values, PARAMS)
+    for name in ("low", "high"):
+        np.testing.assert_array_equal(products[name].values, expected[name])
+    # The floored noise equals the scipy median wherever the median is above the floor.
+    above = expected["noise"] > products["noise"].values.min(axis=(1, 2), keepdims=True)
+    np.testing.assert_array_equal(products["noise"].values[above], expected["noise"][above])
+
+
+@pytest.mark.parametrize("chunks", [{"y": 4, "x": 5}, {"y": 11, "x": 6}, {"y": -1, "x": -1}])
+def test_classify_equals_scipy_chain(stack, chunks):
+    chunked, radiometry, reference, spread = _prepared(stack, chunks)
+    products = reference_products(reference, spread, PARAMS)
+    codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS).values
+    computed = products.compute()
+    for t in range(stack.sizes["time"]):
+        expected = scipy_codes(
+            stack.values[t],
+            computed.low.values,
+            computed.high.values,
+            computed.noise.values,
+            radiometry.gains[t].astype(np.float32),
+            radiometry.offsets[t].astype(np.float32),
+            0,
+            PARAMS,
+        )
+        np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
+    assert (codes == SMALL).any() and (codes == LARGE).any()
+
+
+def test_annotate_chunked_equals_single_chunk(stack):
+    whole = annotate(stack.chunk({"time": 1, "y": -1, "x": -1}), params=PARAMS).compute()
+    tiled = annotate(stack.chunk({"time": 1, "y": 6, "x": 10}), params=PARAMS).compute()
+    for name in ("mask", "valid", "heatmap", "reference", "water"):
+        np.testing.assert_array_equal(tiled[name].values, whole[name].values, err_msg=name)
+
+
+def test_default_parameters_chunked_equal_single_chunk(stack):
+    # Default windows (15 px) are larger than these chunks: depth handling must still be exact.
+    whole = annotate(stack.chunk({"time": 1, "y": -1, "x": -1})).compute()
+    tiled = annotate(stack.chunk({"time": 1, "y": 8, "x": 12})).compute()
+    np.testing.assert_array_equal(tiled.mask.values, whole.mask.values)
+
+
+def test_heatmap_counts_small_objects_on_water(stack):
+    result = annotate(stack.chunk({"time": 1, "y": 10, "x": 10}), params=PARAMS).compute()
+    expected = ((result.mask.values == SMALL) & result.water.values.astype(bool)).sum(0)
+    np.testing.assert_array_equal(result.heatmap.values, expected)
+    assert set(np.unique(result.mask.values)) <= {0, 1, 2}
+
+
+def test_detects_planted_boat_and_cloud(stack):
+    result = annotate(stack.chunk({"time": 1, "y": 10, "x": 10}), params=PARAMS).compute()
+    # make_stack plants a 2 x 2 boat on water on date 2 and a 14 x 16 cloud on date 3.
+    assert (result.mask.values[2, 5:7, 5:7] == SMALL).all()
+    assert (result.mask.values[3, 12:26, 18:34] == LARGE).mean() > 0.9
+    assert result.heatmap.values[5:7, 5:7].min() >= 1
+
+
+def test_building_the_graph_computes_nothing(stack):
+    chunked, radiometry, _, _ = _prepared(stack, {"y": 10, "x": 10})
+    with raise_if_dask_computes():
+        result = build_annotations(chunked, radiometry, PARAMS)
+    assert isinstance(result.mask.data, dask.array.Array)
+    assert isinstance(result.heatmap.data, dask.array.Array)
+
+
+def test_nodata_pixels_are_invalid_not_clear(stack):
+    holed = stack.copy(data=stack.values.copy())
+    holed.values[2, :, 0:4, :] = 0
+    result = annotate(holed.chunk({"time": 1}), params=PARAMS).compute()
+    assert (result.valid.values[2, 0:4] == 0).all()
+    assert (result.valid.values[2, 4:] == 1).all()
+    assert result.valid_fraction.values[2] == pytest.approx(1 - 4 / 31)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2, 4, 1.5, "3"])
+def test_bad_kernel_rejected(value):
+    with pytest.raises(ParameterError):
+        DetectParams(kernel=value)  # type: ignore[arg-type]
+
+
+def test_kernel_larger_than_image_rejected(stack):
+    with pytest.raises(ParameterError, match="kernel"):
+        annotate(stack, kernel=41)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "abc"])
+def test_bad_threshold_rejected(value):
+    with pytest.raises(ParameterError):
+        parse_threshold(value)
+
+
+def test_threshold_auto_and_number():
+    assert parse_threshold("auto") is None
+    assert parse_threshold("7.5") == 7.5
+
+
+def test_reference_date_not_in_stack_rejected(stack):
+    with pytest.raises(ParameterError, match="not in the stack"):
+        annotate(stack, reference="1999-01-01")
+
+
+def test_reference_date_is_used(stack):
+    result = annotate(stack.chunk({"time": 1}), reference="2023-03-06", params=PARAMS)
+    assert result.attrs["spoc_xr"]["reference_index"] == 1
+    np.testing.assert_array_equal(
+        result.reference.values, stack.isel(time=1).values.astype(np.float32)
+    )
+
+
+def test_median_reference_is_temporal_median_of_normalised_dates(stack):
+    chunked = stack.chunk({"time": 1, "y": 9, "x": 11})
+    result = annotate(chunked, reference="median", params=PARAMS)
+    gains = result.gain.values[:, :, None, None]
+    offsets = result.offset.values[:, :, None, None]
+    expected = np.median(stack.values.astype(np.float32) * gains + offsets, axis=0)
+    np.testing.assert_allclose(result.reference.values, expected, rtol=1e-5)
