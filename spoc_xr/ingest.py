@@ -1,0 +1,623 @@
+"""Dated GeoTIFFs of one place -> a lazy ``(time, band, y, x)`` DataArray and a Zarr stack.
+
+Every file is checked before anything is written: its date (from the file name), that it opens and
+that its first and last block of every band can be read, its CRS and transform, and that all dates
+share one grid, one band set, one dtype and one nodata value.
+
+Scaling to thousands of files
+-----------------------------
+* Files are never held open. The metadata scan opens each file once, in a small thread pool
+  (GDAL releases the GIL, so this overlaps I/O latency on network disks), and closes it again.
+* Pixels are read by a hand-built Dask graph with exactly one task per (date, y tile, x tile); each
+  task opens its file, reads one window and closes it. Peak memory is therefore a few chunks per
+  worker thread, and the graph holds only paths and window offsets, never data.
+* GDAL is told not to list the source folder on every open (``GDAL_DISABLE_READDIR_ON_OPEN``),
+  which would otherwise cost O(number of files) per open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import rasterio
+import rasterio.errors
+import rioxarray  # noqa: F401  (registers the .rio accessor used below)
+import xarray as xr
+from affine import Affine
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+from dask.typing import Key
+from rasterio.windows import Window
+
+import spoc_xr
+from spoc_xr.errors import (
+    BandMismatchError,
+    CorruptFileError,
+    DateParseError,
+    DuplicateDateError,
+    GeoreferenceError,
+    NoInputFilesError,
+    ParameterError,
+    StoreError,
+)
+from spoc_xr.store import check_output_path, open_store, remove_store, write_dataset
+
+__all__ = [
+    "DEFAULT_CHUNKS",
+    "STACK_DIMS",
+    "SUPPORTED_DTYPES",
+    "find_geotiffs",
+    "ingest",
+    "open_geotiffs",
+    "open_stack",
+    "parse_date",
+]
+
+PathLike = str | os.PathLike[str]
+
+#: Spatial tile edge in pixels: 1024 x 1024 x a few bands of uint16 is a few MiB per chunk, large
+#: enough to amortise one file open per task and small enough for many threads at once.
+DEFAULT_CHUNKS = 1024
+STACK_DIMS = ("time", "band", "y", "x")
+STACK_NAME = "stack"
+GEOTIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
+#: Years outside this range are taken for other digit runs (tile ids, orbit numbers), not dates.
+YEAR_MIN, YEAR_MAX = 1950, 2100
+#: Grids that differ by less than this fraction of a pixel are the same grid (float round-off in
+#: the writers' transforms), anything more is a real shift that would blur a time stack.
+TRANSFORM_TOLERANCE_PX = 1e-6
+#: Threads for the metadata scan: enough to hide network-disk latency, few enough to be polite.
+SCAN_THREADS = 8
+#: Forms accepted in file names, quoted in DateParseError.
+DATE_FORMS = "YYYY-MM-DD, YYYY-MM-DDTHH:MM:SS, YYYYMMDD or YYYYMMDDTHHMMSS"
+
+# A date only counts when it is not part of a longer digit run (tile ids, orbit numbers).
+_DATE_RE = re.compile(
+    r"(?<![0-9])(?:"
+    r"(?P<iy>[0-9]{4})-(?P<im>[0-9]{2})-(?P<id>[0-9]{2})"
+    r"(?:T(?P<iH>[0-9]{2}):?(?P<iM>[0-9]{2}):?(?P<iS>[0-9]{2}))?"
+    r"|(?P<cy>[0-9]{4})(?P<cm>[0-9]{2})(?P<cd>[0-9]{2})"
+    r"(?:T(?P<cH>[0-9]{2})(?P<cM>[0-9]{2})(?P<cS>[0-9]{2}))?"
+    r")(?![0-9])"
+)
+# Sidecars (.aux.xml, .ovr) are still probed by name, but the folder is not listed on each open.
+_GDAL_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "TRUE"}
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    """Metadata of one GeoTIFF, read once during validation."""
+
+    path: Path
+    time: np.datetime64
+    crs: rasterio.crs.CRS
+    transform: Affine
+    height: int
+    width: int
+    dtype: str
+    band_names: tuple[str, ...]
+    nodata: float | None
+    stamp: tuple[int, int]  # (size, mtime_ns): part of the Dask token so edits change the graph
+
+
+def parse_date(name: str | os.PathLike[str]) -> np.datetime64:
+    """Read the acquisition date (and time, if present) from a file name.
+
+    The first plausible date in the name wins: ISO ``2023-05-01`` or ``2023-05-01T10:04:09``,
+    compact ``20230501`` or ``20230501T100409``, with month 1-12, a day valid for the month and a
+    year 1950-2100. Digits that are part of a longer digit run are not a date.
+
+    Parameters
+    ----------
+    name : str or os.PathLike
+        File name or path; only the final component is read.
+
+    Returns
+    -------
+    numpy.datetime64
+        The date as ``datetime64[s]``.
+
+    Raises
+    ------
+    DateParseError
+        If the name holds no plausible date.
+
+    Examples
+    --------
+    >>> parse_date("S2A_MSIL2A_20230501T100409_N0509_R122_T33TUM.tif")
+    np.datetime64('2023-05-01T10:04:09')
+    >>> parse_date("honolulu_2023-05-01.tif")
+    np.datetime64('2023-05-01T00:00:00')
+    """
+    base = Path(name).name
+    for match in _DATE_RE.finditer(base):
+        prefix = "i" if match.group("iy") is not None else "c"
+        parts = [match.group(prefix + key) for key in ("y", "m", "d", "H", "M", "S")]
+        year, month, day, hour, minute, second = (
+            int(part) if part is not None else 0 for part in parts
+        )
+        if not YEAR_MIN <= year <= YEAR_MAX:
+            continue
+        try:
+            when = datetime(year, month, day, hour, minute, second)
+        except ValueError:  # month 13, 31 April, hour 25, ...: not a date, keep looking
+            continue
+        return np.datetime64(when, "s")
+    raise DateParseError(
+        f"cannot read a date from file name {base!r}: name each file with its acquisition date "
+        f"as {DATE_FORMS} (e.g. S2_20230501.tif), year {YEAR_MIN}-{YEAR_MAX}"
+    )
+
+
+def find_geotiffs(src_dir: PathLike) -> list[Path]:
+    """List the GeoTIFFs (``.tif``/``.tiff``, any case) directly inside a folder.
+
+    Other files, sub-folders and hidden files (``._x.tif`` resource forks) are ignored.
+
+    Parameters
+    ----------
+    src_dir : str or os.PathLike
+        Folder holding one GeoTIFF per date.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files, sorted by name.
+
+    Raises
+    ------
+    NoInputFilesError
+        If the folder is missing, is not a folder, or holds no GeoTIFF.
+
+    Examples
+    --------
+    >>> find_geotiffs("scenes/")  # doctest: +SKIP
+    [PosixPath('scenes/S2_20230501.tif'), PosixPath('scenes/S2_20230511.tif')]
+    """
+    folder = Path(src_dir).expanduser()
+    if not folder.exists():
+        raise NoInputFilesError(f"input folder {str(folder)!r} does not exist; check the path")
+    if not folder.is_dir():
+        raise NoInputFilesError(
+            f"input {str(folder)!r} is not a folder; pass the folder that holds the GeoTIFFs"
+        )
+    files = sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.suffix.lower() in GEOTIFF_SUFFIXES
+        and not entry.name.startswith(".")
+        and entry.is_file()
+    )
+    if not files:
+        raise NoInputFilesError(
+            f"no GeoTIFF (.tif/.tiff) in {str(folder)!r}; put one GeoTIFF per date there"
+        )
+    return files
+
+
+def open_geotiffs(
+    src: PathLike | Sequence[PathLike], *, chunks: int = DEFAULT_CHUNKS
+) -> xr.DataArray:
+    """Open dated GeoTIFFs of one place as a lazy, validated time stack.
+
+    Only metadata and the first and last block of each band are read here (so that truncated
+    files fail now, not halfway through a write); pixels are read later, one chunk per task.
+
+    Parameters
+    ----------
+    src : str, os.PathLike or sequence of them
+        A folder of GeoTIFFs, one GeoTIFF, or a list of GeoTIFFs.
+    chunks : int, default 1024
+        Edge of the spatial tiles in pixels; each chunk holds one date and all bands.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dask-backed DataArray named ``"stack"`` with dims ``(time, band, y, x)``, sorted by time,
+        in the files' dtype, with the CRS and transform written via rioxarray and the files'
+        nodata value (if any) as attribute ``nodata``.
+
+    Raises
+    ------
+    NoInputFilesError, CorruptFileError, GeoreferenceError, BandMismatchError, DateParseError,
+    DuplicateDateError, ParameterError
+        See the messages; each names the file(s) involved.
+
+    Examples
+    --------
+    >>> stack = open_geotiffs("scenes/", chunks=512)  # doctest: +SKIP
+    >>> stack.sel(band="B04").isel(time=0).compute()  # doctest: +SKIP
+    """
+    return _open_geotiffs(src, chunks=chunks)[0]
+
+
+def ingest(
+    src_dir: PathLike | Sequence[PathLike],
+    store: PathLike,
+    *,
+    chunks: int = DEFAULT_CHUNKS,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> xr.DataArray:
+    """Validate dated GeoTIFFs and write them to a Zarr v3 time-stack store.
+
+    All checks run before anything is written; the store is written chunk by chunk with Dask and
+    marked complete last.
+
+    Parameters
+    ----------
+    src_dir : str, os.PathLike or sequence of them
+        Folder of GeoTIFFs (or a list of GeoTIFFs), one per date.
+    store : str or os.PathLike
+        Path of the Zarr store to create.
+    chunks : int, default 1024
+        Edge of the spatial tiles in pixels.
+    overwrite : bool, default False
+        Replace an existing store at ``store``.
+    progress : bool, default False
+        Show a progress bar while writing.
+
+    Returns
+    -------
+    xarray.DataArray
+        The stack as read back by :func:`open_stack`.
+
+    Raises
+    ------
+    OutputError
+        If ``store`` exists and ``overwrite`` is False, or it would overwrite an input.
+    SpocError
+        Any validation error of :func:`open_geotiffs`.
+
+    Examples
+    --------
+    >>> stack = ingest("scenes/", "stack.zarr", chunks=512)  # doctest: +SKIP
+    >>> stack.sizes  # doctest: +SKIP
+    Frozen({'time': 12, 'band': 4, 'y': 1100, 'x': 1300})
+    """
+    _check_chunks(chunks)
+    inputs = [src_dir] if isinstance(src_dir, str | os.PathLike) else list(src_dir)
+    out = check_output_path(store, inputs=inputs, overwrite=overwrite)
+    stack, files = _open_geotiffs(src_dir, chunks=chunks)
+    dataset = stack.to_dataset()
+    dataset.attrs["spoc_xr"] = {
+        "version": spoc_xr.__version__,
+        "kind": "stack",
+        "source_files": [path.name for path in files],
+    }
+    if os.path.lexists(out):
+        remove_store(out)
+    write_dataset(dataset, out, overwrite=overwrite, progress=progress)
+    return open_stack(out)
+
+
+def open_stack(store: PathLike, *, chunks: dict[str, Any] | None = None) -> xr.DataArray:
+    """Open a stack store written by :func:`ingest`, lazily and georeferenced.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path of the Zarr store.
+    chunks : dict, optional
+        Dask chunks per dimension; by default the store's own chunks (one date per chunk).
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(time, band, y, x)`` DataArray named ``"stack"``; ``.rio.crs`` and ``.rio.transform()``
+        give back the source grid.
+
+    Raises
+    ------
+    StoreError
+        If the store is missing, incomplete, or not a spoc_xr stack.
+
+    Examples
+    --------
+    >>> stack = open_stack("stack.zarr")  # doctest: +SKIP
+    >>> stack.rio.crs  # doctest: +SKIP
+    CRS.from_epsg(32631)
+    """
+    dataset = open_store(store, chunks=chunks, kind="stack")
+    if STACK_NAME not in dataset.data_vars:
+        raise StoreError(
+            f"{str(store)!r} holds no variable {STACK_NAME!r}; it was not written by "
+            "spoc-xr ingest: re-create it with `spoc-xr ingest SRC_DIR STACK.zarr --overwrite`"
+        )
+    stack = dataset[STACK_NAME]
+    # Zarr hands strings back as numpy's variable-width StringDType; plain str is what users
+    # compare against and what ingest returned.
+    return stack.assign_coords(band=np.asarray(stack["band"].values.tolist(), dtype=str))
+
+
+# --------------------------------------------------------------------------------------------
+# internals
+
+
+def _check_chunks(chunks: object) -> int:
+    if isinstance(chunks, bool) or not isinstance(chunks, int | np.integer) or chunks <= 0:
+        raise ParameterError(
+            f"chunks must be a positive whole number of pixels (e.g. {DEFAULT_CHUNKS}), "
+            f"got {chunks!r}"
+        )
+    return int(chunks)
+
+
+def _as_file_list(src: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(src, str | os.PathLike):
+        path = Path(src).expanduser()
+        if path.is_file():
+            return [path]
+        return find_geotiffs(path)
+    files = [Path(item).expanduser() for item in src]
+    if not files:
+        raise NoInputFilesError("no input files given; pass a folder or a list of GeoTIFFs")
+    for path in files:
+        if not path.is_file():
+            raise NoInputFilesError(f"input file {str(path)!r} does not exist; check the path")
+    return files
+
+
+def _open_geotiffs(
+    src: PathLike | Sequence[PathLike], *, chunks: int
+) -> tuple[xr.DataArray, list[Path]]:
+    chunks = _check_chunks(chunks)
+    files = _as_file_list(src)
+    # Dates first: the cheapest check, and a duplicate is reported before any file is opened.
+    dated = sorted((parse_date(path), path) for path in files)
+    for (time_a, path_a), (time_b, path_b) in itertools.pairwise(dated):
+        if time_a == time_b:
+            raise DuplicateDateError(
+                f"{path_a.name!r} and {path_b.name!r} both carry the date {time_a}; "
+                "keep one file per date and time (move or rename the other)"
+            )
+    infos = _scan_files(dated)
+    _check_same_grid(infos)
+    return _build_stack(infos, chunks), [info.path for info in infos]
+
+
+def _scan_files(dated: list[tuple[np.datetime64, Path]]) -> list[_FileInfo]:
+    with warnings.catch_warnings():
+        # An ungeoreferenced file is reported as GeoreferenceError below, not as a warning. The
+        # filter is set once here, around the pool, because catch_warnings is process-wide.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        if len(dated) == 1:
+            return [_scan_file(*dated[0])]
+        pool = ThreadPoolExecutor(max_workers=min(SCAN_THREADS, len(dated)))
+        try:
+            futures = [pool.submit(_scan_file, time, path) for time, path in dated]
+            # In time order, so the error reported is that of the earliest bad file.
+            return [future.result() for future in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _scan_file(time: np.datetime64, path: Path) -> _FileInfo:
+    try:
+        with rasterio.Env(**_GDAL_OPTIONS), rasterio.open(path) as src:
+            dtype = str(src.dtypes[0])
+            if dtype not in SUPPORTED_DTYPES or len(set(src.dtypes)) != 1:
+                raise BandMismatchError(
+                    f"{path.name!r} has unsupported dtype {', '.join(sorted(set(src.dtypes)))}; "
+                    f"supported: {', '.join(sorted(SUPPORTED_DTYPES))} (one dtype for all bands); "
+                    "convert it, e.g. with gdal_translate -ot"
+                )
+            if src.crs is None:
+                raise GeoreferenceError(
+                    f"{path.name!r} has no CRS; assign one, e.g. gdal_edit.py -a_srs EPSG:XXXX"
+                )
+            transform = src.transform
+            if transform == Affine.identity():
+                # GDAL's stand-in when a file has no geotransform (GCP-only files included).
+                raise GeoreferenceError(
+                    f"{path.name!r} has no geotransform; georeference it (gdal_edit.py -a_ullr, "
+                    "or gdalwarp for a file with only ground control points)"
+                )
+            if transform.b != 0 or transform.d != 0:
+                raise GeoreferenceError(
+                    f"{path.name!r} has a rotated grid ({tuple(transform)[:6]}); "
+                    "warp it to a north-up grid with gdalwarp first"
+                )
+            _read_first_and_last_blocks(src)
+            stat = path.stat()
+            return _FileInfo(
+                path=path,
+                time=time,
+                crs=src.crs,
+                transform=transform,
+                height=src.height,
+                width=src.width,
+                dtype=dtype,
+                band_names=_band_names(src, path),
+                nodata=src.nodata,
+                stamp=(stat.st_size, stat.st_mtime_ns),
+            )
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        raise CorruptFileError(
+            f"cannot read {str(path)!r} ({exc}); the file is truncated or not a valid GeoTIFF: "
+            "download or export it again, or remove it from the folder"
+        ) from exc
+
+
+def _read_first_and_last_blocks(src: rasterio.DatasetReader) -> None:
+    """Read each band's first and last block: a truncated file loses its tail first."""
+    for band, (block_h, block_w) in enumerate(src.block_shapes, start=1):
+        last_row = (src.height - 1) // block_h * block_h
+        last_col = (src.width - 1) // block_w * block_w
+        for row, col in {(0, 0), (last_row, last_col)}:
+            window = Window(col, row, min(block_w, src.width - col), min(block_h, src.height - row))
+            src.read(band, window=window)
+
+
+def _band_names(src: rasterio.DatasetReader, path: Path) -> tuple[str, ...]:
+    names = tuple(
+        description if description else str(index)
+        for index, description in enumerate(src.descriptions, start=1)
+    )
+    if len(set(names)) != len(names):
+        raise BandMismatchError(
+            f"{path.name!r} has repeated band names {list(names)}; give each band its own "
+            "description (e.g. with rasterio's set_band_description)"
+        )
+    return names
+
+
+def _same_crs(crs_a: rasterio.crs.CRS, crs_b: rasterio.crs.CRS) -> bool:
+    if crs_a == crs_b:
+        return True
+    # Fall back to pyproj, which sees through differently spelled WKT of one CRS.
+    from pyproj import CRS as ProjCRS
+
+    return bool(ProjCRS.from_wkt(crs_a.to_wkt()).equals(ProjCRS.from_wkt(crs_b.to_wkt())))
+
+
+def _check_same_grid(infos: list[_FileInfo]) -> None:
+    ref = infos[0]
+    pixel = max(abs(ref.transform.a), abs(ref.transform.e))
+    for info in infos[1:]:
+        pair = f"{ref.path.name!r} and {info.path.name!r}"
+        if not _same_crs(ref.crs, info.crs):
+            raise GeoreferenceError(
+                f"{pair} have different CRS ({ref.crs} vs {info.crs}); "
+                "reproject all dates to one grid (gdalwarp -t_srs ... -tr ... -te ...)"
+            )
+        if (ref.height, ref.width) != (info.height, info.width):
+            raise GeoreferenceError(
+                f"{pair} have different shapes ({ref.height}x{ref.width} vs "
+                f"{info.height}x{info.width} px); clip all dates to one grid (gdalwarp -te -tr)"
+            )
+        ta, tb = ref.transform, info.transform
+        if abs(ta.a - tb.a) > TRANSFORM_TOLERANCE_PX * abs(ta.a) or abs(
+            ta.e - tb.e
+        ) > TRANSFORM_TOLERANCE_PX * abs(ta.e):
+            raise GeoreferenceError(
+                f"{pair} have different resolutions ({ta.a}, {ta.e} vs {tb.a}, {tb.e}); "
+                "resample all dates to one grid (gdalwarp -tr)"
+            )
+        if max(abs(ta.c - tb.c), abs(ta.f - tb.f)) > TRANSFORM_TOLERANCE_PX * pixel:
+            raise GeoreferenceError(
+                f"{pair} have different origins ({ta.c}, {ta.f} vs {tb.c}, {tb.f}); "
+                "align all dates to one grid (gdalwarp -te -tr -tap)"
+            )
+        if len(ref.band_names) != len(info.band_names):
+            raise BandMismatchError(
+                f"{pair} have different band counts ({len(ref.band_names)} vs "
+                f"{len(info.band_names)}); give every date the same bands"
+            )
+        if ref.band_names != info.band_names:
+            raise BandMismatchError(
+                f"{pair} have different band names ({list(ref.band_names)} vs "
+                f"{list(info.band_names)}); give every date the same bands in the same order"
+            )
+        if ref.dtype != info.dtype:
+            raise BandMismatchError(
+                f"{pair} have different dtypes ({ref.dtype} vs {info.dtype}); "
+                "convert all dates to one dtype (gdal_translate -ot)"
+            )
+        if not _same_nodata(ref.nodata, info.nodata):
+            raise BandMismatchError(
+                f"{pair} have different nodata values ({ref.nodata} vs {info.nodata}); "
+                "set one nodata value on all dates (gdal_edit.py -a_nodata)"
+            )
+
+
+def _same_nodata(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (np.isnan(a) and np.isnan(b))
+
+
+def _nodata_attr(nodata: float | None, dtype: str) -> int | float | None:
+    """Nodata as a JSON-friendly number of the data's kind (GDAL reports it as a float)."""
+    if nodata is None:
+        return None
+    if np.dtype(dtype).kind in "iu" and float(nodata).is_integer():
+        return int(nodata)
+    return float(nodata)
+
+
+def _tile_edges(size: int, step: int) -> list[tuple[int, int]]:
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _read_window(
+    path: str, row_start: int, row_stop: int, col_start: int, col_stop: int
+) -> np.ndarray:
+    """One Dask task: one date, all bands, one spatial tile; the file is closed again at once."""
+    window = Window(col_start, row_start, col_stop - col_start, row_stop - row_start)
+    try:
+        with rasterio.Env(**_GDAL_OPTIONS), rasterio.open(path) as src:
+            data = src.read(window=window)
+    except rasterio.errors.RasterioError as exc:
+        raise CorruptFileError(
+            f"cannot read window {window} of {path!r} ({exc}); the file changed or is damaged "
+            "after validation: replace it and run again"
+        ) from exc
+    return data[np.newaxis]
+
+
+def _build_stack(infos: list[_FileInfo], chunks: int) -> xr.DataArray:
+    ref = infos[0]
+    nbands = len(ref.band_names)
+    row_tiles = _tile_edges(ref.height, chunks)
+    col_tiles = _tile_edges(ref.width, chunks)
+    name = "read-geotiffs-" + tokenize(
+        [(str(info.path), info.stamp) for info in infos], chunks, ref.dtype
+    )
+    graph: dict[Key, Any] = {}
+    for t_index, info in enumerate(infos):
+        path = str(info.path)
+        for y_index, (row_start, row_stop) in enumerate(row_tiles):
+            for x_index, (col_start, col_stop) in enumerate(col_tiles):
+                graph[(name, t_index, 0, y_index, x_index)] = (
+                    _read_window,
+                    path,
+                    row_start,
+                    row_stop,
+                    col_start,
+                    col_stop,
+                )
+    dtype = np.dtype(ref.dtype)
+    data = da.Array(
+        HighLevelGraph.from_collections(name, graph, dependencies=()),
+        name,
+        chunks=(
+            (1,) * len(infos),
+            (nbands,),
+            tuple(stop - start for start, stop in row_tiles),
+            tuple(stop - start for start, stop in col_tiles),
+        ),
+        dtype=dtype,
+        meta=np.empty((0, 0, 0, 0), dtype=dtype),
+    )
+    transform = ref.transform
+    # Pixel centres, computed in the same order of operations as rioxarray.open_rasterio.
+    x = (np.arange(ref.width) + 0.5) * transform.a + 0.5 * transform.b + transform.c
+    y = (np.arange(ref.height) + 0.5) * transform.e + 0.5 * transform.d + transform.f
+    times = np.array([info.time for info in infos]).astype("datetime64[ns]")
+    nodata = _nodata_attr(ref.nodata, ref.dtype)
+    stack = xr.DataArray(
+        data,
+        dims=STACK_DIMS,
+        coords={
+            "time": times,
+            "band": np.asarray(ref.band_names, dtype=str),
+            "y": y,
+            "x": x,
+        },
+        name=STACK_NAME,
+        attrs={} if nodata is None else {"nodata": nodata},
+    )
+    return stack.rio.write_crs(ref.crs).rio.write_transform(transform)

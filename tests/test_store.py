@@ -1,0 +1,219 @@
+"""Tests for spoc_xr.store: output-path checks, writing with a completion marker, reading back."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401  (the .rio accessor)
+import xarray as xr
+from affine import Affine
+from dask.delayed import Delayed
+from rasterio.crs import CRS
+
+from spoc_xr.errors import OutputError, ParameterError, StoreError
+from spoc_xr.store import (
+    COMPLETE_ATTR,
+    check_output_path,
+    is_complete,
+    mark_complete,
+    open_store,
+    remove_store,
+    write_dataset,
+)
+
+TRANSFORM = Affine(30.0, 0.0, 336_375.0, 0.0, -30.0, 4_462_425.0)
+
+
+def small_dataset(kind: str = "stack") -> xr.Dataset:
+    data = da.arange(2 * 3 * 5, dtype="int16", chunks=5).reshape(2, 3, 5).rechunk((1, 3, 5))
+    cube = xr.DataArray(
+        data,
+        dims=("time", "y", "x"),
+        coords={
+            "time": np.array(["2023-01-01", "2023-01-02"], dtype="datetime64[ns]"),
+            "y": 4_462_410.0 - 30.0 * np.arange(3),
+            "x": 336_390.0 + 30.0 * np.arange(5),
+            "label": ("time", np.array(["clear", "cloudy"])),
+        },
+        name="cube",
+    )
+    cube = cube.rio.write_crs("EPSG:32613").rio.write_transform(TRANSFORM)
+    dataset = cube.to_dataset()
+    dataset.attrs["spoc_xr"] = {"version": "test", "kind": kind}
+    return dataset
+
+
+def make_store(path: Path) -> Path:
+    write_dataset(small_dataset(), path, overwrite=False)
+    return path
+
+
+# ------------------------------------------------------------------------- check_output_path
+
+
+def test_new_output_is_accepted(tmp_path: Path) -> None:
+    out = check_output_path(tmp_path / "new.zarr", inputs=[tmp_path / "src"], overwrite=False)
+    assert out == tmp_path / "new.zarr"
+
+
+def test_output_equal_to_an_input_is_refused_even_when_spelled_differently(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "src").mkdir()
+    with pytest.raises(OutputError, match="also an input"):
+        check_output_path(tmp_path / "x" / ".." / "src", inputs=[tmp_path / "src"], overwrite=True)
+
+
+def test_existing_output_needs_overwrite_and_is_not_deleted(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "old.zarr")
+    with pytest.raises(OutputError, match=r"exists; pass --overwrite to replace it"):
+        check_output_path(store, overwrite=False)
+    assert check_output_path(store, overwrite=True) == store
+    assert is_complete(store)  # checking deletes nothing
+
+
+def test_output_inside_an_input_store_is_refused(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "in.zarr")
+    with pytest.raises(OutputError, match="inside the input store"):
+        check_output_path(store / "cube.zarr", inputs=[store], overwrite=False)
+
+
+def test_output_inside_a_plain_input_folder_is_allowed(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    out = check_output_path(tmp_path / "src" / "stack.zarr", inputs=[tmp_path / "src"],
+                            overwrite=False)  # fmt: skip
+    assert out.parent == tmp_path / "src"
+
+
+def test_output_containing_an_input_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data" / "src").mkdir(parents=True)
+    with pytest.raises(OutputError, match="would delete the input"):
+        check_output_path(tmp_path / "data", inputs=[tmp_path / "data" / "src"], overwrite=True)
+
+
+def test_overwriting_a_folder_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "home"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    with pytest.raises(OutputError, match="not a Zarr store"):
+        check_output_path(folder, overwrite=True)
+    with pytest.raises(OutputError, match="not a Zarr store"):
+        remove_store(folder)
+    assert (folder / "thesis.txt").read_text() == "precious"
+
+
+# ------------------------------------------------------------------------------ remove_store
+
+
+def test_remove_store_deletes_a_store_and_ignores_a_missing_path(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "old.zarr")
+    remove_store(store)
+    assert not store.exists()
+    remove_store(store)  # already gone: no error
+
+
+# ------------------------------------------------------------------------ write / complete
+
+
+def test_is_complete_false_before_marker_true_after(tmp_path: Path) -> None:
+    store = tmp_path / "cube.zarr"
+    pending = write_dataset(small_dataset(), store, overwrite=False, compute=False)
+    assert isinstance(pending, Delayed)
+    assert not is_complete(store)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(store)
+    pending.compute()
+    assert not is_complete(store)
+    mark_complete(store)
+    assert is_complete(store)
+    np.testing.assert_array_equal(open_store(store)["cube"].values, np.arange(30).reshape(2, 3, 5))
+
+
+def test_write_dataset_marks_complete_when_computing(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "cube.zarr")
+    assert is_complete(store)
+    assert COMPLETE_ATTR in xr.open_zarr(store, consolidated=False).attrs
+
+
+def test_rewrite_drops_the_old_marker_until_the_new_write_finishes(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "cube.zarr")
+    # A dataset read from a complete store carries the marker attribute; it must not carry over.
+    reread = open_store(store).load()
+    target = tmp_path / "copy.zarr"
+    pending = write_dataset(reread, target, overwrite=False, compute=False)
+    assert pending is not None
+    assert not is_complete(target)
+    pending = write_dataset(small_dataset(), store, overwrite=True, compute=False)
+    assert not is_complete(store)
+
+
+def test_write_dataset_refuses_an_existing_store_without_overwrite(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "cube.zarr")
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        write_dataset(small_dataset(), store, overwrite=False)
+
+
+def test_store_chunks_follow_dask_chunks(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "cube.zarr")
+    assert open_store(store)["cube"].encoding["chunks"] == (1, 3, 5)
+
+
+def test_plain_open_zarr_keeps_crs_and_string_coords_without_warnings(tmp_path: Path) -> None:
+    store = tmp_path / "cube.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. zarr's unstable fixed-width string dtype
+        write_dataset(small_dataset(), store, overwrite=False)
+    cube = xr.open_zarr(store, consolidated=False)["cube"]
+    assert cube.rio.crs == CRS.from_epsg(32613)
+    assert cube.rio.transform() == TRANSFORM
+    assert cube["label"].values.tolist() == ["clear", "cloudy"]
+
+
+def test_progress_with_a_distributed_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    shown: list[object] = []
+    real_progress = distributed.progress
+
+    def recording_progress(*futures: object, **kwargs: object) -> object:
+        shown.extend(futures)
+        return real_progress(*futures, **kwargs)
+
+    monkeypatch.setattr(distributed, "progress", recording_progress)
+    with (
+        distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                           dashboard_address=None),
+        warnings.catch_warnings(),
+    ):  # fmt: skip
+        warnings.simplefilter("ignore", ResourceWarning)
+        write_dataset(small_dataset(), tmp_path / "cube.zarr", overwrite=False, progress=True)
+    assert len(shown) == 1  # distributed's bar, not dask's local one
+    assert is_complete(tmp_path / "cube.zarr")
+
+
+# -------------------------------------------------------------------------------- open_store
+
+
+def test_open_store_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store"):
+        open_store(tmp_path / "missing.zarr")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        open_store(tmp_path / "folder")
+    store = make_store(tmp_path / "cube.zarr")
+    with pytest.raises(StoreError, match="not a mask store"):
+        open_store(store, kind="mask")
+    with pytest.raises(ParameterError, match="chunks"):
+        open_store(store, chunks=16)  # type: ignore[arg-type]
+    assert open_store(store, chunks={"time": 2})["cube"].chunks[0] == (2,)
+
+
+def test_mark_complete_needs_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        mark_complete(tmp_path)
+    assert not is_complete(tmp_path / "missing.zarr")
