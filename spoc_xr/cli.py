@@ -27,6 +27,51 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-limit", help="memory limit per local worker, e.g. 2GB")
 
 
+def _store_arg(value: str) -> Path | str:
+    """A store argument: fsspec URLs (``s3://...``) stay strings, anything else is a path."""
+    from spoc_xr.store import is_url
+
+    return value if is_url(value) else Path(value)
+
+
+def _storage_option(value: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--storage-option``; VALUE is read as JSON when it parses (true, 3)."""
+    import json
+
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE (e.g. anon=true)")
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        parsed = raw
+    return key, parsed
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        metavar="KEY=VALUE",
+        type=_storage_option,
+        action="append",
+        default=[],
+        help="fsspec option for URL stores (s3://...), repeatable; a dotted KEY nests "
+        "(client_kwargs.endpoint_url=http://...). S3 credentials come from the AWS_* variables",
+    )
+
+
+def _storage(args: argparse.Namespace) -> dict[str, Any] | None:
+    options: dict[str, Any] = {}
+    for key, value in getattr(args, "storage_options", []):
+        *parents, leaf = key.split(".")
+        level = options
+        for parent in parents:
+            level = level.setdefault(parent, {})
+        level[leaf] = value
+    return options or None
+
+
 def _client(args: argparse.Namespace, *, quiet: bool = False) -> Any:
     from spoc_xr.cluster import dask_client
 
@@ -62,11 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
         "time stack (time, band, y, x), georeferenced and chunked one date at a time.",
     )
     ingest.add_argument("src_dir", type=Path, help="folder with one GeoTIFF per date")
-    ingest.add_argument("stack", type=Path, help="output Zarr store, e.g. stack.zarr")
+    ingest.add_argument(
+        "stack",
+        type=_store_arg,
+        help="output Zarr store, e.g. stack.zarr or s3://bucket/stack.zarr",
+    )
     ingest.add_argument(
         "--chunks", type=_parse_size, default=1024, help="spatial tile size in px (1024)"
     )
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    ingest.add_argument(
+        "--append",
+        action="store_true",
+        help="add the GeoTIFFs not yet in STACK (later dates only) to an existing store",
+    )
+    _add_storage_options(ingest)
     _add_cluster_options(ingest)
 
     annotate = commands.add_parser(
@@ -76,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(0 clear, 1 small object, 2 large object), the heatmap of small objects on water and the "
         "reference to a Zarr store.",
     )
-    annotate.add_argument("stack", type=Path, help="input Zarr store from 'spoc-xr ingest'")
-    annotate.add_argument("output", type=Path, help="output Zarr store, e.g. out.zarr")
+    annotate.add_argument(
+        "stack", type=_store_arg, help="input Zarr store (path or URL) from 'spoc-xr ingest'"
+    )
+    annotate.add_argument(
+        "output", type=_store_arg, help="output Zarr store, e.g. out.zarr or s3://bucket/out.zarr"
+    )
     annotate.add_argument(
         "--reference",
         default="auto",
@@ -90,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", default="auto", help="change threshold in noise scales, or auto"
     )
     annotate.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    annotate.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the PNGs and report.html written to OUTPUT_report/ next to the store (for a "
+        "URL output: in the current folder)",
+    )
+    _add_storage_options(annotate)
     _add_cluster_options(annotate)
 
     evaluate = commands.add_parser(
@@ -103,6 +169,48 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="write the scores here (default: print only)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
 
+    objects = commands.add_parser(
+        "objects",
+        help="mask cube -> table of objects (GeoParquet)",
+        description="Label the objects of every date of an annotation store and write one row "
+        "per object (class, boxes, centroid, size, band means, on_water, outline) as GeoParquet.",
+    )
+    objects.add_argument("annotations", type=Path, help="annotation store from 'annotate'")
+    objects.add_argument("objects", type=Path, help="output GeoParquet, e.g. objects.parquet")
+    objects.add_argument(
+        "--stack", type=Path, help="stack store the annotation was made from (adds band means)"
+    )
+    objects.add_argument(
+        "--geojson", action="store_true", help="also write OBJECTS.geojson (WGS 84)"
+    )
+    objects.add_argument("--overwrite", action="store_true", help="replace existing files")
+    _add_cluster_options(objects)
+
+    chips = commands.add_parser(
+        "export-chips",
+        help="stack + mask cube -> training chips, masks and COCO JSON",
+        description="Cut georeferenced image chips with their masks, split train/val/test by "
+        "spatial blocks, add negatives and cut-and-paste augmentation (see spoc_xr.export).",
+    )
+    chips.add_argument("stack", type=Path, help="stack store from 'ingest'")
+    chips.add_argument("annotations", type=Path, help="annotation store from 'annotate'")
+    chips.add_argument("dest", type=Path, help="output folder")
+    chips.add_argument("--size", type=_parse_size, default=256, help="chip side in px (256)")
+    chips.add_argument("--format", choices=["coco", "masks"], default="coco", help="(coco)")
+    chips.add_argument(
+        "--split", default="0.7,0.15,0.15", help="train,val,test shares (0.7,0.15,0.15)"
+    )
+    chips.add_argument(
+        "--negatives", type=float, default=0.2, help="share of chips without objects (0.2)"
+    )
+    chips.add_argument(
+        "--augment", type=_parse_size, default=0, help="pasted copies per small object (0)"
+    )
+    chips.add_argument("--block", type=_parse_size, default=4, help="split block side in chips (4)")
+    chips.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    chips.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    _add_cluster_options(chips)
+
     demo = commands.add_parser(
         "demo",
         help="synthetic harbour -> ingest -> annotate -> evaluate",
@@ -115,6 +223,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     _add_cluster_options(demo)
+
+    synth = commands.add_parser(
+        "synth",
+        help="write a test stack with truth: semi-real port or synthetic harbour",
+        description="Write dated GeoTIFFs (the input of 'ingest') and a truth store (the input of "
+        "'evaluate'): 'ports' builds a semi-real stack from a real Sentinel-2 port scene with "
+        "labelled ships (see spoc_xr.ports), 'harbour' a fully synthetic harbour.",
+    )
+    kinds = synth.add_subparsers(dest="kind", metavar="KIND", required=True)
+    synth_ports = kinds.add_parser(
+        "ports",
+        help="semi-real stack from a real port scene",
+        description="Real scene as one date, ships removed for the others, real ships from other "
+        "ports pasted on open water, moored ships kept, illumination, noise, shifts, clouds.",
+    )
+    synth_ports.add_argument(
+        "port", help="port name of the shared data (e.g. busan) or a port folder"
+    )
+    synth_ports.add_argument("out_dir", type=Path, help="output folder")
+    synth_ports.add_argument("--dates", type=_parse_size, default=12, help="number of dates (12)")
+    synth_ports.add_argument(
+        "--crop", type=_parse_size, help="use only the N x N window holding the most ships"
+    )
+    synth_ports.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    synth_ports.add_argument("--overwrite", action="store_true", help="replace an earlier stack")
+    synth_harbour = kinds.add_parser(
+        "harbour",
+        help="fully synthetic harbour stack",
+        description="A synthetic harbour with exact truth (spoc_xr.synthetic.make_harbour).",
+    )
+    synth_harbour.add_argument("out_dir", type=Path, help="output folder")
+    synth_harbour.add_argument("--dates", type=_parse_size, default=16, help="number of dates (16)")
+    synth_harbour.add_argument("--size", type=_parse_size, default=512, help="image side (512)")
+    synth_harbour.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    synth_harbour.add_argument("--overwrite", action="store_true", help="replace an earlier stack")
     return parser
 
 
@@ -122,15 +265,58 @@ def run_ingest(args: argparse.Namespace) -> None:
     from spoc_xr.ingest import ingest, open_geotiffs
     from spoc_xr.store import check_output_path
 
-    check_output_path(args.stack, inputs=[args.src_dir], overwrite=args.overwrite)
+    storage_options = _storage(args)
+    if isinstance(args.stack, Path):
+        run_ingest_resumable(args)
+        return
+    if args.append:
+        raise SpocError("--append works on local stores only; pass a local STACK path")
+    check_output_path(
+        args.stack,
+        inputs=[args.src_dir],
+        overwrite=args.overwrite,
+        storage_options=storage_options,
+    )
     open_geotiffs(args.src_dir, chunks=args.chunks)  # validates every file before any output
     with _client(args):
         started = time.perf_counter()
         stack = ingest(
-            args.src_dir, args.stack, chunks=args.chunks, overwrite=args.overwrite, progress=True
+            args.src_dir,
+            args.stack,
+            chunks=args.chunks,
+            overwrite=args.overwrite,
+            progress=True,
+            storage_options=storage_options,
         )
     print(
         f"ingested {stack.sizes['time']} dates x {stack.sizes['band']} bands "
+        f"({', '.join(map(str, stack.band.values))}) of {stack.sizes['y']} x {stack.sizes['x']} px "
+        f"into {args.stack} in {time.perf_counter() - started:.1f} s"
+    )
+
+
+def run_ingest_resumable(args: argparse.Namespace) -> None:
+    """``ingest`` into a local store: resumable after a kill, idempotent, appendable."""
+    from spoc_xr.ingest import ingest_store, open_geotiffs, open_stack
+
+    if not args.append:
+        open_geotiffs(args.src_dir, chunks=args.chunks)  # validates every file before any output
+    with _client(args):
+        started = time.perf_counter()
+        status = ingest_store(
+            args.src_dir,
+            args.stack,
+            chunks=args.chunks,
+            overwrite=args.overwrite,
+            append=args.append,
+            progress=True,
+        )
+    if status == "complete":
+        print(f"{args.stack} is already complete: nothing to do (pass --overwrite to redo it)")
+        return
+    stack = open_stack(args.stack)
+    print(
+        f"{status} {stack.sizes['time']} dates x {stack.sizes['band']} bands "
         f"({', '.join(map(str, stack.band.values))}) of {stack.sizes['y']} x {stack.sizes['x']} px "
         f"into {args.stack} in {time.perf_counter() - started:.1f} s"
     )
@@ -143,24 +329,102 @@ def run_annotate(args: argparse.Namespace) -> None:
     from spoc_xr.store import check_output_path
 
     params = DetectParams(kernel=args.kernel, threshold=parse_threshold(args.threshold))
-    check_output_path(args.output, inputs=[args.stack], overwrite=args.overwrite)
-    stack = open_stack(args.stack)
+    storage_options = _storage(args)
+    if isinstance(args.output, Path) and isinstance(args.stack, Path):
+        run_annotate_resumable(args, params)
+        return
+    check_output_path(
+        args.output, inputs=[args.stack], overwrite=args.overwrite, storage_options=storage_options
+    )
+    report_dir = None
+    if not args.no_report:
+        from spoc_xr.report import check_report_dir, report_dir_for
+
+        local = [item for item in (args.stack, args.output) if isinstance(item, Path)]
+        # A URL store gets its report in the current folder: figures are local files.
+        next_to = args.output if isinstance(args.output, Path) else args.output.rsplit("/", 1)[-1]
+        report_dir = check_report_dir(
+            report_dir_for(next_to), inputs=local, overwrite=args.overwrite
+        )
+    stack = open_stack(args.stack, storage_options=storage_options)
     with _client(args):
         started = time.perf_counter()
         result = annotate(stack, reference=args.reference, params=params)
-        write_annotations(result, args.output, overwrite=args.overwrite)
+        write_annotations(
+            result, args.output, overwrite=args.overwrite, storage_options=storage_options
+        )
         summary = describe_annotations(result, args.output, time.perf_counter() - started)
+        if report_dir is not None:
+            from spoc_xr.report import write_report
+            from spoc_xr.store import open_store
+
+            # Figures read the written store back: the lazy result would recompute detection.
+            written = open_store(args.output, kind="annotations", storage_options=storage_options)
+            summary += f"\nreport: {write_report(written, stack, report_dir)}"
     print(summary)
 
 
-def write_annotations(result: Any, output: Path, *, overwrite: bool) -> None:
-    """Write an annotation Dataset with progress and a completion marker."""
+def run_annotate_resumable(args: argparse.Namespace, params: Any) -> None:
+    """``annotate`` into a local store: resumable after a kill, idempotent, appendable."""
+    from spoc_xr.ingest import open_stack
+    from spoc_xr.pipeline import annotate_store, check_annotation_parameters
+    from spoc_xr.store import check_output_path, open_store
+
+    # Input collisions only: an existing output is resumed, extended or refused by annotate_store.
+    check_output_path(args.output, inputs=[args.stack], overwrite=True)
+    report_dir = None
+    if not args.no_report:
+        from spoc_xr.report import check_report_dir, report_dir_for
+
+        report_dir = check_report_dir(
+            report_dir_for(args.output),
+            inputs=[args.stack, args.output],
+            # A resumed or extended store gets its report redone.
+            overwrite=args.overwrite or args.output.exists(),
+        )
+    stack = open_stack(args.stack)
+    check_annotation_parameters(stack, reference=args.reference, params=params)
+    with _client(args):
+        started = time.perf_counter()
+        status = annotate_store(
+            stack,
+            args.output,
+            reference=args.reference,
+            params=params,
+            overwrite=args.overwrite,
+            source=args.stack,
+            progress=True,
+        )
+        if status == "complete":
+            print(f"{args.output} is already complete: nothing to do (pass --overwrite to redo it)")
+            return
+        written = open_store(args.output, kind="annotations")
+        summary = describe_annotations(written, args.output, time.perf_counter() - started)
+        if status != "written":
+            summary = f"{status}: " + summary
+        if report_dir is not None:
+            from spoc_xr.report import write_report
+
+            summary += f"\nreport: {write_report(written, stack, report_dir)}"
+    print(summary)
+
+
+def write_annotations(
+    result: Any,
+    output: Path | str,
+    *,
+    overwrite: bool,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write an annotation Dataset (to a path or URL) with progress and a completion marker."""
     from spoc_xr.store import write_dataset
 
-    write_dataset(result, output, overwrite=overwrite, progress=True)
+    write_dataset(
+        result, output, overwrite=overwrite, progress=True, storage_options=storage_options
+    )
 
 
-def describe_annotations(result: Any, output: Path, seconds: float) -> str:
+def describe_annotations(result: Any, output: Path | str, seconds: float) -> str:
     """A short multi-line summary of a written annotation."""
     import numpy as np
 
@@ -217,6 +481,45 @@ def _open_annotations(path: Path) -> Any:
     return dataset
 
 
+def run_objects(args: argparse.Namespace) -> None:
+    from spoc_xr.objects import check_object_inputs, object_table, objects_outputs, write_objects
+    from spoc_xr.store import check_output_path
+
+    inputs = [args.annotations] + ([args.stack] if args.stack is not None else [])
+    for output in objects_outputs(args.objects, geojson=args.geojson):
+        check_output_path(output, inputs=inputs, overwrite=args.overwrite)
+    check_object_inputs(args.annotations, stack=args.stack)
+    with _client(args):
+        table = object_table(args.annotations, stack=args.stack)
+    written = write_objects(table, args.objects, geojson=args.geojson, overwrite=args.overwrite)
+    boats = int(table["is_boat"].sum()) if len(table) else 0
+    print(
+        f"{len(table)} objects ({boats} boats) on {table['date'].nunique()} dates -> "
+        + ", ".join(map(str, written))
+    )
+    if args.stack is None:
+        print("no --stack given: band means (mean_<band>) left out")
+
+
+def run_export_chips(args: argparse.Namespace) -> None:
+    from spoc_xr.export import check_export_inputs, export_chips
+
+    options = {
+        "size": args.size,
+        "format": args.format,
+        "split": args.split,
+        "negatives": args.negatives,
+        "augment": args.augment,
+        "block": args.block,
+        "seed": args.seed,
+        "overwrite": args.overwrite,
+    }
+    check_export_inputs(args.stack, args.annotations, args.dest, **options)
+    with _client(args):
+        summary = export_chips(args.stack, args.annotations, args.dest, **options)
+    print(summary)
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from spoc_xr.demo import run_demo as demo
 
@@ -231,11 +534,59 @@ def run_demo(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def run_synth(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    if args.kind == "ports":
+        from spoc_xr.ports import make_port_stack
+
+        port = make_port_stack(
+            args.port,
+            args.out_dir,
+            n_dates=args.dates,
+            seed=args.seed,
+            crop=args.crop,
+            overwrite=args.overwrite,
+        )
+        image_dir, truth, n_dates, n_boats = (
+            port.image_dir,
+            port.truth_path,
+            len(port.dates),
+            port.n_boats,
+        )
+        extra = f"; real scene is date {port.real_index} ({port.n_real_ships} labelled ships)"
+    else:
+        from spoc_xr.synthetic import make_harbour
+
+        harbour = make_harbour(
+            args.out_dir,
+            n_dates=args.dates,
+            shape=(args.size, args.size),
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        image_dir, truth, n_dates, n_boats = (
+            harbour.image_dir,
+            harbour.truth_path,
+            len(harbour.dates),
+            harbour.n_boats,
+        )
+        extra = ""
+    print(
+        f"wrote {n_dates} dates with {n_boats} boat instances in "
+        f"{time.perf_counter() - started:.1f} s{extra}\n"
+        f"images: {image_dir}  (spoc-xr ingest {image_dir} stack.zarr)\n"
+        f"truth:  {truth}  (spoc-xr evaluate out.zarr {truth})"
+    )
+
+
 COMMANDS = {
     "ingest": run_ingest,
     "annotate": run_annotate,
     "evaluate": run_evaluate,
+    "objects": run_objects,
+    "export-chips": run_export_chips,
     "demo": run_demo,
+    "synth": run_synth,
 }
 
 

@@ -1,4 +1,20 @@
-"""Where the graphs run: a LocalCluster sized to the machine, or an existing Dask scheduler."""
+"""Where the graphs run: a LocalCluster sized to the machine, or an existing Dask scheduler.
+
+The library never needs this module: :func:`spoc_xr.pipeline.annotate`, :func:`spoc_xr.ingest`
+and :func:`spoc_xr.store.write_dataset` build ordinary Dask graphs and compute them with whatever
+scheduler is current, so a ``distributed.Client`` you created (``Client("tls://...")`` or
+``with Client(cluster):``) runs them, as Dask users expect; without one, Dask's threaded scheduler
+does. :func:`dask_client` is what the command line uses to get such a client.
+
+Stores may be fsspec URLs (``s3://bucket/stack.zarr``): the workers then read and write the chunks
+themselves and the client only handles metadata. GeoTIFF input folders must be visible to every
+worker at the same path (a shared or network file system) because each read task opens its file.
+
+OpenCV runs its own thread pool inside every call, which fights the worker's threads;
+:func:`dask_client` therefore registers :class:`OpenCVSingleThread`, a worker plugin that calls
+``cv2.setNumThreads(1)`` on every current and future worker. With your own client, do the same
+with ``client.register_plugin(OpenCVSingleThread())``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +23,30 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from spoc_xr.errors import ParameterError, SpocError
 
 SCHEDULER_ENV = "SPOC_XR_SCHEDULER"
+#: One OpenCV thread per call: the Dask worker already runs one task per core.
+OPENCV_THREADS = 1
+
+
+class OpenCVSingleThread(WorkerPlugin):
+    """Worker plugin: ``cv2.setNumThreads(1)`` on every worker, so OpenCV does not oversubscribe.
+
+    Examples
+    --------
+    >>> client.register_plugin(OpenCVSingleThread())  # doctest: +SKIP
+    """
+
+    name = "spoc-xr-opencv-threads"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        import cv2
+
+        cv2.setNumThreads(OPENCV_THREADS)
 
 
 def parse_memory_limit(value: str | None) -> str | None:
@@ -42,7 +79,11 @@ def dask_client(
     """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
 
     The scheduler address may also come from the ``SPOC_XR_SCHEDULER`` environment variable. A
-    local cluster listens on 127.0.0.1 only, with its dashboard on a free local port.
+    local cluster listens on 127.0.0.1 only, with its dashboard on a free local port. For a
+    ``tls://`` scheduler the certificates come from Dask's configuration (for example the
+    ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``, ``..._CLIENT__CERT`` and ``..._CLIENT__KEY``
+    environment variables; see deploy/README.md). Either way the workers get
+    :class:`OpenCVSingleThread`, and the client is the current one while the block runs.
 
     Examples
     --------
@@ -66,6 +107,7 @@ def dask_client(
                 f"(or unset {SCHEDULER_ENV})"
             ) from err
         try:
+            client.register_plugin(OpenCVSingleThread())
             yield client
         finally:
             client.close()
@@ -85,6 +127,7 @@ def dask_client(
     if memory_limit is not None:
         cluster_kwargs["memory_limit"] = parse_memory_limit(memory_limit)
     with LocalCluster(**cluster_kwargs) as cluster, Client(cluster) as client:
+        client.register_plugin(OpenCVSingleThread())
         if not quiet:
             print(
                 f"Dask LocalCluster: {n_workers} worker(s) x {threads} thread(s) at "

@@ -10,10 +10,16 @@ The method (each step chosen for a failure of the textbook version measured on h
 3. A per-pixel noise scale from the time series (robust spread of the normalised dates around the
    reference, smoothed by a k×k median filter): vegetation, surf and unstable edges need a larger
    change than calm water. The excess over the range, in units of that scale, is the change score.
-4. Threshold to binary (``auto``: a fixed number of noise scales, a constant false-alarm rate).
-5. Morphology: opening with an ``open_size`` square removes everything narrower than it; what
-   survives, closed and widened by a margin, is the large class (clouds, shadows, construction); the
-   rest of the binary is the small class (boats, planes, cars).
+4. Local background: haze and cloud bodies raise the score over wide areas. A local median of the
+   score (wider than twice any ship) is the wide change; what stands out of it by the threshold
+   (``auto``: a fixed number of noise scales) and by several local spreads (a constant false-alarm
+   rate where the change is textured) is a small-object candidate. Candidates keep only crisp
+   objects (their surroundings changed much less than they did), up to 48 px long; isolated
+   single pixels need twice the threshold.
+5. Morphology for the large class: the wide change above the threshold, closed (joins soft edges
+   and haze fragments) then opened with an ``open_size`` square (removes anything narrower, so no
+   boat is ever large): clouds, shadows, construction, flooding. Small objects take precedence,
+   so a boat seen through haze stays a boat.
 
 Everything after the reference products runs in one ``blockwise`` task per (date, tile), on tiles
 padded by the depth the chain needs, so a chunked result equals the unchunked one exactly.
@@ -27,6 +33,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import scipy.ndimage as ndi
 import xarray as xr
 from dask.array.overlap import ensure_minimum_chunksize
 
@@ -41,6 +48,24 @@ AUTO_THRESHOLD = 6.0
 DEFAULT_OPEN_SIZE = 15
 # Misregistration tolerated without a change, as a window side in pixels (1 px each way).
 DEFAULT_TOLERANCE = 3
+# Local background window: a 35 x 9 px ship covers less than half of 31 x 31, so the median
+# ignores it.
+DEFAULT_BACKGROUND_SIZE = 31
+# A small object must exceed its local background by this many local spreads (CFAR).
+CFAR_FACTOR = 6.0
+# Small objects longer than this (px) are not boats or planes but wakes, roads or edges: 480 m
+# at 10 m, longer than the largest ships.
+MAX_SMALL_EXTENT = 48
+# Pixels of context an object's test needs beyond the object (its 2 px ring plus neighbours).
+SMALL_CONTEXT = 6
+# Mean change 2 px around a small object must stay below this share of its peak.
+SHARPNESS = 0.15
+# An isolated single pixel needs this multiple of the threshold.
+ISOLATED_FACTOR = 2.0
+# Scores are capped here (noise scales) before quantisation; nothing real is above it.
+SCORE_CEILING = 65535.0
+LOG_STEPS_PER_OCTAVE = 16
+MAD_TO_SIGMA = 1.4826
 # Noise scale floor, as a share of the band's typical scale: quantised calm water can show a spread
 # of ~0 over a few dates, which would make any flicker an object.
 NOISE_FLOOR_SHARE = 0.5
@@ -68,8 +93,8 @@ class DetectParams:
         Side of the square opening that separates small from large objects.
     close_size : int
         Side of the square closing applied to large objects.
-    margin : int
-        Side of the square dilation of large objects whose fringe is not a small object.
+    background_size : int
+        Side of the window of the local median background of the change score.
     """
 
     kernel: int = 5
@@ -77,10 +102,10 @@ class DetectParams:
     tolerance: int = DEFAULT_TOLERANCE
     open_size: int = DEFAULT_OPEN_SIZE
     close_size: int = DEFAULT_OPEN_SIZE
-    margin: int = DEFAULT_OPEN_SIZE
+    background_size: int = DEFAULT_BACKGROUND_SIZE
 
     def __post_init__(self) -> None:
-        for name in ("kernel", "tolerance", "open_size", "close_size", "margin"):
+        for name in ("kernel", "tolerance", "open_size", "close_size", "background_size"):
             kernels.check_size(getattr(self, name), name=name)
         if self.threshold is not None:
             value = self.threshold
@@ -100,7 +125,12 @@ class DetectParams:
     @property
     def depth(self) -> int:
         """Pixels of context each tile needs on each side for an exact result."""
-        return 2 * (self.open_size // 2) + 2 * (self.close_size // 2) + self.margin // 2
+        # Large: background median, then closing and opening. Small: background median plus an
+        # object up to MAX_SMALL_EXTENT long and its ring, so that any object reaching pixels
+        # whose background is unreliable is too long to be small in every tiling alike.
+        background = self.background_size // 2
+        large = background + 2 * (self.close_size // 2) + 3 * (self.open_size // 2)
+        return max(large, background + MAX_SMALL_EXTENT + SMALL_CONTEXT)
 
     def check_against(self, shape: tuple[int, int]) -> None:
         """Raise :class:`ParameterError` when a window is larger than the image."""
@@ -187,7 +217,10 @@ def filter_spatial(array: xr.DataArray, function: Any, depth: int, **kwargs: Any
 
     result = da.map_blocks(
         run,
-        overlapped, dtype=data.dtype, chunks=out_chunks, meta=np.empty((0,) * data.ndim, data.dtype)
+        overlapped,
+        dtype=data.dtype,
+        chunks=out_chunks,
+        meta=np.empty((0,) * data.ndim, data.dtype),
     )
     return array.copy(data=result)
 
@@ -269,6 +302,96 @@ def noise_floor(spread: xr.DataArray) -> xr.DataArray:
 # The fused per-tile chain.
 
 
+def change_score(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    *,
+    nodata: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel change score (in noise scales) and validity of one date ``(band, y, x)``.
+
+    The score is the largest, over bands, excess of the normalised date beyond the reference's
+    neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
+    """
+    values = date.astype(np.float32)
+    valid = np.isfinite(values).all(axis=0) & np.isfinite(low).all(axis=0)
+    if nodata is not None and not np.isnan(nodata):
+        valid &= (date != nodata).all(axis=0)
+    normalised = values * gain[:, None, None] + offset[:, None, None]
+    with np.errstate(invalid="ignore"):
+        excess = np.maximum(normalised - high, low - normalised) / noise
+        score = np.where(valid[None], excess, 0).max(axis=0)
+    score = np.nan_to_num(np.maximum(score, 0), nan=0.0, posinf=SCORE_CEILING)
+    return score.astype(np.float32), valid
+
+
+def _log_quantise(values: np.ndarray) -> np.ndarray:
+    # uint8 on a log scale (1/16 octave steps up to 2**16 scales) so that OpenCV's exact and
+    # fast uint8 median applies at any window size.
+    levels = np.round(LOG_STEPS_PER_OCTAVE * np.log2(1 + np.minimum(values, SCORE_CEILING)))
+    return np.clip(levels, 0, 255).astype(np.uint8)
+
+
+def _log_restore(levels: np.ndarray) -> np.ndarray:
+    return (np.exp2(levels.astype(np.float32) / LOG_STEPS_PER_OCTAVE) - 1).astype(np.float32)
+
+
+def local_background(score: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Local median of the score and the local robust spread of what stands out of it.
+
+    A boat covers less than half of a ``size`` window, so the median ignores it and follows
+    what is wide: haze, cloud bodies, illumination residues. The spread (scaled median absolute
+    residual) is large in textured changes (cloud tops, haze puffs) and ~0 on calm water.
+    """
+    background = _log_restore(kernels.median_filter(_log_quantise(score), size))
+    residual = score - background
+    spread = MAD_TO_SIGMA * _log_restore(
+        kernels.median_filter(_log_quantise(np.abs(residual)), size)
+    )
+    return background, spread
+
+
+def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float) -> np.ndarray:
+    """Keep the connected candidates whose surroundings changed much less than their peak.
+
+    The ring 2 px outside each object must average below ``sharpness`` × the object's peak score:
+    hulls have crisp edges over water, haze puffs and cloud fringes fade out slowly. Objects
+    longer than ``MAX_SMALL_EXTENT`` are dropped (wakes, roads, edges).
+    """
+    labels, count = kernels.label(candidates, connectivity=8)
+    if count == 0:
+        return candidates
+    peak = np.zeros(count + 1, dtype=np.float64)
+    np.maximum.at(peak, labels.ravel(), score.ravel())
+    outer = kernels.maximum_filter(labels, 5)
+    inner = kernels.maximum_filter(labels, 3)
+    ring = (outer > 0) & (inner == 0)
+    ring_sum = np.bincount(outer[ring], weights=score[ring], minlength=count + 1)
+    ring_count = np.bincount(outer[ring], minlength=count + 1)
+    keep = ring_sum < sharpness * peak * np.maximum(ring_count, 1)
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is not None and max(b.stop - b.start for b in box) > MAX_SMALL_EXTENT:
+            keep[index] = False
+    keep[0] = False
+    return keep[labels]
+
+
+def drop_weak_isolated(small: np.ndarray, residual: np.ndarray, threshold: float) -> np.ndarray:
+    """Single isolated pixels need twice the threshold: one pixel is weak evidence."""
+    padded = np.pad(small, 1).astype(np.uint8)
+    neighbours = sum(
+        padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )
+    isolated = small & (neighbours == 1)
+    return small & (~isolated | (residual > ISOLATED_FACTOR * threshold))
+
+
 def classify_tile(
     date: np.ndarray,
     low: np.ndarray,
@@ -285,19 +408,23 @@ def classify_tile(
     Pure numpy on arrays ``(band, y, x)``; the whole chain the tile needs, with no cropping (the
     caller crops the padding). Exposed for tests and for the reference implementation.
     """
-    values = date.astype(np.float32)
-    valid = np.isfinite(values).all(axis=0) & np.isfinite(low).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        valid &= (date != nodata).all(axis=0)
-    normalised = values * gain[:, None, None] + offset[:, None, None]
-    with np.errstate(invalid="ignore"):
-        excess = np.maximum(normalised - high, low - normalised)
-        score = np.nanmax(np.where(valid[None], excess / noise, 0), axis=0)
-    binary = (score > params.effective_threshold) & valid
-    opened = kernels.binary_opening(binary, params.open_size)
-    large = kernels.binary_closing(opened, params.close_size)
-    fringe = kernels.binary_dilation(large, params.margin)
-    codes = np.where(large, LARGE, np.where(binary & ~fringe, SMALL, CLEAR)).astype(np.uint8)
+    score, valid = change_score(date, low, high, noise, gain, offset, nodata=nodata)
+    threshold = params.effective_threshold
+    background, spread = local_background(score, params.background_size)
+    residual = score - background
+    # Small: stands out of its local background by the threshold and by CFAR_FACTOR local
+    # spreads (a constant false-alarm rate in textured changes), with crisp edges.
+    candidates = (residual > threshold) & (residual > CFAR_FACTOR * spread) & valid
+    candidates = drop_weak_isolated(candidates, residual, threshold)
+    small = sharp_objects(candidates, score, sharpness=SHARPNESS)
+    # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
+    # opening removes everything narrower than open_size, so no boat can be large.
+    closed = kernels.binary_closing((background > threshold) & valid, params.close_size)
+    large = kernels.binary_opening(closed, params.open_size)
+    # The median rounds corners and lags behind soft edges: changed pixels next to the large
+    # class join it.
+    large |= (score > threshold) & valid & kernels.binary_dilation(large, params.open_size)
+    codes = np.where(small, SMALL, np.where(large, LARGE, CLEAR)).astype(np.uint8)
     codes[~valid] = INVALID
     return codes
 

@@ -80,7 +80,8 @@ class Scores:
             )
         lines.append(
             f"boats: precision {self.precision:.3f}  recall {self.recall:.3f}  "
-            f"F1 {self.f1:.3f}  |  cloud IoU {self.cloud_iou:.3f}  |  heatmap correlation {self.heatmap_correlation:.3f}"
+            f"F1 {self.f1:.3f}  |  cloud IoU {self.cloud_iou:.3f}  |  "
+            f"heatmap correlation {self.heatmap_correlation:.3f}"
         )
         return "\n".join(lines)
 

@@ -34,6 +34,7 @@ import rasterio
 import rasterio.errors
 import rioxarray  # noqa: F401  (registers the .rio accessor used below)
 import xarray as xr
+import zarr
 from affine import Affine
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
@@ -48,6 +49,7 @@ from spoc_xr.errors import (
     DuplicateDateError,
     GeoreferenceError,
     NoInputFilesError,
+    OutputError,
     ParameterError,
     StoreError,
 )
@@ -250,6 +252,7 @@ def ingest(
     chunks: int = DEFAULT_CHUNKS,
     overwrite: bool = False,
     progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> xr.DataArray:
     """Validate dated GeoTIFFs and write them to a Zarr v3 time-stack store.
 
@@ -261,13 +264,16 @@ def ingest(
     src_dir : str, os.PathLike or sequence of them
         Folder of GeoTIFFs (or a list of GeoTIFFs), one per date.
     store : str or os.PathLike
-        Path of the Zarr store to create.
+        Path or fsspec URL (``s3://bucket/stack.zarr``) of the Zarr store to create. The GeoTIFFs
+        stay a local folder, which every Dask worker must see at the same path.
     chunks : int, default 1024
         Edge of the spatial tiles in pixels.
     overwrite : bool, default False
         Replace an existing store at ``store``.
     progress : bool, default False
         Show a progress bar while writing.
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL (see :mod:`spoc_xr.store`).
 
     Returns
     -------
@@ -289,7 +295,9 @@ def ingest(
     """
     _check_chunks(chunks)
     inputs = [src_dir] if isinstance(src_dir, str | os.PathLike) else list(src_dir)
-    out = check_output_path(store, inputs=inputs, overwrite=overwrite)
+    out = check_output_path(
+        store, inputs=inputs, overwrite=overwrite, storage_options=storage_options
+    )
     stack, files = _open_geotiffs(src_dir, chunks=chunks)
     dataset = stack.to_dataset()
     dataset.attrs["spoc_xr"] = {
@@ -299,19 +307,28 @@ def ingest(
     }
     if os.path.lexists(out):
         remove_store(out)
-    write_dataset(dataset, out, overwrite=overwrite, progress=progress)
-    return open_stack(out)
+    write_dataset(
+        dataset, out, overwrite=overwrite, progress=progress, storage_options=storage_options
+    )
+    return open_stack(out, storage_options=storage_options)
 
 
-def open_stack(store: PathLike, *, chunks: dict[str, Any] | None = None) -> xr.DataArray:
+def open_stack(
+    store: PathLike,
+    *,
+    chunks: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> xr.DataArray:
     """Open a stack store written by :func:`ingest`, lazily and georeferenced.
 
     Parameters
     ----------
     store : str or os.PathLike
-        Path of the Zarr store.
+        Path or fsspec URL of the Zarr store.
     chunks : dict, optional
         Dask chunks per dimension; by default the store's own chunks (one date per chunk).
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL.
 
     Returns
     -------
@@ -330,7 +347,7 @@ def open_stack(store: PathLike, *, chunks: dict[str, Any] | None = None) -> xr.D
     >>> stack.rio.crs  # doctest: +SKIP
     CRS.from_epsg(32631)
     """
-    dataset = open_store(store, chunks=chunks, kind="stack")
+    dataset = open_store(store, chunks=chunks, kind="stack", storage_options=storage_options)
     if STACK_NAME not in dataset.data_vars:
         raise StoreError(
             f"{str(store)!r} holds no variable {STACK_NAME!r}; it was not written by "
@@ -621,3 +638,278 @@ def _build_stack(infos: list[_FileInfo], chunks: int) -> xr.DataArray:
         attrs={} if nodata is None else {"nodata": nodata},
     )
     return stack.rio.write_crs(ref.crs).rio.write_transform(transform)
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable and appendable stack stores
+
+
+def ingest_store(
+    src_dir: PathLike | Sequence[PathLike],
+    store: PathLike,
+    *,
+    chunks: int = DEFAULT_CHUNKS,
+    overwrite: bool = False,
+    append: bool = False,
+    progress: bool = False,
+) -> str:
+    """Write (or extend) a local stack store so that a killed run can be resumed.
+
+    Like :func:`ingest`, but the dates are written in batches recorded in the store's progress
+    record. Running the same command again resumes an unfinished store, and writes nothing when
+    the store is complete. With ``append`` the GeoTIFFs not yet in the store are added after its
+    last date (files already ingested, by name, are skipped).
+
+    Parameters
+    ----------
+    src_dir : str, os.PathLike or sequence of them
+        Folder of GeoTIFFs (or a list of GeoTIFFs), one per date.
+    store : str or os.PathLike
+        Local path of the Zarr store.
+    chunks : int, default 1024
+        Edge of the spatial tiles in pixels (an append keeps the store's).
+    overwrite : bool, default False
+        Delete an existing store first.
+    append : bool, default False
+        Add new dates to an existing complete store.
+    progress : bool, default False
+        Show progress bars.
+
+    Returns
+    -------
+    str
+        ``"written"``, ``"resumed"``, ``"appended"`` or ``"complete"`` (nothing to do).
+
+    Raises
+    ------
+    OutputError
+        If the store exists, was made otherwise, and ``overwrite`` is False.
+    StoreError
+        If an unfinished store was started from other files or parameters, or another run holds
+        its lock.
+    DuplicateDateError, InputError, GeoreferenceError, BandMismatchError
+        On append: a new file's date is already in the store or not after its last date, or its
+        grid, bands or dtype differ from the store's.
+
+    Examples
+    --------
+    >>> ingest_store("scenes/", "stack.zarr", chunks=512)  # doctest: +SKIP
+    'written'
+    >>> ingest_store("new_scenes/", "stack.zarr", append=True)  # doctest: +SKIP
+    'appended'
+    """
+    from spoc_xr import store as st
+
+    _check_chunks(chunks)
+    if append and overwrite:
+        raise ParameterError("--append and --overwrite exclude each other; pass one of them")
+    inputs = [src_dir] if isinstance(src_dir, str | os.PathLike) else list(src_dir)
+    out = Path(check_output_path(store, inputs=inputs, overwrite=True))
+    if append:
+        return _append_store(src_dir, out, progress)
+    stack, files = _open_geotiffs(src_dir, chunks=chunks)
+    provenance = {
+        "recipe": {
+            "kind": "stack",
+            "version": spoc_xr.__version__,
+            "chunks": chunks,
+            "input": [str(Path(item).expanduser().resolve()) for item in inputs],
+        },
+        "files": _manifest(files),
+        "dates": st.date_labels(stack.time.values),
+    }
+    with st.store_lock(out):
+        if overwrite and os.path.lexists(out):
+            remove_store(out)
+        if not os.path.lexists(out):
+            _write_stack_store(stack, files, out, provenance, progress)
+            return "written"
+        attrs = st.read_attrs(out) or {}
+        stored = attrs.get(st.PROVENANCE_ATTR)
+        same = st.same_record(stored, provenance)
+        if st.COMPLETE_ATTR in attrs:
+            if same:
+                return "complete"
+            raise OutputError(
+                f"{str(out)!r} exists (made from other files or parameters); pass --overwrite to "
+                "replace it, or --append to add new dates"
+            )
+        if not isinstance(stored, dict):
+            raise OutputError(
+                f"{str(out)!r} exists and was not written by spoc-xr ingest; "
+                "pass --overwrite to replace it"
+            )
+        if not same:
+            raise StoreError(
+                f"{str(out)!r} is an unfinished stack that was started with other files or "
+                "parameters; pass --overwrite to start it again"
+            )
+        if (attrs.get(st.PROGRESS_ATTR) or {}).get("stage") is None:
+            remove_store(out)  # killed while creating its arrays: start again
+            _write_stack_store(stack, files, out, provenance, progress)
+        else:
+            st.write_dates(_stack_dataset(stack, files), out, progress=progress)
+            st.mark_complete(out)
+        return "resumed"
+
+
+def _manifest(files: Sequence[Path]) -> list[list[Any]]:
+    # Size and modification time: a file replaced between a kill and its resume is not mixed in.
+    return [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+
+
+def _stack_dataset(stack: xr.DataArray, files: Sequence[Path]) -> xr.Dataset:
+    dataset = stack.to_dataset()
+    dataset.attrs["spoc_xr"] = {
+        "version": spoc_xr.__version__,
+        "kind": "stack",
+        "source_files": [path.name for path in files],
+    }
+    return dataset
+
+
+def _write_stack_store(
+    stack: xr.DataArray,
+    files: Sequence[Path],
+    out: Path,
+    provenance: dict[str, Any],
+    progress: bool,
+) -> None:
+    from spoc_xr import store as st
+
+    dataset = _stack_dataset(stack, files)
+    st.create_store(dataset, out, provenance=provenance)
+    st.set_stage(out, "created", dates=provenance["dates"])
+    st.write_dates(dataset, out, progress=progress)
+    st.mark_complete(out)
+
+
+def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: bool) -> str:
+    from spoc_xr import store as st
+    from spoc_xr.errors import InputError
+
+    attrs = st.read_attrs(out)
+    if attrs is None:
+        raise StoreError(
+            f"no stack store at {str(out)!r} to append to; create it first with "
+            "`spoc-xr ingest SRC_DIR STACK.zarr`"
+        )
+    provenance = attrs.get(st.PROVENANCE_ATTR)
+    if not isinstance(provenance, dict):
+        provenance = _provenance_of_plain_stack(out)
+    if provenance.get("recipe", {}).get("kind") != "stack":
+        raise StoreError(
+            f"{str(out)!r} is not a stack store written by spoc-xr ingest; pass a stack store"
+        )
+    chunks = int(provenance["recipe"]["chunks"])
+    stored_names = {entry[0] for entry in provenance["files"]}
+    stored_dates = list(provenance["dates"])
+    candidates = [path for path in _as_file_list(src_dir) if path.name not in stored_names]
+    if not candidates:
+        if st.COMPLETE_ATTR in attrs:
+            return "complete"
+        raise StoreError(f"{str(out)!r} is unfinished; run the command that started it again")
+    last = np.datetime64(stored_dates[-1])
+    for path in candidates:
+        when = parse_date(path)
+        if str(when) in stored_dates:
+            raise DuplicateDateError(
+                f"{path.name!r} carries the date {when}, which {str(out)!r} already holds; "
+                "remove the file from the folder or re-create the store with --overwrite"
+            )
+        if when <= last:
+            raise InputError(
+                f"{path.name!r} ({when}) is not after the store's last date ({last}); appends "
+                "must add later dates: re-create the store with --overwrite to insert it"
+            )
+    new_stack, files = _open_geotiffs(candidates, chunks=chunks)
+    with st.store_lock(out):
+        existing = xr.open_zarr(
+            out, consolidated=False, zarr_format=3, chunks={}, decode_coords="all"
+        )
+        _check_same_store_grid(existing[STACK_NAME], new_stack, out)
+        manifest = _manifest(files)
+        dates = stored_dates + st.date_labels(new_stack.time.values)
+        state = attrs.get(st.PROGRESS_ATTR) or {}
+        if st.COMPLETE_ATTR in attrs:
+            st.unmark_complete(
+                out,
+                progress={
+                    "stage": "append",
+                    "dates": dates,
+                    "done": stored_dates,
+                    "files": manifest,
+                },
+            )
+        elif state.get("stage") != "append" or not st.same_record(state.get("files"), manifest):
+            raise StoreError(
+                f"{str(out)!r} is unfinished and was started with other files; run the command "
+                "that started it again, or pass --overwrite to re-create it"
+            )
+        times = np.concatenate([existing["time"].values, new_stack.time.values])
+        st.grow_time(out, times)
+        dataset = _stack_dataset(new_stack, files)
+        st.write_dates(dataset, out, start=len(stored_dates), progress=progress)
+        info = dict(attrs.get("spoc_xr") or {})
+        info["source_files"] = list(info.get("source_files", [])) + [p.name for p in files]
+        record = dict(provenance)
+        record["files"] = list(provenance["files"]) + manifest
+        record["dates"] = dates
+        st.update_attrs(out, {st.PROVENANCE_ATTR: record, "spoc_xr": info})
+        st.mark_complete(out)
+    return "appended"
+
+
+def _provenance_of_plain_stack(out: Path) -> dict[str, Any]:
+    """Provenance of a complete stack written by :func:`ingest` (which records none)."""
+    from spoc_xr import store as st
+
+    existing = open_store(out, kind="stack")  # refuses incomplete and foreign stores
+    array = zarr.open_group(out, mode="r")[STACK_NAME]
+    assert isinstance(array, zarr.Array)
+    names = existing.attrs["spoc_xr"].get("source_files", [])
+    return {
+        "recipe": {"kind": "stack", "version": spoc_xr.__version__, "chunks": array.chunks[2]},
+        "files": [[name, None, None] for name in names],
+        "dates": st.date_labels(existing.time.values),
+    }
+
+
+def _check_same_store_grid(stored: xr.DataArray, new: xr.DataArray, out: Path) -> None:
+    where = f"the new files and {str(out)!r}"
+    stored_bands = [str(b) for b in stored["band"].values]
+    new_bands = [str(b) for b in new["band"].values]
+    if stored_bands != new_bands:
+        raise BandMismatchError(
+            f"{where} have different bands ({stored_bands} vs {new_bands}); give the new dates "
+            "the store's bands in the same order"
+        )
+    if stored.dtype != new.dtype:
+        raise BandMismatchError(
+            f"{where} have different dtypes ({stored.dtype} vs {new.dtype}); convert the new "
+            "files (gdal_translate -ot)"
+        )
+    if not _same_nodata(stored.attrs.get("nodata"), new.attrs.get("nodata")):
+        raise BandMismatchError(
+            f"{where} have different nodata values ({stored.attrs.get('nodata')} vs "
+            f"{new.attrs.get('nodata')}); set the store's nodata on the new files"
+        )
+    same_shape = stored.sizes["y"] == new.sizes["y"] and stored.sizes["x"] == new.sizes["x"]
+    step = abs(float(stored["x"].values[-1] - stored["x"].values[0])) / max(
+        1, stored.sizes["x"] - 1
+    )
+    tolerance = TRANSFORM_TOLERANCE_PX * (step or 1.0)
+    if not same_shape or not all(
+        np.allclose(stored[axis].values, new[axis].values, rtol=0, atol=tolerance)
+        for axis in ("x", "y")
+    ):
+        raise GeoreferenceError(
+            f"{where} are on different grids (shape, resolution or origin); warp the new files "
+            "to the store's grid (gdalwarp -te -tr)"
+        )
+    stored_crs = stored.rio.crs
+    if stored_crs is None or not _same_crs(stored_crs, new.rio.crs):
+        raise GeoreferenceError(
+            f"{where} have different CRS ({stored_crs} vs {new.rio.crs}); reproject the new "
+            "files to the store's CRS"
+        )

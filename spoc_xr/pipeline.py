@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from spoc_xr import __version__
 from spoc_xr.detect import NOISE_DATES, DetectParams, classify, reference_products
-from spoc_xr.errors import InputError, NoDataError, ParameterError
+from spoc_xr.errors import (
+    InputError,
+    NoDataError,
+    OutputError,
+    ParameterError,
+    SpocError,
+    StoreError,
+)
 from spoc_xr.products import (
     choose_water_index,
     date_summary,
@@ -89,6 +99,26 @@ def annotate(
     >>> result = spoc_xr.annotate(stack, reference="median")  # doctest: +SKIP
     >>> result.heatmap.plot()  # doctest: +SKIP
     """
+    stack, radiometry, params = plan_annotation(
+        stack,
+        reference=reference,
+        kernel=kernel,
+        threshold=threshold,
+        params=params,
+        overview=overview,
+    )
+    return build_annotations(stack, radiometry, params)
+
+
+def check_annotation_parameters(
+    stack: xr.DataArray,
+    *,
+    reference: str = "auto",
+    kernel: int = 5,
+    threshold: str | float | None = "auto",
+    params: DetectParams | None = None,
+) -> tuple[xr.DataArray, DetectParams]:
+    """Check a stack and the annotation parameters without reading any pixel."""
     stack = check_stack(stack)
     from spoc_xr.detect import parse_threshold
 
@@ -97,26 +127,55 @@ def annotate(
     params.check_against((stack.sizes["y"], stack.sizes["x"]))
     if not isinstance(reference, str):
         raise ParameterError(f"reference {reference!r} must be 'auto', 'median' or a date string")
-    choice = parse_reference(reference, stack.time)
+    parse_reference(reference, stack.time)
     if stack.chunks is None:
         stack = stack.chunk({"time": 1})
+    return stack, params
+
+
+def plan_annotation(
+    stack: xr.DataArray,
+    *,
+    reference: str = "auto",
+    kernel: int = 5,
+    threshold: str | float | None = "auto",
+    params: DetectParams | None = None,
+    overview: np.ndarray | None = None,
+) -> tuple[xr.DataArray, Radiometry, DetectParams]:
+    """Check the inputs, read the overview and fit the radiometry (the only eager step)."""
+    stack, params = check_annotation_parameters(
+        stack, reference=reference, kernel=kernel, threshold=threshold, params=params
+    )
+    choice = parse_reference(reference, stack.time)
     if overview is None:
         overview = compute_overview(stack)
-    radiometry = plan_radiometry(overview, choice)
-    return build_annotations(stack, radiometry, params)
+    return stack, plan_radiometry(overview, choice), params
 
 
 def build_annotations(
-    stack: xr.DataArray, radiometry: Radiometry, params: DetectParams
+    stack: xr.DataArray,
+    radiometry: Radiometry,
+    params: DetectParams,
+    *,
+    stored_reference: xr.DataArray | None = None,
+    stored_spread: xr.DataArray | None = None,
 ) -> xr.Dataset:
-    """Lazy annotation Dataset once the radiometry is known (computes nothing)."""
-    ref = build_reference(stack, radiometry)
+    """Lazy annotation Dataset once the radiometry is known (computes nothing).
+
+    ``stored_reference`` and ``stored_spread`` (``(band, y, x)``, as written in an annotation
+    store) replace the reference and noise model built from ``stack``: resumed and appended runs
+    compare new dates with exactly what the old dates were compared with.
+    """
     if (
         radiometry.reference_index is not None
         and radiometry.valid_fraction[radiometry.reference_index] == 0
     ):
         raise NoDataError("the reference date holds no valid pixel; pick another reference")
-    spread = temporal_deviation(stack, ref, radiometry, max_dates=NOISE_DATES)
+    ref = build_reference(stack, radiometry) if stored_reference is None else stored_reference
+    if stored_spread is None:
+        spread = temporal_deviation(stack, ref, radiometry, max_dates=NOISE_DATES)
+    else:
+        spread = stored_spread
     products = reference_products(ref, spread, params)
     codes = classify(stack, products, radiometry.gains, radiometry.offsets, params)
     codes = codes.chunk(_output_chunks(stack))
@@ -172,3 +231,242 @@ def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:
     chunks = stack.chunksizes
     spatial = {"y": chunks["y"][0], "x": chunks["x"][0]} if chunks else {"y": -1, "x": -1}
     return {"time": 1, **spatial} if time else spatial
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable, appendable annotation stores
+
+#: Variables written date by date; the others (reference, spread, water, heatmap) once per store.
+DATE_VARIABLES = ("mask", "valid", "valid_fraction", "small_fraction", "large_fraction")
+
+
+def annotate_store(
+    stack: xr.DataArray,
+    output: str | os.PathLike[str],
+    *,
+    reference: str = "auto",
+    params: DetectParams | None = None,
+    overwrite: bool = False,
+    source: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> str:
+    """Annotate ``stack`` into a Zarr store that survives being killed and grows with the stack.
+
+    The store is created first (metadata, radiometry), then the reference, its noise model
+    (``spread``) and the water mask are written, then the dates batch by batch, each batch recorded
+    in the store's progress record, and last the heatmap (summed from the stored masks) and the
+    completion marker. Running it again:
+
+    * on a complete store made from the same recipe and dates: writes nothing (``"complete"``);
+    * on a complete store whose stack gained later dates: classifies only the new dates against
+      the stored reference and noise model and updates the heatmap (``"appended"``);
+    * on an unfinished store of the same recipe and dates: writes only what is missing
+      (``"resumed"``); an unfinished store of another recipe is refused.
+
+    Parameters
+    ----------
+    stack : xarray.DataArray
+        ``(time, band, y, x)`` raw values.
+    output : str or os.PathLike
+        Local path of the annotation store.
+    reference : str, default "auto"
+        ``"auto"``, ``"median"`` or a date.
+    params : DetectParams, optional
+        Detection parameters (defaults when omitted).
+    overwrite : bool, default False
+        Delete an existing store first.
+    source : str or os.PathLike, optional
+        Path of the stack store, recorded in the provenance (a resume from another input is
+        refused).
+    progress : bool, default False
+        Show progress bars.
+
+    Returns
+    -------
+    str
+        ``"written"``, ``"resumed"``, ``"appended"`` or ``"complete"``.
+
+    Raises
+    ------
+    OutputError
+        If ``output`` exists, was made otherwise, and ``overwrite`` is False.
+    StoreError
+        If an unfinished store was started with other parameters, another run holds its lock,
+        or a task fails (the store then stays incomplete and resumable).
+
+    Examples
+    --------
+    >>> annotate_store(open_stack("stack.zarr"), "out.zarr", source="stack.zarr")  # doctest: +SKIP
+    'written'
+    """
+    from spoc_xr import store as st
+
+    stack, params = check_annotation_parameters(stack, reference=reference, params=params)
+    out = Path(output).expanduser()
+    recipe = {
+        "kind": "annotations",
+        "version": __version__,
+        "parameters": params.as_attrs(),
+        "reference": reference,
+        "input": None if source is None else str(Path(source).expanduser().resolve()),
+    }
+    dates = st.date_labels(stack.time.values)
+    with st.store_lock(out):
+        if overwrite and os.path.lexists(out):
+            st.remove_store(out)
+        if not os.path.lexists(out):
+            _annotate_fresh(stack, out, reference, params, recipe, dates, progress)
+            return "written"
+        attrs = st.read_attrs(out) or {}
+        provenance = attrs.get(st.PROVENANCE_ATTR)
+        if not isinstance(provenance, dict):
+            raise OutputError(
+                f"{str(out)!r} exists and was not written by spoc-xr annotate; "
+                "pass --overwrite to replace it"
+            )
+        same = st.same_record(provenance.get("recipe"), recipe)
+        stored = list(provenance.get("dates", []))
+        if st.COMPLETE_ATTR in attrs:
+            if not same:
+                raise OutputError(
+                    f"{str(out)!r} exists (made with other parameters or from another input); "
+                    "pass --overwrite to replace it"
+                )
+            if stored == dates:
+                return "complete"
+            if len(dates) > len(stored) and dates[: len(stored)] == stored:
+                st.unmark_complete(
+                    out, progress={"stage": "append", "dates": dates, "done": stored}
+                )
+                _annotate_finish(stack, out, params, recipe, dates, progress)
+                return "appended"
+            raise OutputError(
+                f"{str(out)!r} holds {len(stored)} dates that are not the first dates of the "
+                f"stack ({len(dates)} dates); pass --overwrite to annotate it anew"
+            )
+        state = attrs.get(st.PROGRESS_ATTR) or {}
+        # A fresh run's target dates are its provenance's; an append records its own.
+        if not same or state.get("dates", stored) != dates:
+            raise StoreError(
+                f"{str(out)!r} is an unfinished annotation that was started with other "
+                "parameters, input or dates; pass --overwrite to start it again"
+            )
+        if state.get("stage") is None:  # killed while creating its arrays: start again
+            st.remove_store(out)
+            _annotate_fresh(stack, out, reference, params, recipe, dates, progress)
+        else:
+            _annotate_finish(stack, out, params, recipe, dates, progress)
+        return "resumed"
+
+
+def _annotate_fresh(
+    stack: xr.DataArray,
+    out: Path,
+    reference: str,
+    params: DetectParams,
+    recipe: dict[str, Any],
+    dates: list[str],
+    progress: bool,
+) -> None:
+    from spoc_xr import store as st
+
+    try:
+        stack, radiometry, params = plan_annotation(stack, reference=reference, params=params)
+    except (SpocError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a failing read task: name it, write nothing
+        message = " ".join(str(exc).split())[:500]
+        raise InputError(
+            f"reading the stack's overview failed ({type(exc).__name__}: {message}); nothing "
+            f"was written to {str(out)!r}: fix the input and run the command again"
+        ) from exc
+    full = build_annotations(stack, radiometry, params)
+    ref = build_reference(stack, radiometry)
+    spread = temporal_deviation(stack, ref, radiometry, max_dates=NOISE_DATES)
+    full["spread"] = spread.astype(np.float32).chunk(_output_chunks(stack, time=False))
+    full["spread"].attrs = {
+        "long_name": "robust spread of the normalised dates around the reference (noise model)"
+    }
+    if "grid_mapping" in full["reference"].attrs:
+        full["spread"].attrs["grid_mapping"] = full["reference"].attrs["grid_mapping"]
+    st.create_store(full, out, provenance={"recipe": recipe, "dates": dates})
+    st.set_stage(out, "created", dates=dates)
+    st.write_region(full[["reference", "spread", "water"]], out, region={}, progress=progress)
+    st.set_stage(out, "reference")
+    _annotate_finish(stack, out, params, recipe, dates, progress)
+
+
+def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
+    info = stored.attrs["spoc_xr"]
+    gains = np.asarray(stored["gain"].values, dtype=np.float64)
+    n_time = gains.shape[0]
+    return Radiometry(
+        info["reference"],
+        info["reference_index"],
+        gains,
+        np.asarray(stored["offset"].values, dtype=np.float64),
+        # The checks these feed ran when the store was created.
+        np.ones(n_time),
+        np.zeros(n_time),
+        list(info.get("notes", [])),
+    )
+
+
+def _open_unfinished(out: Path) -> xr.Dataset:
+    return xr.open_zarr(out, consolidated=False, zarr_format=3, chunks={}, decode_coords="all")
+
+
+def _annotate_finish(
+    stack: xr.DataArray,
+    out: Path,
+    params: DetectParams,
+    recipe: dict[str, Any],
+    dates: list[str],
+    progress: bool,
+) -> None:
+    from spoc_xr import store as st
+    from spoc_xr.detect import SMALL
+    from spoc_xr.reference import fit_radiometry
+
+    state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
+    if state.get("stage") == "created":
+        stored = _open_unfinished(out)
+        radiometry = _stored_radiometry(stored)
+        full = build_annotations(stack, radiometry, params)
+        full["spread"] = temporal_deviation(
+            stack, full["reference"], radiometry, max_dates=NOISE_DATES
+        ).astype(np.float32)
+        st.write_region(full[["reference", "spread", "water"]], out, region={}, progress=progress)
+        st.set_stage(out, "reference")
+    elif state.get("stage") == "append":
+        # New dates get gains fitted against the stored reference; old dates keep theirs.
+        stored = _open_unfinished(out)
+        old = stored.sizes["time"] if "done" not in state else len(state["done"])
+        new = stack.isel(time=slice(old, None))
+        ref_stored = stored["reference"].expand_dims(time=1).transpose(*STACK_DIMS)
+        gains, offsets = fit_radiometry(compute_overview(new), compute_overview(ref_stored)[0])
+        st.grow_time(out, stack.time.values)
+        group = zarr.open_group(out, mode="r+")
+        for name, values in (("gain", gains), ("offset", offsets)):
+            array = group[name]
+            assert isinstance(array, zarr.Array)
+            array[old:] = values.astype(np.float32)
+        st.set_stage(out, "reference")
+    stored = _open_unfinished(out)
+    radiometry = _stored_radiometry(stored)
+    part = build_annotations(
+        stack,
+        radiometry,
+        params,
+        stored_reference=stored["reference"],
+        stored_spread=stored["spread"],
+    )
+    st.write_dates(part[list(DATE_VARIABLES)], out, progress=progress)
+    st.set_stage(out, "heatmap")
+    stored = _open_unfinished(out)
+    counts = ((stored["mask"] == SMALL) & (stored["water"] == 1)).sum("time", dtype=np.uint16)
+    st.write_region(counts.to_dataset(name="heatmap"), out, region={}, progress=progress)
+    info = dict(stored.attrs["spoc_xr"])
+    info["dates"] = [str(t)[:19] for t in stack.time.values]
+    st.update_attrs(out, {st.PROVENANCE_ATTR: {"recipe": recipe, "dates": dates}, "spoc_xr": info})
+    st.mark_complete(out)

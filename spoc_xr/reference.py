@@ -12,12 +12,12 @@ temporal median of the radiometrically normalised dates (``median``).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
 import pandas as pd
+import scipy.ndimage as ndi
 import xarray as xr
 
 from spoc_xr.errors import NoDataError, ParameterError
@@ -29,6 +29,12 @@ OVERVIEW_SIDE = 512
 OUTLIER_SIGMA = 4.0
 # Dates whose valid fraction is below this share of the best date's are never picked as reference.
 MIN_VALID_SHARE = 0.95
+# Histogram of log illumination ratios: +-1.5 covers a factor 4.5 either way, in 0.005 steps.
+RATIO_RANGE = 1.5
+RATIO_BINS = 600
+RATIO_SMOOTHING_BINS = 3.0
+# Pixels within this log-ratio distance of the mode (about +-10 %) count as unchanged.
+RATIO_INLIER_WIDTH = 0.1
 # Robust fits need a minimum of clean samples; below it a date keeps gain 1 and offset 0.
 MIN_FIT_SAMPLES = 64
 # MAD -> standard deviation for Gaussian noise.
@@ -106,36 +112,30 @@ def compute_overview(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> np.ndarr
 
 
 def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """Fit ``target ≈ gain * source + offset`` ignoring outliers (clouds, objects, NaN).
+    """Fit ``target ≈ gain * source + offset`` on the pixels that did not change.
 
-    Least squares, then twice again on the samples within ``OUTLIER_SIGMA`` robust standard
-    deviations of the previous fit. A fit that would invert or explode the radiometry (gain outside
-    [0.2, 5]) falls back to a median ratio.
+    Clouds can cover most of a date, so neither least squares nor a median ratio is safe. The
+    unchanged pixels share one illumination ratio, so they form the *mode* of the histogram of
+    ``log(target / source)``, however many pixels changed (clouds and shadows spread over a wide
+    range of ratios). Gain and offset are then fitted by least squares on the pixels near that
+    mode only. Returns (1, 0) when too few pixels are usable.
     """
-    ok = np.isfinite(source) & np.isfinite(target)
+    ok = np.isfinite(source) & np.isfinite(target) & (source > 0) & (target > 0)
     x = source[ok].astype(np.float64)
     y = target[ok].astype(np.float64)
     if x.size < MIN_FIT_SAMPLES:
         return 1.0, 0.0
-    # Start from the median ratio, which ignores up to half the pixels changing (clouds can
-    # cover 40% of a date and would drag a least-squares start far off).
-    positive = (x > 0) & (y > 0)
-    gain = float(np.median(y[positive] / x[positive])) if positive.sum() >= MIN_FIT_SAMPLES else 1.0
-    offset = float(np.median(y - gain * x))
-    for _ in range(4):
-        residual = y - (gain * x + offset)
-        centre = np.median(residual)
-        scale = MAD_TO_SIGMA * np.median(np.abs(residual - centre))
-        if scale == 0:
-            break
-        keep = np.abs(residual - centre) < OUTLIER_SIGMA * scale
-        if keep.sum() < MIN_FIT_SAMPLES or np.ptp(x[keep]) == 0:
-            break
-        gain, offset = np.polyfit(x[keep], y[keep], 1)
+    log_ratio = np.log(y / x)
+    counts, edges = np.histogram(log_ratio, bins=RATIO_BINS, range=(-RATIO_RANGE, RATIO_RANGE))
+    smoothed = ndi.gaussian_filter1d(counts.astype(np.float64), RATIO_SMOOTHING_BINS)
+    peak = int(np.argmax(smoothed))
+    mode = 0.5 * (edges[peak] + edges[peak + 1])
+    near = np.abs(log_ratio - mode) < RATIO_INLIER_WIDTH
+    if near.sum() < MIN_FIT_SAMPLES or np.ptp(x[near]) == 0:
+        return float(np.exp(mode)), 0.0
+    gain, offset = np.polyfit(x[near], y[near], 1)
     if not 0.2 < gain < 5.0:
-        positive = (x > 0) & (y > 0)
-        gain = float(np.median(y[positive] / x[positive])) if positive.any() else 1.0
-        offset = 0.0
+        return float(np.exp(mode)), 0.0
     return float(gain), float(offset)
 
 
@@ -209,7 +209,7 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
     if not valid_fraction.any():
         raise NoDataError("every date of the stack is entirely nodata; check the nodata value")
     with np.errstate(all="ignore"):
-        composite = np.nanmedian(overview, axis=0)
+        composite = _nanmedian_last(np.moveaxis(overview, 0, -1))
     gains, offsets = fit_radiometry(overview, composite)
     changed = change_fractions(overview, composite, gains, offsets)
     notes: list[str] = []
@@ -276,19 +276,37 @@ def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray
 
 
 def _nanmedian_time(values: np.ndarray) -> np.ndarray:
-    # All-NaN pixels are expected (nodata on every date); they stay NaN without a warning.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(values, axis=-1).astype(np.float32)
+    """``np.nanmedian(values, axis=-1)`` as float32, value for value, ~5x faster.
+
+    numpy's nanmedian of short rows goes through masked arrays; sorting (NaN sorts last) and
+    taking the middle of the valid values computes the same numbers (the two middle values summed
+    in the input dtype, then halved, as numpy does). All-NaN rows stay NaN, without a warning.
+    """
+    return _nanmedian_last(values).astype(np.float32)
 
 
-def noise_sample_indices(n_time: int, reference_index: int | None, max_dates: int) -> list[int]:
-    """Evenly spaced dates (never the reference date) that feed the per-pixel noise model."""
-    candidates = [t for t in range(n_time) if t != reference_index]
-    if len(candidates) <= max_dates:
-        return candidates
-    picks = np.linspace(0, len(candidates) - 1, max_dates).round().astype(int)
-    return [candidates[i] for i in np.unique(picks)]
+def _nanmedian_last(values: np.ndarray) -> np.ndarray:
+    # Integers are summed in float64, as np.median's mean does.
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    ordered = np.sort(values, axis=-1)
+    count = np.count_nonzero(~np.isnan(ordered), axis=-1)[..., None]
+    last = max(ordered.shape[-1] - 1, 0)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=-1)
+    high = np.take_along_axis(ordered, np.minimum(count // 2, last), axis=-1)
+    return ((low + high) / 2)[..., 0]
+
+
+def noise_sample_indices(radiometry: Radiometry, max_dates: int) -> list[int]:
+    """The cleanest dates (fewest changed pixels, never the reference) for the noise model.
+
+    Clouds on a sample date inflate the spread wherever they lie, so the cleanest dates give
+    the truest picture of ordinary date-to-date variation; ties keep time order.
+    """
+    n_time = radiometry.change_fraction.size
+    dirt = radiometry.change_fraction + (1 - radiometry.valid_fraction)
+    order = [int(t) for t in np.argsort(dirt, kind="stable") if t != radiometry.reference_index]
+    return sorted(order[:max_dates]) if n_time else []
 
 
 def temporal_deviation(
@@ -300,7 +318,7 @@ def temporal_deviation(
     memory per task does not grow with the length of the stack. Pixels that vary from date to date
     (vegetation, surf, shifting edges) get a large spread and need a larger change to be flagged.
     """
-    indices = noise_sample_indices(stack.sizes["time"], radiometry.reference_index, max_dates)
+    indices = noise_sample_indices(radiometry, max_dates)
     if not indices:
         return xr.full_like(reference, np.nan)
     normalised = normalise(stack.isel(time=indices), radiometry, indices)

@@ -5,38 +5,58 @@ is written after every chunk has been stored, so a run that was interrupted leav
 :func:`open_store` refuses instead of silently returning half-written data. (An attribute rather
 than a marker file: Zarr warns about every foreign file it finds inside a store.)
 
-Only local paths are supported.
+A store is a local path or an fsspec URL (``s3://bucket/stack.zarr``, ``gs://...``, ``file://...``).
+URLs take ``storage_options`` (passed to fsspec, e.g. ``{"anon": True}``); without them the
+file system's own defaults apply, which for S3 means the standard ``AWS_*`` environment variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...). Chunks of a URL
+store are read and written by the Dask workers themselves; only metadata passes the client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import socket
 import sys
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import dask
+import numpy as np
 import xarray as xr
 import zarr
 from dask.delayed import Delayed
 
 import spoc_xr
-from spoc_xr.errors import OutputError, ParameterError, StoreError
+from spoc_xr.errors import (
+    MissingDependencyError,
+    OutputError,
+    ParameterError,
+    SpocError,
+    StoreError,
+)
 
 __all__ = [
     "COMPLETE_ATTR",
     "check_output_path",
     "is_complete",
+    "is_url",
     "mark_complete",
     "open_store",
     "remove_store",
+    "safe_child",
+    "store_lock",
     "write_dataset",
 ]
 
 PathLike = str | os.PathLike[str]
+#: fsspec storage options of URL stores (ignored for local paths).
+StorageOptions = dict[str, Any] | None
 
 COMPLETE_ATTR = "spoc_complete"
 # Files that make a folder a Zarr store (v3 and v2): only such folders may be deleted for the
@@ -44,9 +64,33 @@ COMPLETE_ATTR = "spoc_complete"
 _ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
 
 
+@overload
 def check_output_path(
-    output: PathLike, *, inputs: Sequence[PathLike] = (), overwrite: bool
-) -> Path:
+    output: os.PathLike[str],
+    *,
+    inputs: Sequence[PathLike] = (),
+    overwrite: bool,
+    storage_options: StorageOptions = None,
+) -> Path: ...
+
+
+@overload
+def check_output_path(
+    output: PathLike,
+    *,
+    inputs: Sequence[PathLike] = (),
+    overwrite: bool,
+    storage_options: StorageOptions = None,
+) -> Path | str: ...
+
+
+def check_output_path(
+    output: PathLike,
+    *,
+    inputs: Sequence[PathLike] = (),
+    overwrite: bool,
+    storage_options: StorageOptions = None,
+) -> Path | str:
     """Check that ``output`` may be written, before any work is done; deletes nothing.
 
     Parameters
@@ -57,11 +101,13 @@ def check_output_path(
         Files, folders or stores the command reads.
     overwrite : bool
         Whether an existing ``output`` may be replaced.
+    storage_options : dict, optional
+        fsspec options when ``output`` is a URL.
 
     Returns
     -------
-    pathlib.Path
-        ``output`` as a path (``~`` expanded).
+    pathlib.Path or str
+        ``output`` as a path (``~`` expanded), or the URL without a trailing slash.
 
     Raises
     ------
@@ -74,9 +120,13 @@ def check_output_path(
     >>> check_output_path("stack.zarr", inputs=["scenes/"], overwrite=False)  # doctest: +SKIP
     PosixPath('stack.zarr')
     """
+    if is_url(output):
+        return _check_url_output(str(output), inputs, overwrite, storage_options)
     out = Path(output).expanduser()
     resolved = out.resolve()
     for item in inputs:
+        if is_url(item):
+            continue  # a URL input cannot collide with a local output
         source = Path(item).expanduser().resolve()
         if resolved == source:
             raise OutputError(
@@ -99,13 +149,15 @@ def check_output_path(
     return out
 
 
-def remove_store(path: PathLike) -> None:
+def remove_store(path: PathLike, *, storage_options: StorageOptions = None) -> None:
     """Delete a store (or file) that :func:`check_output_path` allowed to be replaced.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Store folder or file to delete; a missing path is ignored.
+        Store folder or file (or URL) to delete; a missing path is ignored.
+    storage_options : dict, optional
+        fsspec options when ``path`` is a URL.
 
     Raises
     ------
@@ -116,6 +168,9 @@ def remove_store(path: PathLike) -> None:
     --------
     >>> remove_store("old_stack.zarr")  # doctest: +SKIP
     """
+    if is_url(path):
+        _remove_url(str(path), storage_options)
+        return
     target = Path(path).expanduser()
     if not os.path.lexists(target):
         return
@@ -133,6 +188,7 @@ def write_dataset(
     overwrite: bool,
     compute: bool = True,
     progress: bool = False,
+    storage_options: StorageOptions = None,
 ) -> Delayed | None:
     """Write a Dataset to a Zarr v3 store, chunk by chunk, and mark it complete last.
 
@@ -145,7 +201,7 @@ def write_dataset(
     ds : xarray.Dataset
         What to write.
     store : str or os.PathLike
-        Path of the store.
+        Path or URL of the store.
     overwrite : bool
         Replace an existing store; otherwise an existing path is an error.
     compute : bool, default True
@@ -153,6 +209,8 @@ def write_dataset(
         compute it, then call :func:`mark_complete`.
     progress : bool, default False
         Show a progress bar while computing (Dask's, or distributed's when a Client is active).
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL.
 
     Returns
     -------
@@ -170,6 +228,8 @@ def write_dataset(
     >>> pending = write_dataset(ds, "cube.zarr", overwrite=True, compute=False)  # doctest: +SKIP
     >>> pending.compute(); mark_complete("cube.zarr")  # doctest: +SKIP
     """
+    if is_url(store):
+        return _write_url(ds, str(store), overwrite, compute, progress, storage_options)
     path = Path(store).expanduser()
     if os.path.lexists(path):
         if not overwrite:
@@ -196,13 +256,15 @@ def write_dataset(
     return None
 
 
-def mark_complete(store: PathLike) -> None:
+def mark_complete(store: PathLike, *, storage_options: StorageOptions = None) -> None:
     """Write the completion marker into a store; call it after all chunks are written.
 
     Parameters
     ----------
     store : str or os.PathLike
-        Path of the store.
+        Path or URL of the store.
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL.
 
     Raises
     ------
@@ -213,10 +275,16 @@ def mark_complete(store: PathLike) -> None:
     --------
     >>> mark_complete("cube.zarr")  # doctest: +SKIP
     """
-    path = Path(store).expanduser()
-    if not _is_zarr_store(path):
-        raise StoreError(f"{str(path)!r} is not a Zarr store; cannot mark it complete")
-    group = zarr.open_group(path, mode="r+")
+    if is_url(store):
+        url, fs, fs_path = _url_fs(str(store), storage_options)
+        if not _is_zarr_store_fs(fs, fs_path):
+            raise StoreError(f"{url!r} is not a Zarr store; cannot mark it complete")
+        group = zarr.open_group(url, mode="r+", storage_options=storage_options)
+    else:
+        path = Path(store).expanduser()
+        if not _is_zarr_store(path):
+            raise StoreError(f"{str(path)!r} is not a Zarr store; cannot mark it complete")
+        group = zarr.open_group(path, mode="r+")
     group.attrs.update(
         {
             COMPLETE_ATTR: {
@@ -227,13 +295,15 @@ def mark_complete(store: PathLike) -> None:
     )
 
 
-def is_complete(store: PathLike) -> bool:
+def is_complete(store: PathLike, *, storage_options: StorageOptions = None) -> bool:
     """Tell whether a store was written to the end.
 
     Parameters
     ----------
     store : str or os.PathLike
-        Path of the store.
+        Path or URL of the store.
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL.
 
     Returns
     -------
@@ -245,6 +315,8 @@ def is_complete(store: PathLike) -> bool:
     >>> is_complete("stack.zarr")  # doctest: +SKIP
     True
     """
+    if is_url(store):
+        return _is_complete_url(str(store), storage_options)
     path = Path(store).expanduser()
     if not _is_zarr_store(path):
         return False
@@ -256,18 +328,24 @@ def is_complete(store: PathLike) -> bool:
 
 
 def open_store(
-    store: PathLike, *, chunks: dict[str, Any] | None = None, kind: str | None = None
+    store: PathLike,
+    *,
+    chunks: dict[str, Any] | None = None,
+    kind: str | None = None,
+    storage_options: StorageOptions = None,
 ) -> xr.Dataset:
     """Open a complete spoc_xr Zarr store lazily, with its grid mapping as a coordinate.
 
     Parameters
     ----------
     store : str or os.PathLike
-        Path of the store.
+        Path or URL of the store.
     chunks : dict, optional
         Dask chunks per dimension; by default the chunks on disk.
     kind : str, optional
         Required value of the dataset attribute ``spoc_xr["kind"]`` (e.g. ``"stack"``).
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL.
 
     Returns
     -------
@@ -288,12 +366,15 @@ def open_store(
         raise ParameterError(
             f"chunks must be a dict of dimension name to size (e.g. {{'time': 1}}), got {chunks!r}"
         )
-    path = Path(store).expanduser()
-    if not path.exists():
-        raise StoreError(f"no store at {str(path)!r}; check the path or create it first")
-    if not _is_zarr_store(path):
-        raise StoreError(f"{str(path)!r} is not a Zarr store; pass a store written by spoc-xr")
-    if not is_complete(path):
+    if is_url(store):
+        path: Path | str = _check_url_store(str(store), storage_options)
+    else:
+        path = Path(store).expanduser()
+        if not path.exists():
+            raise StoreError(f"no store at {str(path)!r}; check the path or create it first")
+        if not _is_zarr_store(path):
+            raise StoreError(f"{str(path)!r} is not a Zarr store; pass a store written by spoc-xr")
+    if not is_complete(path, storage_options=storage_options):
         raise StoreError(
             f"{str(path)!r} is incomplete (its write was interrupted or is still running); "
             "write it again with --overwrite"
@@ -305,6 +386,7 @@ def open_store(
             consolidated=False,
             zarr_format=3,
             decode_coords="all",
+            storage_options=storage_options if is_url(path) else None,
         )
     except (ValueError, KeyError, OSError, TypeError) as exc:
         raise StoreError(
@@ -392,3 +474,528 @@ def _compute_with_progress(pending: Delayed) -> None:
     future = client.compute(pending)
     progress(future)
     future.result()
+
+
+# --------------------------------------------------------------------------------------------
+# URL stores (fsspec)
+
+# ``scheme://...``: two or more letters, so a Windows drive ("C:/...") is not a protocol.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+
+
+def is_url(value: object) -> bool:
+    """Tell whether ``value`` is an fsspec URL (``s3://...``, ``file://...``), not a local path.
+
+    Only strings can be URLs: ``pathlib.Path`` folds ``//`` away.
+
+    Examples
+    --------
+    >>> is_url("s3://bucket/stack.zarr"), is_url("stack.zarr")
+    (True, False)
+    """
+    return isinstance(value, str) and _URL_RE.match(value) is not None
+
+
+def _url_fs(url: str, storage_options: StorageOptions) -> tuple[str, Any, str]:
+    import fsspec
+
+    url = url.rstrip("/")
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"cannot open {url!r}: {exc}; install the file system's package "
+            "(for s3:// URLs: pip install 'spoc_xr[s3]')"
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise ParameterError(
+            f"cannot open {url!r} ({exc}); check the URL's protocol and the storage options"
+        ) from exc
+    # Workers write behind the client's back: a cached listing would hide their files.
+    fs.invalidate_cache()
+    return url, fs, fs_path
+
+
+def _fs_error(url: str, exc: Exception) -> StoreError:
+    return StoreError(
+        f"cannot access {url!r} ({type(exc).__name__}: {exc}); check the URL, the credentials "
+        "(AWS_* environment variables or storage options) and the endpoint"
+    )
+
+
+def _is_zarr_store_fs(fs: Any, fs_path: str) -> bool:
+    return any(fs.isfile(f"{fs_path}/{name}") for name in _ZARR_METADATA)
+
+
+def _check_url_output(
+    url: str, inputs: Sequence[PathLike], overwrite: bool, storage_options: StorageOptions
+) -> str:
+    url, fs, fs_path = _url_fs(url, storage_options)
+    for item in inputs:
+        if not is_url(item):
+            continue  # a local input cannot collide with a URL output
+        source = str(item).rstrip("/")
+        if source == url:
+            raise OutputError(f"output {url!r} is also an input; choose a different output URL")
+        if source.startswith(url + "/"):
+            raise OutputError(
+                f"output {url!r} contains the input {source!r}; replacing it would delete the "
+                "input: choose an output URL outside it"
+            )
+        if url.startswith(source + "/"):
+            raise OutputError(
+                f"output {url!r} lies inside the input {source!r}; choose an output URL outside it"
+            )
+    try:
+        exists = fs.exists(fs_path)
+        foreign = (
+            exists
+            and overwrite
+            and not _is_zarr_store_fs(fs, fs_path)
+            and fs.isdir(fs_path)
+            and bool(fs.ls(fs_path, detail=False))
+        )
+    except OSError as exc:
+        raise _fs_error(url, exc) from exc
+    if exists and not overwrite:
+        raise OutputError(f"{url!r} exists; pass --overwrite to replace it")
+    if foreign:
+        raise OutputError(
+            f"{url!r} holds objects but is not a Zarr store; refusing to replace it: "
+            "choose another output URL or remove it yourself"
+        )
+    return url
+
+
+def _remove_url(url: str, storage_options: StorageOptions) -> None:
+    url = _check_url_output(url, (), True, storage_options)
+    _, fs, fs_path = _url_fs(url, storage_options)
+    try:
+        if fs.exists(fs_path):
+            fs.rm(fs_path, recursive=fs.isdir(fs_path))
+    except OSError as exc:
+        raise _fs_error(url, exc) from exc
+
+
+def _write_url(
+    ds: xr.Dataset,
+    url: str,
+    overwrite: bool,
+    compute: bool,
+    progress: bool,
+    storage_options: StorageOptions,
+) -> Delayed | None:
+    url = _check_url_output(url, (), overwrite, storage_options)
+    # Removed through our file system first (which refuses foreign prefixes); mode "w" then also
+    # clears whatever Zarr's own file-system instance still lists from a stale listing cache.
+    _remove_url(url, storage_options)
+    prepared = _prepare_for_zarr(ds)
+    options: dict[str, Any] = {
+        "mode": "w",
+        "zarr_format": 3,
+        "consolidated": False,
+        "storage_options": storage_options,
+    }
+    if not compute:
+        pending: Delayed = prepared.to_zarr(url, compute=False, **options)
+        return pending
+    if progress:
+        _compute_with_progress(prepared.to_zarr(url, compute=False, **options))
+    else:
+        prepared.to_zarr(url, **options)
+    mark_complete(url, storage_options=storage_options)
+    return None
+
+
+def _is_complete_url(url: str, storage_options: StorageOptions) -> bool:
+    url, fs, fs_path = _url_fs(url, storage_options)
+    try:
+        if not _is_zarr_store_fs(fs, fs_path):
+            return False
+        group = zarr.open_group(url, mode="r", storage_options=storage_options)
+    except (ValueError, KeyError, OSError, TypeError):
+        return False
+    return COMPLETE_ATTR in group.attrs
+
+
+def _check_url_store(url: str, storage_options: StorageOptions) -> str:
+    url, fs, fs_path = _url_fs(url, storage_options)
+    try:
+        if not fs.exists(fs_path):
+            raise StoreError(f"no store at {url!r}; check the URL or create it first")
+        if not _is_zarr_store_fs(fs, fs_path):
+            raise StoreError(f"{url!r} is not a Zarr store; pass a store written by spoc-xr")
+    except OSError as exc:
+        raise _fs_error(url, exc) from exc
+    return url
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable writes: provenance, per-date progress, locks, safe file names (local stores only)
+
+#: Root attribute recording what made a store (recipe: version, parameters, input; and its dates),
+#: compared on every re-run so that a resume with other parameters is refused rather than mixed.
+PROVENANCE_ATTR = "spoc_provenance"
+#: Root attribute recording how far an unfinished write got (dates done, stage reached).
+PROGRESS_ATTR = "spoc_progress"
+#: A run holds ``<store>.lock`` (pid and host) while it writes, so a second run is refused.
+LOCK_SUFFIX = ".lock"
+#: Dates written per Dask compute by :func:`write_dates`: the progress record is updated after
+#: each batch, so a killed run loses at most one batch; shared inputs are computed once per batch.
+DATES_PER_BATCH = 8
+#: Dask configuration key overriding :data:`DATES_PER_BATCH` (``DASK_SPOC_XR__DATES_PER_BATCH``).
+BATCH_CONFIG_KEY = "spoc_xr.dates-per-batch"
+# Time is stored as whole seconds since the epoch so that appended dates can be encoded exactly.
+TIME_ENCODING = {"units": "seconds since 1970-01-01", "dtype": "int64"}
+
+
+def safe_child(base: PathLike, name: str) -> Path:
+    """Join ``name`` (built from data: band names, dates, ids) under ``base``, refusing escapes.
+
+    Parameters
+    ----------
+    base : str or os.PathLike
+        Output folder.
+    name : str
+        Relative file name, possibly with sub-folders (``"train/img_0001.tif"``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``base / name``.
+
+    Raises
+    ------
+    OutputError
+        If ``name`` is empty, absolute, contains ``..``, a NUL byte or a backslash, or resolves
+        outside ``base`` (through a symbolic link).
+
+    Examples
+    --------
+    >>> safe_child("chips", "train/B04_2023-05-01.tif")
+    PosixPath('chips/train/B04_2023-05-01.tif')
+    >>> safe_child("chips", "../etc/passwd")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    spoc_xr.errors.OutputError: ...
+    """
+    text = str(name)
+    parts = Path(text).parts
+    if (
+        not text
+        or "\x00" in text
+        or "\\" in text
+        or Path(text).is_absolute()
+        or any(part in ("..", "") for part in parts)
+    ):
+        raise OutputError(
+            f"output name {text!r} (made from the data) would escape the output folder "
+            f"{str(base)!r}; rename the band or date that contains it"
+        )
+    root = Path(base).expanduser()
+    child = root / text
+    if not child.resolve().is_relative_to(root.resolve()):
+        raise OutputError(
+            f"output name {text!r} resolves outside the output folder {str(base)!r} "
+            "(through a symbolic link); choose another output folder"
+        )
+    return child
+
+
+def dates_per_batch() -> int:
+    """Dates per compute in resumable writes (:data:`DATES_PER_BATCH` or the Dask config)."""
+    value = dask.config.get(BATCH_CONFIG_KEY, DATES_PER_BATCH)
+    try:
+        number = int(value)
+    except (TypeError, ValueError) as err:
+        raise ParameterError(f"{BATCH_CONFIG_KEY} = {value!r} is not a whole number") from err
+    if number < 1:
+        raise ParameterError(f"{BATCH_CONFIG_KEY} = {number} must be at least 1")
+    return number
+
+
+def lock_path(store: PathLike) -> Path:
+    """The lock file of a store: ``<store>.lock`` next to it."""
+    path = Path(store).expanduser()
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def store_lock(store: PathLike) -> Iterator[Path]:
+    """Hold ``<store>.lock`` while writing ``store``; a second writer is refused.
+
+    The lock is created atomically (``O_CREAT | O_EXCL``) and holds the writer's pid and host. A
+    lock left by a process that no longer runs on this host (a killed run) is taken over.
+
+    Raises
+    ------
+    StoreError
+        If another live run holds the lock.
+
+    Examples
+    --------
+    >>> with store_lock("out.zarr"):  # doctest: +SKIP
+    ...     write_dataset(ds, "out.zarr", overwrite=True)
+    """
+    lock = lock_path(store)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is not None and _is_alive(holder):
+                raise StoreError(
+                    f"{str(store)!r} is being written by another run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}); wait for it to finish, or delete {str(lock)!r} if "
+                    "that run is gone"
+                ) from None
+            # Stale: its writer died. Only the lock's owner removes it after a successful take.
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(record)
+        break
+    else:
+        raise StoreError(f"cannot take the lock {str(lock)!r}; another run took it first")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if _read_lock(lock) == json.loads(record):
+                lock.unlink()
+
+
+def read_attrs(store: PathLike) -> dict[str, Any] | None:
+    """Root attributes of a local Zarr store, or None when it is missing or unreadable."""
+    path = Path(store).expanduser()
+    if not _is_zarr_store(path):
+        return None
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except (ValueError, KeyError, OSError, TypeError):
+        return None
+
+
+def update_attrs(store: PathLike, values: dict[str, Any], *, remove: Sequence[str] = ()) -> None:
+    """Update (and remove) root attributes in one atomic rewrite of the store's ``zarr.json``."""
+    group = zarr.open_group(Path(store).expanduser(), mode="r+")
+    attrs = dict(group.attrs)
+    attrs.update(values)
+    for key in remove:
+        attrs.pop(key, None)
+    group.attrs.put(attrs)
+
+
+def same_record(first: Any, second: Any) -> bool:
+    """Compare two provenance records as their JSON forms (tuples and lists alike)."""
+    return bool(
+        json.loads(json.dumps(first, default=str)) == json.loads(json.dumps(second, default=str))
+    )
+
+
+def create_store(ds: xr.Dataset, store: PathLike, *, provenance: dict[str, Any]) -> None:
+    """Create a store's arrays and metadata without computing any Dask-backed data.
+
+    NumPy-backed variables and coordinates are written now; Dask-backed ones are left to
+    :func:`write_region` / :func:`write_dates`. The provenance is part of the very first
+    ``zarr.json``, so a store killed at any moment is recognised as this run's.
+
+    Examples
+    --------
+    >>> create_store(ds, "out.zarr", provenance={"recipe": {}, "dates": []})  # doctest: +SKIP
+    """
+    path = Path(store).expanduser()
+    record = json.loads(json.dumps(provenance, default=str))
+    zarr.open_group(path, mode="w", zarr_format=3, attributes={PROVENANCE_ATTR: record})
+    prepared = _prepare_for_zarr(ds)
+    prepared.attrs[PROVENANCE_ATTR] = record
+    if "time" in prepared.coords:
+        prepared["time"].encoding.update(TIME_ENCODING)
+    prepared.to_zarr(path, mode="a", compute=False, zarr_format=3, consolidated=False)
+    update_attrs(path, {PROGRESS_ATTR: {"stage": "created", "done": []}})
+
+
+def write_region(
+    ds: xr.Dataset, store: PathLike, *, region: dict[str, slice], progress: bool = False
+) -> None:
+    """Compute ``ds`` and write it into an existing store at ``region`` (a dict of slices).
+
+    Coordinates are not written (they exist already). A failing task ends as a
+    :class:`StoreError` naming the store; it stays incomplete and can be resumed.
+
+    Examples
+    --------
+    >>> write_region(part, "out.zarr", region={"time": slice(0, 4)})  # doctest: +SKIP
+    """
+    path = Path(store).expanduser()
+    data = ds.drop_vars(list(ds.coords))
+    dims = {str(dim) for name in data.data_vars for dim in data[name].dims}
+    full: dict[str, slice] = {dim: region.get(dim, slice(None)) for dim in dims}
+    data = _prepare_for_zarr(data)
+    for var in data.data_vars.values():
+        var.encoding.pop("coordinates", None)
+    data.attrs = {}
+    try:
+        pending = data.to_zarr(
+            path, region=full, mode="r+", compute=False, zarr_format=3, consolidated=False
+        )
+        if progress:
+            _compute_with_progress(pending)
+        else:
+            dask.compute(pending)
+    except (SpocError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        message = " ".join(str(exc).split())[:500]
+        raise StoreError(
+            f"writing {', '.join(map(str, data.data_vars))} to {str(path)!r} failed "
+            f"({type(exc).__name__}: {message}); the store is left incomplete: fix the cause and "
+            "run the same command again to resume"
+        ) from exc
+
+
+def write_dates(
+    ds: xr.Dataset,
+    store: PathLike,
+    *,
+    start: int = 0,
+    progress: bool = False,
+    batch: int | None = None,
+) -> list[str]:
+    """Write the dates of ``ds`` that the store's progress record lacks, batch by batch.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Per-date variables (dimension ``time`` first); its date ``i`` goes to store position
+        ``start + i``.
+    store : str or os.PathLike
+        An existing store made by :func:`create_store`.
+    start : int, default 0
+        Store position of ``ds``'s first date.
+    progress : bool, default False
+        Show a progress bar per batch.
+    batch : int, optional
+        Dates per compute (default :func:`dates_per_batch`).
+
+    Returns
+    -------
+    list of str
+        The dates written now (those recorded as done before are skipped).
+
+    Examples
+    --------
+    >>> write_dates(per_date, "out.zarr")  # doctest: +SKIP
+    ['2023-05-01T10:30:00', '2023-05-06T10:30:00']
+    """
+    batch = dates_per_batch() if batch is None else batch
+    path = Path(store).expanduser()
+    labels = date_labels(ds["time"].values)
+    state = (read_attrs(path) or {}).get(PROGRESS_ATTR) or {}
+    done = set(state.get("done", []))
+    missing = [i for i, label in enumerate(labels) if label not in done]
+    written: list[str] = []
+    for run in _contiguous_batches(missing, batch):
+        first, stop = run[0], run[-1] + 1
+        write_region(
+            ds.isel(time=slice(first, stop)),
+            path,
+            region={"time": slice(start + first, start + stop)},
+            progress=progress,
+        )
+        done.update(labels[first:stop])
+        written.extend(labels[first:stop])
+        state = dict((read_attrs(path) or {}).get(PROGRESS_ATTR) or {})
+        state["done"] = sorted(done)
+        update_attrs(path, {PROGRESS_ATTR: state})
+    return written
+
+
+def set_stage(store: PathLike, stage: str, **extra: Any) -> None:
+    """Record the stage an unfinished write reached (kept with its dates done)."""
+    state = dict((read_attrs(store) or {}).get(PROGRESS_ATTR) or {})
+    state.update(stage=stage, **extra)
+    update_attrs(store, {PROGRESS_ATTR: state})
+
+
+def unmark_complete(store: PathLike, *, progress: dict[str, Any]) -> None:
+    """Drop the completion marker and record ``progress``, atomically (before an append)."""
+    update_attrs(store, {PROGRESS_ATTR: progress}, remove=[COMPLETE_ATTR])
+
+
+def grow_time(store: PathLike, times: Any) -> None:
+    """Resize every ``time`` array of a store to ``len(times)`` and write the time coordinate.
+
+    Idempotent, so an interrupted append can simply do it again. New positions hold the fill
+    value until :func:`write_dates` writes them.
+    """
+    path = Path(store).expanduser()
+    group = zarr.open_group(path, mode="r+")
+    values = np.asarray(times)
+    for name, array in group.arrays():
+        dims = tuple(array.metadata.dimension_names or ())  # type: ignore[union-attr]
+        if "time" not in dims:
+            continue
+        axis = dims.index("time")
+        shape = list(array.shape)
+        if shape[axis] != len(values):
+            shape[axis] = len(values)
+            array.resize(tuple(shape))
+        if name == "time":
+            array[:] = _encode_times(path, array, times)
+
+
+def date_labels(times: Any) -> list[str]:
+    """Dates as ``YYYY-MM-DDTHH:MM:SS`` strings (the form kept in provenance records)."""
+    return [str(np.datetime64(t, "s")) for t in np.asarray(times)]
+
+
+def _encode_times(path: Path, array: Any, times: Any) -> np.ndarray:
+    from xarray.coding.times import decode_cf_datetime, encode_cf_datetime
+
+    units = str(array.attrs.get("units", TIME_ENCODING["units"]))
+    calendar = str(array.attrs.get("calendar", "proleptic_gregorian"))
+    wanted = np.asarray(times).astype("datetime64[ns]")
+    encoded, _, _ = encode_cf_datetime(wanted, units, calendar, dtype=array.dtype)
+    back = np.asarray(decode_cf_datetime(encoded, units, calendar)).astype("datetime64[ns]")
+    if not np.array_equal(back, wanted):
+        raise StoreError(
+            f"the new dates cannot be stored exactly in {str(path)!r}, whose time is in "
+            f"{units!r}; re-create the store with --overwrite"
+        )
+    return np.asarray(encoded)
+
+
+def _contiguous_batches(indices: list[int], size: int) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][-1] == index - 1 and len(runs[-1]) < size:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_alive(holder: dict[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # cannot tell for another host: assume it runs
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -25,7 +25,8 @@ Other tools and users may write truth in this format; :func:`read_truth` reads i
       the whole stack. A pixel belongs to a boat when the boat covers at least half of it. Boats
       under clouds stay in this layer (an evaluator should exclude them with ``clouds``).
   ``clouds`` : (time, y, x) uint8, optional
-      1 where cloud (opacity > 0.5) or cloud shadow (darkening > 15 %); absent means no cloud.
+      1 where cloud (opacity of cloud and haze > 0.2) or cloud shadow (darkening > 15 %);
+      absent means no cloud.
   ``water`` : (y, x) uint8, optional
       1 for open water (quays, piers and breakwaters are not water); absent means all water.
   ``time`` : datetime64[ns] coordinate
@@ -55,6 +56,7 @@ __all__ = [
     "BAND_NAMES",
     "HarbourScene",
     "TruthArrays",
+    "cloud_layer",
     "make_boat_cutout",
     "make_harbour",
     "paste_objects",
@@ -99,7 +101,9 @@ MAX_SHIFT_PX = 0.6
 NOISE_RELATIVE = (0.01, 0.015)
 NOISE_FLOOR_DN = 15.0
 # Truth thresholds for clouds and shadows.
-CLOUD_ALPHA_TRUTH = 0.5
+# A pixel whose reflectance is more than a fifth cloud (or haze) is cloud: at that opacity a
+# 3000-8000 DN cloud adds 600-1600 DN, several times water's own reflectance, as Fmask would flag.
+CLOUD_ALPHA_TRUTH = 0.2
 SHADOW_DARKENING_TRUTH = 0.15
 
 # Reflectance x 10000 for B02, B03, B04, B08.
@@ -1044,14 +1048,55 @@ def _make_plan(
 # --------------------------------------------------------------------------------------------
 
 
-def _cloud_layers(
-    shape: tuple[int, int], rng: np.random.Generator, plan: _Plan, day: _DatePlan
+def cloud_layer(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    shadow_dir: float,
+    cloudy: bool = True,
+    haze: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Cloud opacity, cloud brightness texture, haze opacity and shadow darkening."""
+    """Draw one date's soft clouds, haze and cloud shadows.
+
+    Clouds are thresholded smooth fractal noise (5-40 % cover) with a soft 10-30 px edge; their
+    shadows are the cloud opacity moved 10-40 px towards ``shadow_dir``; haze is a thin, smooth
+    veil. Combine them as :func:`render_harbour` does: darken by ``shadow``, then blend towards
+    the cloud spectrum by ``1 - (1 - alpha) * (1 - haze)``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (rows, columns).
+    rng : numpy.random.Generator
+        Source of randomness (the draws are the same as :func:`render_harbour`'s).
+    shadow_dir : float
+        Direction from clouds to their shadows, radians (0 = +x, pi/2 = +y).
+    cloudy : bool
+        Draw clouds and shadows; otherwise ``alpha`` and ``shadow`` are zero.
+    haze : bool
+        Draw haze; otherwise it is zero.
+
+    Returns
+    -------
+    alpha : numpy.ndarray
+        float32 cloud opacity in [0, 1].
+    texture : numpy.ndarray
+        float32 cloud brightness factor (about 0.8-1.2; ones without clouds).
+    haze : numpy.ndarray
+        float32 haze opacity in [0, 0.35].
+    shadow : numpy.ndarray
+        float32 shadow darkening in [0, 0.6].
+
+    Examples
+    --------
+    >>> a, tex, hz, sh = cloud_layer((128, 128), np.random.default_rng(0), shadow_dir=1.0)
+    >>> a.shape, bool(a.max() > 0.5), bool(sh.max() > 0)
+    ((128, 128), True, True)
+    """
     alpha: np.ndarray = np.zeros(shape, dtype=np.float32)
     texture: np.ndarray = np.ones(shape, dtype=np.float32)
     dark: np.ndarray = np.zeros(shape, dtype=np.float32)
-    if day.cloudy:
+    if cloudy:
         noise = _fractal_noise(shape, rng, beta=3.2)
         cover = rng.uniform(0.05, 0.40)
         blob = noise > np.quantile(noise, 1 - cover)
@@ -1059,16 +1104,29 @@ def _cloud_layers(
         ramp = rng.uniform(10, 30)
         alpha = _smoothstep(sd.astype(np.float32) / ramp + 0.5).astype(np.float32)
         texture = 0.8 + 0.2 * _fractal_noise(shape, rng, beta=2.2)
-        ang = plan.shadow_dir + rng.normal(0, 0.15)
+        ang = shadow_dir + rng.normal(0, 0.15)
         dist = rng.uniform(10, 40)
         sh = ndimage.shift(alpha, (dist * np.sin(ang), dist * np.cos(ang)), order=1, cval=0.0)
         dark = rng.uniform(0.3, 0.6) * sh.astype(np.float32)
-    haze: np.ndarray = np.zeros(shape, dtype=np.float32)
-    if day.cloudy or day.haze_only:
+    veil: np.ndarray = np.zeros(shape, dtype=np.float32)
+    if haze:
         hn = _fractal_noise(shape, rng, beta=3.0)
         hmax = rng.uniform(0.1, 0.35)
-        haze = (hmax * _smoothstep((hn - rng.uniform(-0.2, 0.8)) / 1.5)).astype(np.float32)
-    return alpha, texture, haze, dark
+        veil = (hmax * _smoothstep((hn - rng.uniform(-0.2, 0.8)) / 1.5)).astype(np.float32)
+    return alpha, texture, veil, dark
+
+
+def _cloud_layers(
+    shape: tuple[int, int], rng: np.random.Generator, plan: _Plan, day: _DatePlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cloud opacity, cloud brightness texture, haze opacity and shadow darkening."""
+    return cloud_layer(
+        shape,
+        rng,
+        shadow_dir=plan.shadow_dir,
+        cloudy=day.cloudy,
+        haze=day.cloudy or day.haze_only,
+    )
 
 
 def _render_date(

@@ -17,7 +17,7 @@ LAND = np.array([900.0, 1000.0, 1100.0, 2800.0])
 def make_stack(
     n_time: int = 5, shape: tuple[int, int] = (31, 37), seed: int = 0, nodata: int = 0
 ) -> xr.DataArray:
-    """A numpy-backed (time, band, y, x) uint16 stack: water on the left, textured land on the right.
+    """A numpy-backed (time, band, y, x) uint16 stack: water left, textured land right.
 
     Dates differ by a per-band gain and noise; date 2 carries a 2 x 2 boat on water at
     [5:7, 5:7], date 3 a bright 14 x 16 cloud at [12:26, 18:34].

@@ -1,0 +1,590 @@
+"""Connected objects of the mask cube, one table row per object per date.
+
+Labelling
+---------
+Objects are the 8-connected components of each class of the *stored* mask, labelled date by date
+(an object is never joined across dates: a boat seen on two dates is two rows). Each date is
+labelled whole, in memory, with :func:`spoc_xr.kernels.label` (OpenCV, numbered exactly as
+``scipy.ndimage.label``) rather than lazily with ``dask_image.ndmeasure.label``:
+
+- one date of a Sentinel-2 tile is 10980 x 10980 px, 120 MB as uint8 (about 0.5 GB of int32
+  labels), which fits in a worker, so an object cut by a chunk border is one object for free;
+- ``dask_image``'s label needs a global relabelling pass over all chunks (a graph whose size grows
+  with chunks x dates) and a second pass to measure objects, while in-memory labelling reads each
+  date once;
+- the mask is read from the store, never recomputed from a lazy chain, so labelling costs one
+  read of one date per task. Dates are independent tasks (one ``dask.delayed`` per date, run on the
+  active Dask client if there is one), each opening the store itself and reading only its date.
+
+Object ids are unique per date: small objects are numbered 1..n_small in raster order of their
+first pixel, large objects follow (n_small + 1 ..).
+
+What a row says it is
+---------------------
+``class`` is the mask class ("small": boat-sized change; "large": cloud, shadow or other large
+change). ``on_water`` is True when at least half of the object's pixels lie on the store's
+``water`` layer (the rule of :func:`spoc_xr.evaluate.boat_components`, reused here), where water
+comes from the reference's water index named in ``water_index`` ("NDWI", "MNDWI"); with
+``water_index == "none"`` (no band allows one) every object counts as on water, as the evaluation
+does. ``is_boat`` is ``class == "small" and on_water``; ``category`` names the same three-way split
+the COCO export uses: "boat", "small_object" (small, on land) or "large_object".
+
+Columns
+-------
+``date``, ``object_id``, ``class``, ``category``, ``area_px``, ``area_m2``, ``row_min``,
+``col_min``, ``row_max``, ``col_max`` (pixel box, max exclusive), ``minx``, ``miny``, ``maxx``,
+``maxy`` (box of the pixel *edges* in map coordinates, equal to the polygon's bounds),
+``centroid_x``, ``centroid_y`` (mean of pixel centres, map coordinates), ``lon``, ``lat``
+(centroid in WGS 84), ``length_m``, ``width_m`` (sides of the minimum rotated rectangle of the
+outline), ``mean_<band>`` (mean raw value of each band of the stack on that date over the object's
+pixels that are not nodata; only when the stack is given), ``on_water``, ``is_boat``,
+``water_index`` and ``geometry`` (outline along pixel edges, in the stack's CRS). Lengths and areas
+are in metres, so the stack must be in a projected CRS.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyproj
+import rasterio.errors
+import rasterio.features
+import shapely
+import xarray as xr
+from affine import Affine
+from scipy import ndimage
+from shapely.geometry import MultiPolygon, Polygon, shape
+
+from spoc_xr.detect import LARGE, SMALL
+from spoc_xr.errors import GeoreferenceError, InputError, StoreError
+from spoc_xr.evaluate import boat_components
+from spoc_xr.store import check_output_path, open_store, remove_store
+
+__all__ = [
+    "CATEGORY_IDS",
+    "LabeledDate",
+    "check_object_inputs",
+    "date_objects",
+    "label_objects",
+    "object_table",
+    "open_annotation_store",
+    "open_stack_store",
+    "store_crs",
+    "write_objects",
+]
+
+PathLike = str | os.PathLike[str]
+
+CONNECTIVITY = 8
+# COCO category ids of the export, also named in the ``category`` column.
+CATEGORY_IDS: dict[str, int] = {"boat": 1, "small_object": 2, "large_object": 3}
+WGS84 = "EPSG:4326"
+
+BASE_COLUMNS = [
+    "date",
+    "object_id",
+    "class",
+    "category",
+    "area_px",
+    "area_m2",
+    "row_min",
+    "col_min",
+    "row_max",
+    "col_max",
+    "minx",
+    "miny",
+    "maxx",
+    "maxy",
+    "centroid_x",
+    "centroid_y",
+    "lon",
+    "lat",
+    "length_m",
+    "width_m",
+]
+TAIL_COLUMNS = ["on_water", "is_boat", "water_index"]
+
+
+@dataclass(frozen=True)
+class LabeledDate:
+    """Objects of one date.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        int32 (y, x) object ids, 0 where no object.
+    count : int
+        Number of objects (ids run 1..count).
+    classes : numpy.ndarray
+        uint8 mask class (1 small, 2 large) per id; index 0 unused.
+    on_water : numpy.ndarray
+        bool per id; index 0 unused.
+    """
+
+    labels: np.ndarray
+    count: int
+    classes: np.ndarray
+    on_water: np.ndarray
+
+    @property
+    def categories(self) -> np.ndarray:
+        """COCO category id per object id (see :data:`CATEGORY_IDS`); index 0 is 0."""
+        cats = np.where(
+            self.classes == LARGE,
+            CATEGORY_IDS["large_object"],
+            np.where(self.on_water, CATEGORY_IDS["boat"], CATEGORY_IDS["small_object"]),
+        ).astype(np.uint8)
+        cats[0] = 0
+        return cats
+
+
+def label_objects(mask: np.ndarray, water: np.ndarray | None = None) -> LabeledDate:
+    """Label the objects of one date's mask, small objects first.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (y, x) uint8 mask: 0 clear, 1 small, 2 large.
+    water : numpy.ndarray, optional
+        (y, x) water layer (nonzero = water); None when the stack had no water index.
+
+    Returns
+    -------
+    LabeledDate
+
+    Examples
+    --------
+    >>> m = np.array([[1, 0, 2], [0, 1, 2]], dtype=np.uint8)
+    >>> found = label_objects(m)
+    >>> found.count, found.labels.tolist(), found.classes.tolist()
+    (2, [[1, 0, 2], [0, 1, 2]], [0, 1, 2])
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise InputError(f"a date's mask must be 2-D (y, x), got shape {mask.shape}")
+    small, n_small, small_wet = boat_components(mask == SMALL, water)
+    large, n_large, large_wet = boat_components(mask == LARGE, water)
+    labels = small
+    labels[large > 0] = large[large > 0] + n_small
+    classes = np.concatenate(
+        [[0], np.full(n_small, SMALL, np.uint8), np.full(n_large, LARGE, np.uint8)]
+    ).astype(np.uint8)
+    on_water = np.concatenate([[False], small_wet[1:], large_wet[1:]]).astype(bool)
+    return LabeledDate(labels, n_small + n_large, classes, on_water)
+
+
+def _shapes(
+    window: np.ndarray, *, mask: np.ndarray, connectivity: int, transform: Affine
+) -> list[tuple[dict[str, Any], float]]:
+    """``rasterio.features.shapes`` without its warning for pixel (identity) transforms."""
+    with warnings.catch_warnings():
+        # Chip polygons are meant in pixel coordinates; the identity transform is intended.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return list(
+            rasterio.features.shapes(
+                window, mask=mask, connectivity=connectivity, transform=transform
+            )
+        )
+
+
+def outline(window: np.ndarray, transform: Affine) -> Polygon | MultiPolygon:
+    """Outline of the True pixels of ``window`` along pixel edges, as a valid shapely geometry."""
+    pieces = [
+        shape(geom)
+        for geom, _ in _shapes(
+            window.astype(np.uint8), mask=window, connectivity=CONNECTIVITY, transform=transform
+        )
+    ]
+    geom: Polygon | MultiPolygon = pieces[0] if len(pieces) == 1 else MultiPolygon(pieces)
+    if not geom.is_valid:
+        # Pixels joined only at a corner give a self-touching ring; make_valid splits it there.
+        geom = shapely.make_valid(geom)
+    return geom
+
+
+def _edge_box(transform: Affine, r0: int, c0: int, r1: int, c1: int) -> tuple[float, ...]:
+    xs, ys = zip(*(transform @ (c, r) for r in (r0, r1) for c in (c0, c1)), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _rectangle_sides(geom: Polygon | MultiPolygon) -> tuple[float, float]:
+    rect = shapely.minimum_rotated_rectangle(geom)
+    corners = np.asarray(rect.exterior.coords) if isinstance(rect, Polygon) else None
+    if corners is None or len(corners) < 4:
+        return 0.0, 0.0
+    sides = np.hypot(*np.diff(corners[:3], axis=0).T)
+    return float(sides.max()), float(sides.min())
+
+
+def date_objects(
+    mask: np.ndarray,
+    transform: Affine,
+    crs: Any,
+    *,
+    date: Any = None,
+    water: np.ndarray | None = None,
+    water_index: str = "none",
+    image: Any = None,
+    band_names: Sequence[str] = (),
+    nodata: float | None = None,
+) -> pd.DataFrame:
+    """Object rows of one date (see the module docstring for the columns).
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (y, x) uint8 mask of the date.
+    transform : affine.Affine
+        Pixel-edge transform of the grid.
+    crs : pyproj.CRS or str
+        A projected CRS of the grid.
+    date : datetime-like, optional
+        Value of the ``date`` column.
+    water : numpy.ndarray, optional
+        (y, x) water layer; None counts every object as on water.
+    water_index : str
+        Name of the water index, copied into the ``water_index`` column.
+    image : array-like, optional
+        (band, y, x) image of the date; read one band at a time (a lazily indexed store variable
+        keeps memory at one band).
+    band_names : sequence of str
+        Names of the bands of ``image`` (columns ``mean_<band>``).
+    nodata : float, optional
+        Image value left out of the band means.
+
+    Returns
+    -------
+    pandas.DataFrame
+        With a ``geometry`` column of shapely objects.
+
+    Examples
+    --------
+    >>> m = np.zeros((4, 4), np.uint8); m[1:3, 1:3] = 1
+    >>> rows = date_objects(m, Affine(10, 0, 0, 0, -10, 40), "EPSG:32631")
+    >>> rows[["area_px", "minx", "maxy", "length_m"]].values.tolist()
+    [[4.0, 10.0, 30.0, 20.0]]
+    """
+    found = label_objects(mask, water)
+    crs = pyproj.CRS.from_user_input(crs)
+    columns = BASE_COLUMNS + [f"mean_{b}" for b in band_names] + TAIL_COLUMNS + ["geometry"]
+    if found.count == 0:
+        return pd.DataFrame({name: [] for name in columns})
+    labels = found.labels
+    ids = np.arange(1, found.count + 1)
+    area = np.bincount(labels.ravel(), minlength=found.count + 1)[1:]
+    pixel_m2 = abs(transform.a * transform.e - transform.b * transform.d)
+    rows: dict[str, list[Any]] = {name: [] for name in [*BASE_COLUMNS, "geometry"]}
+    for obj, box in zip(ids, ndimage.find_objects(labels), strict=True):
+        r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+        window = labels[box] == obj
+        rr, cc = np.nonzero(window)
+        cx, cy = transform @ (c0 + cc.mean() + 0.5, r0 + rr.mean() + 0.5)
+        geom = outline(window, transform @ Affine.translation(c0, r0))
+        length, width = _rectangle_sides(geom)
+        minx, miny, maxx, maxy = _edge_box(transform, r0, c0, r1, c1)
+        values = [r0, c0, r1, c1, minx, miny, maxx, maxy, cx, cy, length, width, geom]
+        names = ["row_min", "col_min", "row_max", "col_max", "minx", "miny", "maxx", "maxy"]
+        names += ["centroid_x", "centroid_y", "length_m", "width_m", "geometry"]
+        for name, value in zip(names, values, strict=True):
+            rows[name].append(value)
+    to_lonlat = pyproj.Transformer.from_crs(crs, WGS84, always_xy=True)
+    lon, lat = to_lonlat.transform(np.asarray(rows["centroid_x"]), np.asarray(rows["centroid_y"]))
+    classes = found.classes[1:]
+    names_by_id = {v: k for k, v in CATEGORY_IDS.items()}
+    table = pd.DataFrame(
+        {
+            "date": pd.Series([pd.Timestamp(date) if date is not None else pd.NaT] * found.count),
+            "object_id": ids.astype(np.int64),
+            "class": np.where(classes == SMALL, "small", "large"),
+            "category": [names_by_id[c] for c in found.categories[1:]],
+            "area_px": area.astype(np.float64),
+            "area_m2": area * pixel_m2,
+            **{k: rows[k] for k in BASE_COLUMNS[6:16]},
+            "lon": np.asarray(lon),
+            "lat": np.asarray(lat),
+            "length_m": rows["length_m"],
+            "width_m": rows["width_m"],
+        }
+    )
+    if image is not None:
+        for index, band in enumerate(band_names):
+            band_values = np.asarray(image[index], dtype=np.float64)
+            good = np.isfinite(band_values)
+            if nodata is not None:
+                good &= band_values != nodata
+            flat = labels.ravel()[good.ravel()]
+            weights = band_values.ravel()[good.ravel()]
+            sums = np.bincount(flat, weights=weights, minlength=ids.size + 1)
+            counts = np.bincount(flat, minlength=ids.size + 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                table[f"mean_{band}"] = (sums / counts)[1:]
+    table["on_water"] = found.on_water[1:]
+    table["is_boat"] = (classes == SMALL) & found.on_water[1:]
+    table["water_index"] = water_index
+    table["geometry"] = rows["geometry"]
+    return table[columns]
+
+
+# --------------------------------------------------------------------------------------------
+# Stores
+
+
+def open_annotation_store(path: PathLike) -> xr.Dataset:
+    """Open an annotation store of ``spoc-xr annotate`` lazily and check it holds a mask.
+
+    Examples
+    --------
+    >>> ann = open_annotation_store("out.zarr")  # doctest: +SKIP
+    """
+    if not Path(path).expanduser().exists():
+        raise InputError(f"annotation store {str(path)!r} does not exist; run spoc-xr annotate")
+    ds = open_store(path)
+    if "mask" not in ds.data_vars:
+        raise StoreError(
+            f"{str(path)!r} holds no 'mask' variable; pass a store written by spoc-xr annotate"
+        )
+    return ds
+
+
+def open_stack_store(path: PathLike) -> xr.Dataset:
+    """Open a stack store of ``spoc-xr ingest`` lazily and check it holds ``stack``.
+
+    Examples
+    --------
+    >>> stack = open_stack_store("stack.zarr")["stack"]  # doctest: +SKIP
+    """
+    if not Path(path).expanduser().exists():
+        raise InputError(f"stack store {str(path)!r} does not exist; run spoc-xr ingest")
+    ds = open_store(path)
+    if "stack" not in ds.data_vars:
+        raise StoreError(
+            f"{str(path)!r} holds no 'stack' variable; pass a store written by spoc-xr ingest"
+        )
+    return ds
+
+
+def check_same_grid(annotations: xr.Dataset, stack: xr.Dataset, names: Sequence[str]) -> None:
+    """Raise InputError unless both stores share the y/x grid and every annotated date."""
+    a_shape = (annotations.sizes["y"], annotations.sizes["x"])
+    s_shape = (stack.sizes["y"], stack.sizes["x"])
+    if a_shape != s_shape:
+        raise InputError(
+            f"{names[0]!r} is {a_shape[0]} x {a_shape[1]} px but {names[1]!r} is "
+            f"{s_shape[0]} x {s_shape[1]} px; pass the stack the annotation was made from"
+        )
+    missing = np.setdiff1d(annotations.time.values, stack.time.values)
+    if missing.size:
+        raise InputError(
+            f"{missing.size} annotated date(s) (first {str(missing[0])[:19]}) are not in "
+            f"{names[1]!r}; pass the stack the annotation was made from"
+        )
+
+
+def store_crs(ds: xr.Dataset | xr.DataArray) -> pyproj.CRS:
+    """CRS of a store: rioxarray's, else the ``crs_wkt`` of ``spatial_ref``.
+
+    Raises
+    ------
+    GeoreferenceError
+        If the store carries no CRS.
+
+    Examples
+    --------
+    >>> store_crs(open_annotation_store("out.zarr"))  # doctest: +SKIP
+    <Projected CRS: EPSG:32631>
+    """
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    var = ds["mask"] if isinstance(ds, xr.Dataset) and "mask" in ds else ds
+    crs = var.rio.crs
+    if crs is not None:
+        return pyproj.CRS.from_user_input(crs.to_wkt())
+    wkt = ds.coords["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
+    if not wkt:
+        raise GeoreferenceError(
+            "the store carries no CRS (no spatial_ref coordinate); ingest georeferenced GeoTIFFs"
+        )
+    return pyproj.CRS.from_wkt(wkt)
+
+
+def store_transform(ds: xr.Dataset) -> Affine:
+    """Pixel-edge transform of a store's grid, from its pixel-centre ``x``/``y`` coordinates."""
+    x, y = ds["x"].values.astype(np.float64), ds["y"].values.astype(np.float64)
+    if x.size < 2 or y.size < 2:
+        import rioxarray  # noqa: F401
+
+        return ds.rio.transform()
+    dx, dy = x[1] - x[0], y[1] - y[0]
+    return Affine(dx, 0.0, x[0] - dx / 2, 0.0, dy, y[0] - dy / 2)
+
+
+def _check_projected(crs: pyproj.CRS, path: PathLike) -> None:
+    if not crs.is_projected:
+        raise GeoreferenceError(
+            f"{str(path)!r} is in a geographic CRS ({crs.name}); areas and lengths need metres: "
+            "reproject the GeoTIFFs to a projected CRS (e.g. UTM) and ingest again"
+        )
+
+
+def _raw_store(path: PathLike) -> xr.Dataset:
+    # Inside a task: no Dask, lazily indexed, so only the chunks of one date are read.
+    return xr.open_zarr(Path(path).expanduser(), chunks=None, consolidated=False, zarr_format=3)
+
+
+def _objects_of_date(
+    annotations: PathLike,
+    index: int,
+    stack: PathLike | None,
+    transform: Affine,
+    crs_wkt: str,
+) -> pd.DataFrame:
+    ann = _raw_store(annotations)
+    date = ann.time.values[index]
+    water_index = str(ann["water"].attrs.get("index", "none")) if "water" in ann else "none"
+    water = None
+    if "water" in ann and water_index != "none":
+        water = np.asarray(ann["water"].values).astype(bool)
+    mask = np.asarray(ann["mask"].isel(time=index).values)
+    image, bands, nodata = None, [], None
+    if stack is not None:
+        st = _raw_store(stack)
+        position = int(np.flatnonzero(st.time.values == date)[0])
+        image = st["stack"].variable[position]
+        bands = [str(b) for b in st["band"].values.tolist()]
+        nodata = st["stack"].attrs.get("nodata")
+    return date_objects(
+        mask,
+        transform,
+        pyproj.CRS.from_wkt(crs_wkt),
+        date=date,
+        water=water,
+        water_index=water_index,
+        image=image,
+        band_names=bands,
+        nodata=nodata,
+    )
+
+
+def check_object_inputs(
+    annotations: PathLike, *, stack: PathLike | None = None
+) -> tuple[xr.Dataset, list[str], pyproj.CRS]:
+    """Check the stores :func:`object_table` reads (cheap: metadata only).
+
+    Returns
+    -------
+    tuple
+        The lazily opened annotation Dataset, the stack's band names (empty without a stack)
+        and the projected CRS.
+
+    Examples
+    --------
+    >>> ann, bands, crs = check_object_inputs("out.zarr", stack="stack.zarr")  # doctest: +SKIP
+    """
+    ann = open_annotation_store(annotations)
+    bands: list[str] = []
+    if stack is not None:
+        st = open_stack_store(stack)
+        check_same_grid(ann, st, [str(annotations), str(stack)])
+        bands = [str(b) for b in st["band"].values.tolist()]
+    crs = store_crs(ann)
+    _check_projected(crs, annotations)
+    return ann, bands, crs
+
+
+def object_table(annotations: PathLike, *, stack: PathLike | None = None) -> gpd.GeoDataFrame:
+    """One row per object per date of an annotation store, as a GeoDataFrame.
+
+    Dates are labelled in parallel (one task per date, on the active Dask client if any).
+
+    Parameters
+    ----------
+    annotations : str or os.PathLike
+        Annotation store written by ``spoc-xr annotate``.
+    stack : str or os.PathLike, optional
+        The stack store the annotation was made from; gives the ``mean_<band>`` columns (left
+        out without it).
+
+    Returns
+    -------
+    geopandas.GeoDataFrame
+        In the stack's CRS; columns as in the module docstring.
+
+    Raises
+    ------
+    InputError, StoreError, GeoreferenceError
+        If a store is missing or not a spoc_xr store, the grids differ, or there is no
+        projected CRS.
+
+    Examples
+    --------
+    >>> table = object_table("out.zarr", stack="stack.zarr")  # doctest: +SKIP
+    >>> table[table.is_boat].plot()  # doctest: +SKIP
+    """
+    ann, bands, crs = check_object_inputs(annotations, stack=stack)
+    transform = store_transform(ann)
+    tasks = [
+        dask.delayed(_objects_of_date, pure=True)(
+            annotations, index, stack, transform, crs.to_wkt()
+        )
+        for index in range(ann.sizes["time"])
+    ]
+    parts = [part for part in dask.compute(*tasks) if len(part)]
+    columns = BASE_COLUMNS + [f"mean_{b}" for b in bands] + TAIL_COLUMNS
+    if parts:
+        table = pd.concat(parts, ignore_index=True)
+    else:
+        table = pd.DataFrame({name: [] for name in [*columns, "geometry"]})
+        table["date"] = pd.to_datetime(table["date"])
+    return gpd.GeoDataFrame(table, geometry="geometry", crs=crs)
+
+
+def write_objects(
+    table: gpd.GeoDataFrame, path: PathLike, *, geojson: bool = False, overwrite: bool = False
+) -> list[Path]:
+    """Write an object table as GeoParquet, and as GeoJSON (WGS 84) beside it on request.
+
+    Parameters
+    ----------
+    table : geopandas.GeoDataFrame
+        From :func:`object_table`.
+    path : str or os.PathLike
+        The ``.parquet`` file; the GeoJSON gets the same name with suffix ``.geojson``.
+    geojson : bool
+        Also write the GeoJSON (GeoJSON requires longitude/latitude, so it is reprojected).
+    overwrite : bool
+        Replace existing files.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+
+    Examples
+    --------
+    >>> write_objects(object_table("out.zarr"), "objects.parquet", geojson=True)  # doctest: +SKIP
+    [PosixPath('objects.parquet'), PosixPath('objects.geojson')]
+    """
+    outputs = objects_outputs(path, geojson=geojson)
+    for out in outputs:
+        check_output_path(out, overwrite=overwrite)
+    for out in outputs:
+        remove_store(out)
+    table.to_parquet(outputs[0])
+    if geojson:
+        table.to_crs(WGS84).to_file(outputs[1], driver="GeoJSON")
+    return outputs
+
+
+def objects_outputs(path: PathLike, *, geojson: bool) -> list[Path]:
+    """The files :func:`write_objects` writes for ``path``."""
+    parquet = Path(path).expanduser()
+    return [parquet, parquet.with_suffix(".geojson")] if geojson else [parquet]

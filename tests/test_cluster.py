@@ -1,0 +1,321 @@
+"""spoc-xr on a real Dask cluster: scheduler and two workers in their own processes, plain and TLS.
+
+Each cluster is started with the ``dask scheduler`` / ``dask worker`` programs of this venv on
+127.0.0.1 and killed (whole process group) when the module's tests are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import dask
+import pytest
+import xarray as xr
+from distributed import Client, Security, get_task_stream
+
+from spoc_xr.cli import main
+from spoc_xr.cluster import OPENCV_THREADS, dask_client
+from spoc_xr.errors import ParameterError
+from spoc_xr.ingest import ingest, open_stack
+from spoc_xr.pipeline import annotate
+from spoc_xr.store import open_store, write_dataset
+from spoc_xr.synthetic import make_harbour
+
+pytestmark = pytest.mark.slow
+
+#: Seconds a scheduler or two workers may take to come up on a busy two-core machine.
+START_TIMEOUT = 60
+#: Four spatial chunks per 128 x 128 date: several tasks for each of the two workers.
+CHUNKS = 64
+N_WORKERS = 2
+
+
+@dataclass
+class ProcessCluster:
+    address: str
+    security: Security | None
+    files: dict[str, Path]
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    # SIGKILL: a gracefully closing worker waits seconds for its scheduler, and these clusters
+    # hold nothing worth saving. Each process leads its own group, so children die too.
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for proc in processes:
+        proc.wait(timeout=30)
+
+
+def _logs(folder: Path) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(folder.glob("*.log")))
+
+
+@contextlib.contextmanager
+def process_cluster(folder: Path, *, tls: bool) -> Iterator[ProcessCluster]:
+    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1 (TLS-only if ``tls``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    tls_args: list[str] = []
+    security = None
+    files: dict[str, Path] = {}
+    if tls:
+        # One self-signed certificate for every role (distributed's own recipe), written to
+        # files the way a mounted Kubernetes secret provides them.
+        temporary = Security.temporary()
+        files = {"ca": folder / "ca.pem", "cert": folder / "tls.crt", "key": folder / "tls.key"}
+        files["ca"].write_text(temporary.tls_ca_file)
+        files["cert"].write_text(temporary.tls_scheduler_cert)
+        files["key"].write_text(temporary.tls_scheduler_key)
+        tls_args = [
+            "--tls-ca-file",
+            str(files["ca"]),
+            "--tls-cert",
+            str(files["cert"]),
+            "--tls-key",
+            str(files["key"]),
+        ]
+        env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
+        security = Security(
+            tls_ca_file=str(files["ca"]),
+            tls_client_cert=str(files["cert"]),
+            tls_client_key=str(files["key"]),
+            require_encryption=True,
+        )
+    scheduler_file = folder / "scheduler.json"
+    protocol = "tls" if tls else "tcp"
+    commands = [
+        [
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--protocol",
+            protocol,
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+            *tls_args,
+        ]
+    ]
+    commands.extend(
+        [
+            [
+                "distributed.cli.dask_worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--host",
+                "127.0.0.1",
+                "--protocol",
+                protocol,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--memory-limit",
+                "1GB",
+                "--name",
+                f"worker-{index}",
+                "--local-directory",
+                str(folder / f"worker-{index}"),
+                *tls_args,
+            ]
+            for index in range(N_WORKERS)
+        ]
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for index, command in enumerate(commands):
+            with (folder / f"process-{index}.log").open("wb") as log:
+                # A session of its own, so the finaliser can kill the whole process group.
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", *command],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=folder,
+                        start_new_session=True,
+                    )
+                )
+            if index == 0:  # workers read the address from the scheduler file
+                deadline = time.monotonic() + START_TIMEOUT
+                while not (scheduler_file.exists() and scheduler_file.stat().st_size):
+                    if processes[0].poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the scheduler did not start:\n{_logs(folder)}")
+                    time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        with Client(address, security=security, timeout="30s") as client:
+            try:
+                client.wait_for_workers(N_WORKERS, timeout=START_TIMEOUT)
+            except TimeoutError as err:
+                raise RuntimeError(f"the workers did not start:\n{_logs(folder)}") from err
+        yield ProcessCluster(address=address, security=security, files=files)
+    finally:
+        _stop(processes)
+
+
+@pytest.fixture(scope="module")
+def harbour(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("harbour")
+    make_harbour(root, n_dates=4, shape=(128, 128))
+    return root / "images"
+
+
+@pytest.fixture(scope="module")
+def local_run(harbour: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Stack and annotation stores of an in-process run on Dask's threads (no distributed).
+
+    Cheaper than the CLI's local cluster (worker processes take seconds to start) and the same
+    graphs; the CLI additionally stores its noise model, so comparisons use common variables.
+    """
+    root = tmp_path_factory.mktemp("local")
+    with dask.config.set(scheduler="threads"):
+        stack = ingest(harbour, root / "stack.zarr", chunks=CHUNKS)
+        write_dataset(annotate(stack), root / "out.zarr", overwrite=False)
+    return root / "stack.zarr", root / "out.zarr"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
+    with process_cluster(tmp_path_factory.mktemp("cluster"), tls=False) as running:
+        yield running
+
+
+def assert_same_store(
+    a: Path | str,
+    b: Path | str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    required: Collection[str] = (),
+    same_variables: bool = True,
+) -> None:
+    """Variables and coordinates equal value for value; attributes may differ (timestamps).
+
+    ``a`` may be a URL (opened with ``storage_options``). With ``same_variables`` False only the
+    variables both stores hold are compared (the resumable local writer also stores its noise
+    model), and ``required`` must be among them.
+    """
+    left = open_store(a, storage_options=storage_options).load()
+    right = open_store(b).load()
+    if same_variables:
+        assert set(left.variables) == set(right.variables)
+    common = set(left.variables) & set(right.variables)
+    assert set(required) <= common
+    for name in common:
+        xr.testing.assert_equal(left[name], right[name])
+    assert left.attrs["spoc_xr"]["kind"] == right.attrs["spoc_xr"]["kind"]
+
+
+def test_cli_on_scheduler_matches_local_run(
+    cluster: ProcessCluster,
+    harbour: Path,
+    local_run: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stack, out = tmp_path / "stack.zarr", tmp_path / "out.zarr"
+    options = ["--scheduler", cluster.address]
+    with Client(cluster.address) as monitor, get_task_stream(monitor) as stream:
+        assert main(["ingest", str(harbour), str(stack), "--chunks", str(CHUNKS), *options]) == 0
+        assert main(["annotate", str(stack), str(out), "--no-report", *options]) == 0
+        workers = set(monitor.scheduler_info()["workers"])
+    # Both worker processes read GeoTIFFs and wrote chunks: the client funnelled nothing.
+    assert {task["worker"] for task in stream.data} == workers
+    assert any(task["key"].startswith("read-geotiffs") for task in _keys(stream.data))
+    printed = capsys.readouterr().out
+    assert "LocalCluster" not in printed  # the existing scheduler ran it, no local cluster
+    assert_same_store(stack, local_run[0], required=("stack",))
+    assert_same_store(out, local_run[1], required=("mask", "heatmap"), same_variables=False)
+    mask = open_store(out)["mask"]
+    assert {0, 1} <= set(mask.values.ravel().tolist())  # boats were found: a real comparison
+    with Client(cluster.address) as client:
+        # Built-in functions pickle by name: the workers cannot import this test module.
+        assert client.run(cv2.getNumThreads) == dict.fromkeys(
+            client.scheduler_info()["workers"], OPENCV_THREADS
+        )
+
+
+def _keys(tasks: list[dict[str, object]]) -> list[dict[str, str]]:
+    # Task keys are tuples ("name", i, j, ...) or strings; the name is what identifies a step.
+    return [
+        {"key": str(task["key"][0] if isinstance(task["key"], tuple) else task["key"])}
+        for task in tasks
+    ]
+
+
+def test_python_api_uses_the_current_client(
+    cluster: ProcessCluster, harbour: Path, local_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # No spoc_xr helper in between: a plain Client made current is what the library computes on.
+    with Client(cluster.address) as client, get_task_stream(client) as stream:
+        stack = open_stack(local_run[0])
+        write_dataset(annotate(stack), tmp_path / "api.zarr", overwrite=False)
+        workers = set(client.scheduler_info()["workers"])
+    assert {task["worker"] for task in stream.data} == workers
+    assert_same_store(tmp_path / "api.zarr", local_run[1], required=("mask", "heatmap"))
+
+
+def test_scheduler_refuses_local_sizing() -> None:
+    refused = pytest.raises(ParameterError, match="--workers")
+    with refused, dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
+        pass
+
+
+# ------------------------------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
+    with process_cluster(tmp_path_factory.mktemp("tls"), tls=True) as running:
+        yield running
+
+
+def test_tls_scheduler_refuses_plain_tcp(tls_cluster: ProcessCluster) -> None:
+    assert tls_cluster.address.startswith("tls://127.0.0.1:")
+    plain = tls_cluster.address.replace("tls://", "tcp://")
+    with pytest.raises(OSError):
+        Client(plain, timeout="3s")
+    # TLS without a client certificate is refused too: the scheduler requires one.
+    host, port = tls_cluster.address.removeprefix("tls://").rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(tls_cluster.files["ca"]))
+    context.check_hostname = False  # distributed's certificates name roles, not hosts
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+        pytest.raises((ssl.SSLError, ConnectionError)),
+    ):
+        tls.sendall(b"\0" * 8)
+        if not tls.recv(1):  # TLS 1.3 reports the missing certificate on the first read
+            raise ConnectionResetError("closed by the scheduler")
+
+
+def test_tls_client_with_certificate_runs_spoc_xr(
+    tls_cluster: ProcessCluster, harbour: Path, local_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The same keys as the DASK_DISTRIBUTED__COMM__TLS__* variables of deploy/README.md.
+    config = {
+        "distributed.comm.require-encryption": True,
+        "distributed.comm.tls.ca-file": str(tls_cluster.files["ca"]),
+        "distributed.comm.tls.client.cert": str(tls_cluster.files["cert"]),
+        "distributed.comm.tls.client.key": str(tls_cluster.files["key"]),
+    }
+    stack = tmp_path / "stack.zarr"
+    with dask.config.set(config):
+        args = [str(harbour), str(stack), "--chunks", str(CHUNKS)]
+        assert main(["ingest", *args, "--scheduler", tls_cluster.address]) == 0
+    assert_same_store(stack, local_run[0], required=("stack",))
