@@ -55,11 +55,14 @@ OVERCAST_USABLE_SHARE = 0.01
 MOSTLY_CLEAR_SHARE = 0.5
 
 
+# Reference passed to annotate; set from --reference.
+REFERENCE = "auto"
+
 def _annotate(image_dir: Path, work: Path) -> tuple[xr.Dataset, float]:
     """Ingest, annotate with defaults, write; the written store and the seconds it took."""
     started = time.perf_counter()
     stack = ingest(image_dir, work / "stack.zarr", overwrite=True)
-    result = annotate(stack)
+    result = annotate(stack, reference=REFERENCE)
     write_dataset(result, work / "out.zarr", overwrite=True)
     seconds = time.perf_counter() - started
     return open_store(work / "out.zarr", kind="annotations"), seconds
@@ -203,7 +206,7 @@ def run_landsat(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
 def _annotate_files(files: Sequence[Path], work: Path) -> tuple[xr.Dataset, float]:
     started = time.perf_counter()
     stack = ingest(list(files), work / "stack.zarr", overwrite=True)
-    result = annotate(stack)
+    result = annotate(stack, reference=REFERENCE)
     write_dataset(result, work / "out.zarr", overwrite=True)
     return open_store(work / "out.zarr", kind="annotations"), time.perf_counter() - started
 
@@ -272,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache folder")
     parser.add_argument("--workers", type=int, default=2, help="Dask threads (2)")
+    parser.add_argument(
+        "--reference", default="auto", help="reference passed to annotate (default: auto)"
+    )
     parser.add_argument("--no-demo", action="store_true", help="skip the demo harbour")
     parser.add_argument("--no-landsat", action="store_true", help="skip the Landsat stack")
     parser.add_argument("--json", type=Path, help="write all scores here")
@@ -285,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown port(s) {unknown}; available: {list(ports)} in {data}", file=sys.stderr)
         return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
+    global REFERENCE
+    REFERENCE = args.reference
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     # Threads, no cluster: the numbers are the library's, not a scheduler's.

@@ -453,8 +453,9 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from spoc_xr.evaluate import evaluate, read_truth, write_scores
+    from spoc_xr.evaluate import evaluate, write_scores
     from spoc_xr.store import check_output_path
+    from spoc_xr.synthetic import read_truth
 
     if args.json is not None:
         check_output_path(
@@ -475,7 +476,7 @@ def _open_annotations(path: Path) -> Any:
 
     if not path.exists():
         raise InputError(f"annotation store {str(path)!r} does not exist; run spoc-xr annotate")
-    dataset = xr.open_zarr(path)
+    dataset = xr.open_zarr(path, consolidated=False)
     if "mask" not in dataset:
         raise InputError(f"{str(path)!r} holds no 'mask': pass a store written by spoc-xr annotate")
     return dataset

@@ -34,11 +34,11 @@ def run_demo(
     >>> print(run_demo("demo_out", n_dates=8, size=256))  # doctest: +SKIP
     """
     from spoc_xr.cli import describe_annotations
-    from spoc_xr.evaluate import evaluate, read_truth, write_scores
+    from spoc_xr.evaluate import evaluate, write_scores
     from spoc_xr.ingest import ingest
     from spoc_xr.pipeline import annotate
-    from spoc_xr.store import write_dataset
-    from spoc_xr.synthetic import make_harbour
+    from spoc_xr.store import open_store, write_dataset
+    from spoc_xr.synthetic import make_harbour, read_truth
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -56,9 +56,7 @@ def run_demo(
     result = annotate(stack)
     write_dataset(result, annotations_path, overwrite=False, progress=True)
     elapsed = time.perf_counter() - started
-    import xarray as xr
-
-    scores = evaluate(xr.open_zarr(annotations_path), read_truth(scene.truth_path))
+    scores = evaluate(open_store(annotations_path), read_truth(scene.truth_path))
     write_scores(scores, out / "scores.json")
     n_objects = sum(row.predicted_boats for row in scores.dates)
     n_true = sum(row.true_boats for row in scores.dates)

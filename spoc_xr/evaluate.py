@@ -1,6 +1,7 @@
 """Scores of an annotation against truth masks.
 
-Truth format (written by :func:`spoc_xr.synthetic.write_truth`, readable from Zarr or ``.npz``):
+Truth format (written by :func:`spoc_xr.synthetic.write_truth`, read by
+:func:`spoc_xr.synthetic.read_truth` from Zarr or ``.npz``):
 
 - ``boats`` ``(time, y, x)`` int: instance labels, 0 background, one positive id per boat per date;
 - ``clouds`` ``(time, y, x)`` uint8/bool: 1 where cloud or cloud shadow;
@@ -86,31 +87,6 @@ class Scores:
         return "\n".join(lines)
 
 
-def read_truth(path: str | os.PathLike[str]) -> xr.Dataset:
-    """Open a truth store (Zarr folder or ``.npz`` file) in the format above."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"truth {str(path)!r} does not exist; pass a truth Zarr store or .npz")
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            missing = {"boats", "clouds", "time"} - set(data.files)
-            if missing:
-                raise InputError(f"truth {str(path)!r} lacks arrays {sorted(missing)}")
-            times = pd.to_datetime(data["time"].astype(str)).values
-            variables: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
-                "boats": (("time", "y", "x"), data["boats"]),
-                "clouds": (("time", "y", "x"), data["clouds"].astype(np.uint8)),
-            }
-            if "water" in data.files:
-                variables["water"] = (("y", "x"), data["water"].astype(np.uint8))
-            return xr.Dataset(variables, coords={"time": times})
-    truth = xr.open_zarr(path)
-    missing = {"boats", "clouds"} - set(truth.data_vars)
-    if missing:
-        raise InputError(f"truth {str(path)!r} lacks variables {sorted(missing)}")
-    return truth
-
-
 def boat_components(
     small: np.ndarray, water: np.ndarray | None
 ) -> tuple[np.ndarray, int, np.ndarray]:
@@ -187,7 +163,7 @@ def evaluate(annotations: xr.Dataset, truth: xr.Dataset) -> Scores:
 
     Examples
     --------
-    >>> scores = evaluate(xr.open_zarr("out.zarr"), read_truth("truth.zarr"))  # doctest: +SKIP
+    >>> scores = evaluate(open_store("out.zarr"), read_truth("truth.zarr"))  # doctest: +SKIP
     >>> print(scores.table())  # doctest: +SKIP
     """
     ann_times = pd.DatetimeIndex(annotations.time.values)

@@ -39,6 +39,9 @@ RATIO_INLIER_WIDTH = 0.1
 MIN_FIT_SAMPLES = 64
 # MAD -> standard deviation for Gaussian noise.
 MAD_TO_SIGMA = 1.4826
+# Dates whose median cleans the reference date, and the least that makes a median meaningful.
+CLEANING_DATES = 8
+MIN_CLEANING_DATES = 3
 # Memory per spatial block when all dates of a block are needed at once (temporal median).
 MEDIAN_BLOCK_BYTES = 64 * 2**20
 
@@ -69,6 +72,7 @@ class Radiometry:
     valid_fraction: np.ndarray
     change_fraction: np.ndarray
     notes: list[str] = field(default_factory=list)
+    residual_scale: np.ndarray | None = None
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:
@@ -152,8 +156,8 @@ def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
 
 def change_fractions(
     overview: np.ndarray, target: np.ndarray, gains: np.ndarray, offsets: np.ndarray
-) -> np.ndarray:
-    """Share of valid pixels per date whose normalised value departs from ``target``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Share of valid pixels per date departing from ``target``, and the per-band residual scale."""
     normalised = overview * gains[:, :, None, None] + offsets[:, :, None, None]
     residual = normalised - target[None]
     scale = MAD_TO_SIGMA * np.nanmedian(np.abs(residual), axis=(0, 2, 3))
@@ -161,7 +165,8 @@ def change_fractions(
     outlier = (np.abs(residual) > OUTLIER_SIGMA * scale[None, :, None, None]).any(axis=1)
     valid = np.isfinite(residual).all(axis=1)
     counts = valid.sum(axis=(1, 2))
-    return np.where(counts > 0, (outlier & valid).sum(axis=(1, 2)) / np.maximum(counts, 1), 1.0)
+    shares = np.where(counts > 0, (outlier & valid).sum(axis=(1, 2)) / np.maximum(counts, 1), 1.0)
+    return shares, scale
 
 
 def parse_reference(reference: str, times: xr.DataArray) -> str | int:
@@ -211,10 +216,10 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
     with np.errstate(all="ignore"):
         composite = _nanmedian_last(np.moveaxis(overview, 0, -1))
     gains, offsets = fit_radiometry(overview, composite)
-    changed = change_fractions(overview, composite, gains, offsets)
+    changed, scale = change_fractions(overview, composite, gains, offsets)
     notes: list[str] = []
     if reference == "median":
-        return Radiometry("median", None, gains, offsets, valid_fraction, changed, notes)
+        return Radiometry("median", None, gains, offsets, valid_fraction, changed, notes, scale)
     if reference == "auto":
         eligible = valid_fraction >= MIN_VALID_SHARE * valid_fraction.max()
         score = np.where(eligible, changed + (1 - valid_fraction), np.inf)
@@ -232,7 +237,7 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
             )
     gains, offsets = fit_radiometry(overview, overview[index])
     gains[index], offsets[index] = 1.0, 0.0
-    return Radiometry("date", index, gains, offsets, valid_fraction, changed, notes)
+    return Radiometry("date", index, gains, offsets, valid_fraction, changed, notes, scale)
 
 
 def normalise(
@@ -257,7 +262,7 @@ def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray
     independent of the number of dates, the spatial blocks shrink as the dates grow.
     """
     if radiometry.reference_index is not None:
-        return to_float(stack.isel(time=radiometry.reference_index)).drop_vars("time")
+        return clean_date_reference(stack, radiometry)
     normalised = normalise(stack, radiometry)
     n_time, n_band = stack.sizes["time"], stack.sizes["band"]
     side = max(16, int(math.sqrt(MEDIAN_BLOCK_BYTES / (4 * n_time * n_band))))
@@ -273,6 +278,38 @@ def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray
     return (
         median.chunk({"y": stack_chunks["y"], "x": stack_chunks["x"]}) if stack_chunks else median
     )
+
+
+def clean_date_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray:
+    """The reference date with its own transient objects replaced by the clean dates' median.
+
+    Even the cleanest date carries boats and the odd cloud; left in, they are invisible on that
+    date and blind every other date where they lie. Where the date departs from the per-pixel
+    median of the cleanest dates (the ones the noise model uses) by more than OUTLIER_SIGMA
+    residual scales in any band, that median takes its place. Needs at least
+    MIN_CLEANING_DATES such dates; memory per task is bounded by their number.
+    """
+    index = radiometry.reference_index
+    assert index is not None
+    date = to_float(stack.isel(time=index)).drop_vars("time")
+    indices = noise_sample_indices(radiometry, CLEANING_DATES)
+    if len(indices) < MIN_CLEANING_DATES or radiometry.residual_scale is None:
+        return date
+    sample = normalise(stack.isel(time=indices), radiometry, indices).chunk({"time": -1})
+    median: xr.DataArray = xr.apply_ufunc(
+        _nanmedian_time,
+        sample,
+        input_core_dims=[["time"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+    scale = xr.DataArray(
+        radiometry.residual_scale.astype(np.float32), dims="band", coords={"band": stack.band}
+    )
+    departs = (abs(date - median) > OUTLIER_SIGMA * scale).any("band") & median.notnull().all(
+        "band"
+    )
+    return date.where(~departs, median).astype(np.float32)
 
 
 def _nanmedian_time(values: np.ndarray) -> np.ndarray:

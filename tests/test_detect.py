@@ -209,12 +209,16 @@ def test_reference_date_not_in_stack_rejected(stack):
         annotate(stack, reference="1999-01-01")
 
 
-def test_reference_date_is_used(stack):
-    result = annotate(stack.chunk({"time": 1}), reference="2023-03-06", params=PARAMS)
-    assert result.attrs["spoc_xr"]["reference_index"] == 1
-    np.testing.assert_array_equal(
-        result.reference.values, stack.isel(time=1).values.astype(np.float32)
-    )
+def test_reference_date_is_used_with_its_own_objects_removed(stack):
+    result = annotate(stack.chunk({"time": 1}), reference="2023-03-11", params=PARAMS)
+    assert result.attrs["spoc_xr"]["reference_index"] == 2
+    reference = result.reference.values
+    date = stack.isel(time=2).values.astype(np.float32)
+    # The date's boat at [5:7, 5:7] is cleaned away (water again); elsewhere it is the date.
+    assert (reference[:, 5:7, 5:7] < date[:, 5:7, 5:7] - 1000).all()
+    untouched = np.ones(date.shape[1:], dtype=bool)
+    untouched[4:8, 4:8] = False
+    assert (reference[:, untouched] == date[:, untouched]).mean() > 0.95
 
 
 def test_median_reference_is_temporal_median_of_normalised_dates(stack):
