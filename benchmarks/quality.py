@@ -58,6 +58,7 @@ MOSTLY_CLEAR_SHARE = 0.5
 # Reference passed to annotate; set from --reference.
 REFERENCE = "auto"
 
+
 def _annotate(image_dir: Path, work: Path) -> tuple[xr.Dataset, float]:
     """Ingest, annotate with defaults, write; the written store and the seconds it took."""
     started = time.perf_counter()

@@ -35,6 +35,9 @@ RATIO_BINS = 600
 RATIO_SMOOTHING_BINS = 3.0
 # Pixels within this log-ratio distance of the mode (about +-10 %) count as unchanged.
 RATIO_INLIER_WIDTH = 0.1
+# Illumination and atmosphere change reflectance by well under a factor 1.5 between dates of
+# one place; a larger apparent gain means the scene itself changed (overcast, snow).
+MAX_LOG_GAIN = float(np.log(1.5))
 # Robust fits need a minimum of clean samples; below it a date keeps gain 1 and offset 0.
 MIN_FIT_SAMPLES = 64
 # MAD -> standard deviation for Gaussian noise.
@@ -134,11 +137,15 @@ def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, fl
     smoothed = ndi.gaussian_filter1d(counts.astype(np.float64), RATIO_SMOOTHING_BINS)
     peak = int(np.argmax(smoothed))
     mode = 0.5 * (edges[peak] + edges[peak + 1])
+    if abs(mode) > MAX_LOG_GAIN:
+        # A whole-scene change (overcast, snow) is no illumination change: mapping it onto the
+        # reference would hide it. Keep the largest plausible gain and no offset.
+        return float(np.exp(np.clip(mode, -MAX_LOG_GAIN, MAX_LOG_GAIN))), 0.0
     near = np.abs(log_ratio - mode) < RATIO_INLIER_WIDTH
     if near.sum() < MIN_FIT_SAMPLES or np.ptp(x[near]) == 0:
         return float(np.exp(mode)), 0.0
     gain, offset = np.polyfit(x[near], y[near], 1)
-    if not 0.2 < gain < 5.0:
+    if abs(np.log(gain)) > MAX_LOG_GAIN:
         return float(np.exp(mode)), 0.0
     return float(gain), float(offset)
 
