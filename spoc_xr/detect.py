@@ -15,7 +15,7 @@ The method (each step chosen for a failure of the textbook version measured on h
    (``auto``: a fixed number of noise scales) and by several local spreads (a constant false-alarm
    rate where the change is textured) is a small-object candidate. Candidates keep only crisp
    objects (their surroundings changed much less than they did), up to 48 px long; isolated
-   single pixels need twice the threshold.
+   single pixels need twice the threshold, and next to haze or a cloud body five times.
 5. Morphology for the large class: the wide change above the threshold, closed (joins soft edges
    and haze fragments) then opened with an ``open_size`` square (removes anything narrower, so no
    boat is ever large): clouds, shadows, construction, flooding. Small objects take precedence,
@@ -60,6 +60,10 @@ MAX_SMALL_EXTENT = 48
 SMALL_CONTEXT = 6
 # Mean change 2 px around a small object must stay below this share of its peak.
 SHARPNESS = 0.15
+# Where the local background exceeds HAZE_LEVEL x the threshold within a background window, a
+# small object needs HAZE_FACTOR x the threshold.
+HAZE_LEVEL = 0.5
+HAZE_FACTOR = 5.0
 # An isolated single pixel needs this multiple of the threshold.
 ISOLATED_FACTOR = 2.0
 # Scores are capped here (noise scales) before quantisation; nothing real is above it.
@@ -130,7 +134,8 @@ class DetectParams:
         # whose background is unreliable is too long to be small in every tiling alike.
         background = self.background_size // 2
         large = background + 2 * (self.close_size // 2) + 3 * (self.open_size // 2)
-        return max(large, background + MAX_SMALL_EXTENT + SMALL_CONTEXT)
+        # The haze test widens the background's reach by another background window.
+        return max(large, 2 * background + MAX_SMALL_EXTENT + SMALL_CONTEXT)
 
     def check_against(self, shape: tuple[int, int]) -> None:
         """Raise :class:`ParameterError` when a window is larger than the image."""
@@ -414,7 +419,11 @@ def classify_tile(
     residual = score - background
     # Small: stands out of its local background by the threshold and by CFAR_FACTOR local
     # spreads (a constant false-alarm rate in textured changes), with crisp edges.
-    candidates = (residual > threshold) & (residual > CFAR_FACTOR * spread) & valid
+    # Near haze or a cloud body, puffs and fringes look like small objects: there a small object
+    # must stand out HAZE_FACTOR times more.
+    hazy = kernels.binary_dilation(background > HAZE_LEVEL * threshold, params.background_size)
+    local_threshold = np.where(hazy, HAZE_FACTOR * threshold, threshold)
+    candidates = (residual > local_threshold) & (residual > CFAR_FACTOR * spread) & valid
     candidates = drop_weak_isolated(candidates, residual, threshold)
     small = sharp_objects(candidates, score, sharpness=SHARPNESS)
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
