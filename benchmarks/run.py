@@ -337,7 +337,7 @@ def numpy_loop(path: Path, out: Path, n_dates: int, *, kernel: int = 5) -> None:
     """The same steps with numpy/scipy, date by date, plus connected components per date."""
     source = zarr.open_array(path / "stack", mode="r")
     _, n_band, height, width = source.shape
-    reference = source[0].astype(np.float32)
+    reference = np.asarray(source[0], dtype=np.float32)
     reference = np.stack([ndi.median_filter(reference[b], size=kernel) for b in range(n_band)])
     shutil.rmtree(out, ignore_errors=True)
     chunk = min(CHUNK, height), min(CHUNK, width)
@@ -347,7 +347,7 @@ def numpy_loop(path: Path, out: Path, n_dates: int, *, kernel: int = 5) -> None:
     heat = np.zeros((height, width), dtype=np.uint16)
     structure = np.ones((kernel, kernel), dtype=bool)
     for t in range(n_dates):
-        date = source[t]
+        date = np.asarray(source[t])
         median = np.stack([ndi.median_filter(date[b], size=kernel) for b in range(n_band)])
         changed = np.abs(median.astype(np.float32) - reference).max(axis=0) > BASELINE_THRESHOLD
         opened = ndi.binary_opening(changed, structure=structure)

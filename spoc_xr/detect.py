@@ -371,7 +371,9 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     if count == 0:
         return candidates
     peak = np.zeros(count + 1, dtype=np.float64)
-    np.maximum.at(peak, labels.ravel(), score.ravel())
+    # Objects are sparse and ufunc.at is slow: only labelled pixels (label 0 is never kept).
+    objects = labels > 0
+    np.maximum.at(peak, labels[objects], score[objects])
     outer = kernels.maximum_filter(labels, 5)
     inner = kernels.maximum_filter(labels, 3)
     ring = (outer > 0) & (inner == 0)

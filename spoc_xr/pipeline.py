@@ -218,6 +218,12 @@ def build_annotations(
             "water_index": index.name,
             "water_index_description": index.describe(),
             "notes": list(radiometry.notes),
+            # What a resumed run needs to rebuild the same reference and noise model.
+            "overview_valid_fraction": [float(v) for v in radiometry.valid_fraction],
+            "overview_change_fraction": [float(v) for v in radiometry.change_fraction],
+            "residual_scale": None
+            if radiometry.residual_scale is None
+            else [float(v) for v in radiometry.residual_scale],
             "dates": [str(t)[:19] for t in stack.time.values],
         }
     }
@@ -400,15 +406,24 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
     info = stored.attrs["spoc_xr"]
     gains = np.asarray(stored["gain"].values, dtype=np.float64)
     n_time = gains.shape[0]
+    # Appended dates have no overview statistics: they never feed the noise model or the
+    # cleaning of the reference (both are stored by then).
+    valid = np.ones(n_time)
+    changed = np.ones(n_time)
+    known_valid = info.get("overview_valid_fraction", [])
+    known_changed = info.get("overview_change_fraction", [])
+    valid[: len(known_valid)] = known_valid
+    changed[: len(known_changed)] = known_changed
+    scale = info.get("residual_scale")
     return Radiometry(
         info["reference"],
         info["reference_index"],
         gains,
         np.asarray(stored["offset"].values, dtype=np.float64),
-        # The checks these feed ran when the store was created.
-        np.ones(n_time),
-        np.zeros(n_time),
+        valid,
+        changed,
         list(info.get("notes", [])),
+        None if scale is None else np.asarray(scale, dtype=np.float64),
     )
 
 
