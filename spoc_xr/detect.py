@@ -64,9 +64,6 @@ SHARPNESS = 0.15
 # small object needs HAZE_FACTOR x the threshold.
 HAZE_LEVEL = 0.5
 HAZE_FACTOR = 5.0
-# The wide change must exceed this multiple of the threshold to seed a large object: thin haze
-# over calm water changes it by many noise scales yet is no cloud.
-LARGE_FACTOR = 3.0
 # An isolated single pixel needs this multiple of the threshold.
 ISOLATED_FACTOR = 2.0
 # Scores are capped here (noise scales) before quantisation; nothing real is above it.
@@ -433,9 +430,7 @@ def classify_tile(
     small = sharp_objects(candidates, score, sharpness=SHARPNESS)
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
     # opening removes everything narrower than open_size, so no boat can be large.
-    closed = kernels.binary_closing(
-        (background > LARGE_FACTOR * threshold) & valid, params.close_size
-    )
+    closed = kernels.binary_closing((background > threshold) & valid, params.close_size)
     large = kernels.binary_opening(closed, params.open_size)
     # The median rounds corners and lags behind soft edges: changed pixels next to the large
     # class join it.
