@@ -322,15 +322,27 @@ def change_score(
     The score is the largest, over bands, excess of the normalised date beyond the reference's
     neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
     """
-    values = date.astype(np.float32)
-    valid = np.isfinite(values).all(axis=0) & np.isfinite(low).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        valid &= (date != nodata).all(axis=0)
-    normalised = values * gain[:, None, None] + offset[:, None, None]
-    with np.errstate(invalid="ignore"):
-        excess = np.maximum(normalised - high, low - normalised) / noise
-        score = np.where(valid[None], excess, 0).max(axis=0)
-    score = np.nan_to_num(np.maximum(score, 0), nan=0.0, posinf=SCORE_CEILING)
+    valid = np.isfinite(low).all(axis=0)
+    score = np.zeros(date.shape[1:], dtype=np.float32)
+    # Band by band and in place: this runs for every date and tile, and memory traffic is
+    # what it costs.
+    for band in range(date.shape[0]):
+        values = date[band].astype(np.float32)
+        if nodata is not None and not np.isnan(nodata):
+            valid &= date[band] != nodata
+        if values.dtype.kind == "f":
+            valid &= np.isfinite(values)
+        values *= gain[band]
+        values += offset[band]
+        below = low[band] - values
+        values -= high[band]
+        np.maximum(values, below, out=values)
+        values /= noise[band]
+        # fmax ignores the NaN of unknown pixels (they are invalid and zeroed below).
+        np.fmax(score, values, out=score)
+    score[~valid] = 0
+    np.maximum(score, 0, out=score)
+    np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
     return score.astype(np.float32), valid
 
 

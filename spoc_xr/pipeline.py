@@ -69,7 +69,7 @@ def annotate(
 ) -> xr.Dataset:
     """Annotate a time stack: mask cube, heatmap and reference, as one lazy Dataset.
 
-    Only the small overview (at most 512 × 512 pixels per date) is read to choose the reference and
+    Only the small overview (at most 256 × 256 pixels per date) is read to choose the reference and
     fit each date's radiometry; everything else stays a Dask graph, computed when written.
 
     Parameters

@@ -22,9 +22,9 @@ import xarray as xr
 
 from spoc_xr.errors import NoDataError, ParameterError
 
-# An overview of 512 x 512 pixels per date holds ~260k samples: plenty for a robust gain/offset
-# fit and small enough (4 bands x 100 dates x 1 MB) to keep in the driver's memory.
-OVERVIEW_SIDE = 512
+# An overview of 256 x 256 pixels per date holds ~65k samples: plenty for a robust gain/offset
+# fit and small enough (4 bands x 100 dates x 256 kB) to keep in the driver's memory.
+OVERVIEW_SIDE = 256
 # A residual above this many robust standard deviations marks a pixel as changed (cloud, boat).
 OUTLIER_SIGMA = 4.0
 # Dates whose valid fraction is below this share of the best date's are never picked as reference.
