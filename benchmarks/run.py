@@ -11,7 +11,8 @@ date), then measures, side by side in one run and on that same store:
 
 then the ratios between them, the peak memory of each worker, and a check that annotate's mask
 equals, value for value, the scipy reference implementation of the chain on one tile.
-``--larger-than-memory`` adds an annotate run over a stack larger than the workers' memory.
+``--larger-than-memory`` instead runs only an annotate over a stack larger than the workers'
+memory, on 2 workers with a memory limit.
 
 Run::
 
@@ -70,6 +71,11 @@ SAMPLE_INTERVAL_S = 0.2
 BASELINE_THRESHOLD = 400.0
 #: Worker log lines that mean memory pressure (pausing, spilling, unmanaged memory warnings).
 PRESSURE_PATTERN = re.compile(r"spill|pausing|memory use is high|unmanaged memory", re.IGNORECASE)
+#: Seconds between two progress lines of a long (larger-than-memory) run.
+PROGRESS_EVERY_S = 60.0
+#: The larger-than-memory run reports its peak worker memory in this many equal slices of its
+#: wall time: flat slices mean memory does not grow with the dates processed.
+TIMELINE_SLICES = 10
 MB = 1e6
 
 
@@ -193,23 +199,51 @@ class Pressure:
     spilled_mb: float
     spill_events: int
     log_lines: list[str] = field(default_factory=list)
+    paused_samples: int = 0
+    timeline: list[tuple[float, float]] = field(default_factory=list)
 
 
 class PeakMemory:
-    """Sample every worker's resident memory in a background thread; keep each one's peak."""
+    """Sample every worker's resident memory in a background thread; keep each one's peak.
 
-    def __init__(self, client: Any, interval: float = SAMPLE_INTERVAL_S) -> None:
+    Every sample also goes to ``timeline`` (seconds since the start, highest worker RSS in bytes),
+    and samples where a worker was paused (Dask's 80 % threshold) are counted. ``progress``, if
+    given, is called every ``progress_every`` seconds with the elapsed seconds and the latest
+    RSS of each worker, for runs long enough to watch.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        interval: float = SAMPLE_INTERVAL_S,
+        *,
+        progress: Callable[[float, dict[str, float]], None] | None = None,
+        progress_every: float = PROGRESS_EVERY_S,
+    ) -> None:
         self.client = client
         self.interval = interval
         self.peaks: dict[str, float] = {}
+        self.timeline: list[tuple[float, float]] = []
+        self.paused_samples = 0
+        self.progress = progress
+        self.progress_every = progress_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        start = last_report = time.perf_counter()
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
-                for worker, rss in self.client.run(_rss).items():
+                states = self.client.run(_worker_state)
+                now = time.perf_counter()
+                latest = {worker: rss for worker, (rss, _) in states.items()}
+                for worker, rss in latest.items():
                     self.peaks[worker] = max(self.peaks.get(worker, 0.0), rss)
+                self.timeline.append((now - start, max(latest.values(), default=0.0)))
+                self.paused_samples += any(paused for _, paused in states.values())
+                if self.progress is not None and now - last_report >= self.progress_every:
+                    last_report = now
+                    self.progress(now - start, latest)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -226,13 +260,15 @@ class PeakMemory:
         return max(self.peaks.values(), default=0.0) / MB
 
 
-def _rss() -> float:
+def _worker_state(dask_worker: Any) -> tuple[float, bool]:
+    """Resident memory (bytes) of a worker process and whether the worker is paused."""
     import psutil
 
-    return float(psutil.Process().memory_info().rss)
+    paused = getattr(dask_worker.status, "name", "") == "paused"
+    return float(psutil.Process().memory_info().rss), paused
 
 
-def _spill_metrics(dask_worker: Any) -> tuple[float, float]:
+def _disk_write_metrics(dask_worker: Any) -> tuple[float, float]:
     metrics = getattr(dask_worker.data, "cumulative_metrics", {})
     return (
         float(metrics.get(("disk-write", "count"), 0.0)),
@@ -241,12 +277,18 @@ def _spill_metrics(dask_worker: Any) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def local_cluster(n_workers: int, memory_limit: str | None) -> Iterator[Any]:
-    """A LocalCluster of ``n_workers`` single-threaded worker processes, quietly."""
+def local_cluster(
+    n_workers: int, memory_limit: str | None, *, log_level: str = "error"
+) -> Iterator[Any]:
+    """A LocalCluster of ``n_workers`` single-threaded worker processes, quietly.
+
+    ``log_level`` is that of the ``distributed`` loggers: ``"warning"`` keeps the workers'
+    memory warnings (pausing, unmanaged memory), which :func:`pressure_of` then counts.
+    """
     from spoc_xr.cluster import dask_client
 
     with (
-        dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error"}),
+        dask.config.set({"distributed.worker.daemon": False, "logging.distributed": log_level}),
         dask_client(
             workers=n_workers, threads_per_worker=1, memory_limit=memory_limit, quiet=True
         ) as client,
@@ -259,7 +301,7 @@ def pressure_of(client: Any, peaks: PeakMemory, memory_limit: str | None) -> Pre
     from dask.utils import parse_bytes
 
     events, spilled = 0, 0.0
-    for count, size in client.run(_spill_metrics).values():
+    for count, size in client.run(_disk_write_metrics).values():
         events += int(count)
         spilled += size
     lines = [
@@ -269,7 +311,9 @@ def pressure_of(client: Any, peaks: PeakMemory, memory_limit: str | None) -> Pre
         if PRESSURE_PATTERN.search(message)
     ]
     limit = parse_bytes(memory_limit) / MB if memory_limit else None
-    return Pressure(peaks.peak_mb, limit, spilled / MB, events, lines)
+    return Pressure(
+        peaks.peak_mb, limit, spilled / MB, events, lines, peaks.paused_samples, peaks.timeline
+    )
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -525,10 +569,12 @@ def cluster_run(
     n_workers: int,
     memory_limit: str | None,
     note: str = "",
+    log_level: str = "error",
+    progress: Callable[[float, dict[str, float]], None] | None = None,
 ) -> Pressure:
     """Time ``function`` on a fresh LocalCluster, appending its row; returns its memory record."""
-    with local_cluster(n_workers, memory_limit) as client:
-        with PeakMemory(client) as peaks:
+    with local_cluster(n_workers, memory_limit, log_level=log_level) as client:
+        with PeakMemory(client, progress=progress) as peaks:
             seconds = timed(function)
         pressure = pressure_of(client, peaks, memory_limit)
     scheduler = f"LocalCluster {n_workers}×1" + (f", {memory_limit}" if memory_limit else "")
@@ -623,10 +669,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     print()
     print_table(rows)
-    summary = summarise(rows, identical, pressures)
-    if args.larger_than_memory:
-        summary["larger_than_memory"] = larger_than_memory(args, workdir)
-    return summary
+    return summarise(rows, identical, pressures)
 
 
 def _best(rows: list[Measure], what: str, scheduler: str | None = None) -> float:
@@ -666,15 +709,46 @@ def summarise(
     return {"ratios": ratios, "identical": identical, "rows": rows}
 
 
+def chunks_written(store: Path, variable: str = "valid") -> int:
+    """Chunk files of ``variable`` already written in a Zarr v3 store (progress of a run).
+
+    Zarr skips chunks that hold only the fill value, so this counts ``valid`` (1 wherever a
+    pixel has data), not ``mask`` (all 0 on a date without detections).
+    """
+    root = store / variable / "c"
+    return sum(len(files) for _, _, files in os.walk(root)) if root.exists() else 0
+
+
+def timeline_slices(
+    timeline: list[tuple[float, float]], n_slices: int = TIMELINE_SLICES
+) -> list[float]:
+    """Peak memory (MB) of the highest worker in each of ``n_slices`` equal slices of a run."""
+    if not timeline:
+        return []
+    end = timeline[-1][0] or 1.0
+    peaks = [0.0] * n_slices
+    for elapsed, rss in timeline:
+        index = min(int(elapsed / end * n_slices), n_slices - 1)
+        peaks[index] = max(peaks[index], rss / MB)
+    return peaks
+
+
 def larger_than_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Annotate a stack larger than the workers' memory on 2 workers with a memory limit."""
+    """Annotate a stack larger than the workers' memory on 2 workers with a memory limit.
+
+    Prints a progress line every ``PROGRESS_EVERY_S`` seconds (date tiles written, each worker's
+    RSS), then the row, the peak worker memory against the limit, the peak in each tenth of the
+    run (flat: memory does not grow with the dates done), spill events, paused samples and the
+    workers' memory warnings.
+    """
     size, bands = args.size, args.bands
     per_date = size * size * bands * 2
     n_dates = math.ceil(args.ltm_gb * 1e9 / per_date)
-    print()
+    print(f"machine: {machine()}")
     print(
         f"larger than memory: {n_dates} dates x {bands} x {size} x {size} uint16 = "
-        f"{n_dates * per_date / 1e9:.1f} GB raw, LocalCluster 2 workers x {args.memory_limit}"
+        f"{n_dates * per_date / 1e9:.1f} GB raw, LocalCluster 2 workers x {args.memory_limit}",
+        flush=True,
     )
     start = time.perf_counter()
     path = build_stack(
@@ -683,30 +757,62 @@ def larger_than_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         n_dates=n_dates,
         n_bands=bands,
     )
-    print(f"stack ready in {time.perf_counter() - start:.0f} s")
+    on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(
+        f"stack ready in {time.perf_counter() - start:.0f} s ({on_disk / 1e9:.1f} GB on disk)",
+        flush=True,
+    )
+    out = workdir / "annotations_ltm.zarr"
+    shutil.rmtree(out, ignore_errors=True)
+    tiles_per_date = math.ceil(size / CHUNK) ** 2
+    total = n_dates * tiles_per_date
+
+    def progress(elapsed: float, rss: dict[str, float]) -> None:
+        memory = ", ".join(f"{value / MB:,.0f}" for value in rss.values())
+        print(
+            f"  {elapsed:6.0f} s: {chunks_written(out)} of {total} date tiles written; "
+            f"worker RSS {memory} MB",
+            flush=True,
+        )
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        # A failure (a worker killed for memory) is reported with the memory record, not raised.
+        try:
+            spoc_annotate(path, out, n_dates)
+        except Exception as err:
+            failure.append(err)
+
     rows: list[Measure] = []
     work = mpix_dates(path, n_dates)
     pressure = cluster_run(
         rows,
         "spoc-xr annotate (larger than memory)",
-        lambda: spoc_annotate(path, workdir / "annotations_ltm.zarr", n_dates),
+        run,
         work,
         n_workers=2,
         memory_limit=args.memory_limit,
+        log_level="warning",
+        progress=progress,
     )
     print_table(rows)
     under = pressure.limit_mb is None or pressure.peak_worker_mb < pressure.limit_mb
+    outcome = f"FAILED: {failure[0]!r}" if failure else "completed"
     print(
-        f"completed; peak worker memory {pressure.peak_worker_mb:,.0f} MB of "
-        f"{pressure.limit_mb or 0:,.0f} MB ({'under' if under else 'OVER'} the limit); "
-        f"spill events {pressure.spill_events} ({pressure.spilled_mb:,.0f} MB); "
-        f"memory-pressure log lines {len(pressure.log_lines)}"
+        f"{outcome} ({chunks_written(out)} of {total} date tiles); peak worker memory "
+        f"{pressure.peak_worker_mb:,.0f} MB of {pressure.limit_mb or 0:,.0f} MB "
+        f"({'under' if under else 'OVER'} the limit); spill events {pressure.spill_events} "
+        f"({pressure.spilled_mb:,.0f} MB); samples with a paused worker "
+        f"{pressure.paused_samples}; memory-pressure log lines {len(pressure.log_lines)}"
     )
+    slices = ", ".join(f"{peak:,.0f}" for peak in timeline_slices(pressure.timeline))
+    print(f"peak worker MB in each tenth of the run: {slices}")
     for line in pressure.log_lines[:5]:
         print(f"  {line}")
     if not args.keep:
         shutil.rmtree(path, ignore_errors=True)
-    return {"rows": rows, "pressure": pressure}
+    return {"rows": rows, "pressure": pressure, "failure": failure}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -721,7 +827,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/tmp/spoc_bench")
     parser.add_argument("--memory-limit", default="2GB", help="per LocalCluster worker")
     parser.add_argument("--quick", action="store_true", help="small sizes: under two minutes")
-    parser.add_argument("--larger-than-memory", action="store_true")
+    parser.add_argument(
+        "--larger-than-memory",
+        action="store_true",
+        help="only annotate a stack of --ltm-gb GB on 2 workers x --memory-limit",
+    )
     parser.add_argument("--ltm-gb", type=float, default=12.0, help="larger-than-memory stack, GB")
     parser.add_argument("--keep", action="store_true", help="keep the larger-than-memory stack")
     args = parser.parse_args(argv)
@@ -742,7 +852,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python benchmarks/run.py``."""
-    run_benchmark(parse_args(argv))
+    args = parse_args(argv)
+    if args.larger_than_memory:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        larger_than_memory(args, workdir)
+    else:
+        run_benchmark(args)
 
 
 if __name__ == "__main__":

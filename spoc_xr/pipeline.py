@@ -32,6 +32,8 @@ from spoc_xr.reference import (
     Radiometry,
     build_reference,
     compute_overview,
+    noise_sample_indices,
+    normalise,
     parse_reference,
     plan_radiometry,
     temporal_deviation,
@@ -180,7 +182,11 @@ def build_annotations(
     codes = classify(stack, products, radiometry.gains, radiometry.offsets, params)
     codes = codes.chunk(_output_chunks(stack))
     index = choose_water_index([str(b) for b in stack.band.values])
-    water = water_mask(products["smooth"], index).chunk(_output_chunks(stack, time=False))
+    samples = None
+    if stored_reference is None:
+        indices = noise_sample_indices(radiometry, NOISE_DATES)
+        samples = normalise(stack.isel(time=indices), radiometry, indices)
+    water = water_mask(products["smooth"], index, samples).chunk(_output_chunks(stack, time=False))
     summary = date_summary(codes)
     result = xr.Dataset(
         {

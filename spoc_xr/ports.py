@@ -117,6 +117,12 @@ PLACEMENT_ATTEMPTS = 30
 BOATS_PER_WATER_512 = (10.0, 40.0)
 WATER_AREA_UNIT_PX = 512 * 512
 MIN_BOATS_PER_DATE = 2
+# Holes left by removed ships are filled from the water within this many pixels, when at
+# least MIN_WATER_RING such pixels exist.
+WATER_RING_PX = 6
+MIN_WATER_RING = 10
+# A ship is moored when land lies this many pixels beyond its halo.
+MOORED_REACH_PX = 2
 # A moored ship stays at its quay for this many consecutive dates (inclusive range).
 MOORED_RUN_DATES = (2, 6)
 # Illumination: one gain for the date, a little per-band colour, clipped to 0.8-1.2 as the
@@ -597,8 +603,22 @@ def clean_background(
     if not hole.any():
         return out
     hole_u8 = hole.astype(np.uint8)
+    water = water_from_mndwi(out) & ~hole
     for b in range(out.shape[0]):
         out[b] = cv2.inpaint(out[b], hole_u8, INPAINT_RADIUS_PX, cv2.INPAINT_TELEA)
+    # A ship moored at a quay floats on water: inpainting from the whole border would pave it
+    # with quay. Where water surrounds a hole, it is filled with that water's median instead.
+    components, _ = ndimage.label(hole)
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        window = tuple(slice(max(b.start - WATER_RING_PX, 0), b.stop + WATER_RING_PX) for b in box)
+        inside = components[window] == index
+        ring = ndimage.binary_dilation(inside, iterations=WATER_RING_PX) & water[window]
+        if ring.sum() >= MIN_WATER_RING:
+            for b in range(out.shape[0]):
+                band = out[b][window]
+                band[inside] = np.median(band[ring])
     if rng is not None:
         sigma = _noise_sigma(out, water_from_mndwi(out) & ~hole)
         n = int(hole.sum())
@@ -998,7 +1018,12 @@ def make_port_stack(
         & ((real.labels == 0) | (real.labels == k))
         for k in ids
     }
-    moored = [k for k in ids if (halo[k] & ~water).any()]
+    # Moored: land within a pixel or two beyond the (now water-filled) hole.
+    moored = [
+        k
+        for k in ids
+        if (ndimage.binary_dilation(halo[k], iterations=MOORED_REACH_PX) & ~water).any()
+    ]
     real_index = int(rng.integers(1, n_dates))
     offsets = (np.arange(n_dates) - real_index) * REVISIT_DAYS
     day = real.date.astype("datetime64[D]")

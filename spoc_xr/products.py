@@ -17,6 +17,12 @@ SWIR_NAMES = ("b11", "swir1", "swir", "swir16", "b6", "swir_1")
 # Ships moored at quays overlap the quay edge after misregistration: a pixel within this many
 # pixels of water still counts as on water (as a window side, 2 px each way).
 WATER_MARGIN = 5
+# A pixel that is water on this share of the clean dates is water (see water_mask), given at
+# least MIN_WET_DATES such dates.
+WET_SHARE = 0.25
+# ... and where the index rises by this much above the reference's (water ~0.5, ships < 0).
+WET_INCREASE = 0.2
+MIN_WET_DATES = 3
 
 
 @dataclass(frozen=True)
@@ -74,20 +80,42 @@ def choose_water_index(bands: list[str]) -> WaterIndex:
     return WaterIndex("none", ())
 
 
-def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:
-    """Lazy ``(y, x)`` boolean water mask from a (smoothed) reference, widened by ``WATER_MARGIN``.
+def _index_ratio(image: xr.DataArray, index: WaterIndex) -> xr.DataArray:
+    green = image.sel(band=index.bands[0], drop=True)
+    other = image.sel(band=index.bands[1], drop=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (green - other) / (green + other)
 
+
+def water_mask(
+    reference: xr.DataArray, index: WaterIndex, samples: xr.DataArray | None = None
+) -> xr.DataArray:
+    """Lazy ``(y, x)`` boolean water mask, widened by ``WATER_MARGIN``.
+
+    Water where the (smoothed) reference's index is above 0, or where it is on at least
+    ``WET_SHARE`` of the clean ``samples`` dates ``(time, band, y, x)``: a ship moored on most dates
+    can sit in the reference itself, yet the water under it shows on the dates it is away.
     Without a usable index every pixel counts as water, so the heatmap holds every small object.
     """
     plane = reference.isel(band=0, drop=True)
     if not index.available:
         return xr.ones_like(plane, dtype=bool).rename("water")
-    green = reference.sel(band=index.bands[0], drop=True)
-    other = reference.sel(band=index.bands[1], drop=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = (green - other) / (green + other)
-    water = (ratio > 0).astype(np.uint8)
-    widened = filter_spatial(water, kernels.maximum_filter, WATER_MARGIN // 2, size=WATER_MARGIN)
+    ratio = _index_ratio(reference, index)
+    water = ratio > 0
+    if samples is not None and samples.sizes["time"] >= MIN_WET_DATES:
+        # Water uncovered by a departing ship: the index turns clearly wetter and the pixel
+        # darker in every band. Haze and clouds brighten the visible bands; noise on shore and
+        # roofs moves the index by far less.
+        sample_ratio = _index_ratio(samples, index)
+        uncovered = (
+            (sample_ratio > 0)
+            & (sample_ratio > ratio + WET_INCREASE)
+            & (samples < reference).all("band")
+        )
+        water = water | (uncovered.mean("time") >= WET_SHARE)
+    widened = filter_spatial(
+        water.astype(np.uint8), kernels.maximum_filter, WATER_MARGIN // 2, size=WATER_MARGIN
+    )
     return widened.astype(bool).rename("water")
 
 

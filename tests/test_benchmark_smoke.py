@@ -79,3 +79,15 @@ def test_table_and_options(bench: ModuleType, capsys: pytest.CaptureFixture[str]
     assert (quick.size, quick.dates, quick.baseline_dates) == (1024, 8, 2)
     default = bench.parse_args(["--size", "512"])
     assert (default.size, default.dates, default.memory_limit) == (512, 40, "2GB")
+
+
+def test_larger_than_memory_helpers(bench: ModuleType, store: Path, tmp_path: Path) -> None:
+    # Peak per tenth of the run: each sample lands in its slice, the last one in the last slice.
+    timeline = [(0.0, 1e6), (4.0, 5e6), (5.0, 2e6), (10.0, 3e6)]
+    assert bench.timeline_slices(timeline, 5) == [1.0, 0.0, 5.0, 0.0, 3.0]
+    assert bench.timeline_slices([]) == []
+    assert bench.chunks_written(tmp_path / "missing.zarr") == 0
+    bench.spoc_annotate(store, tmp_path / "a.zarr", 3)
+    assert bench.chunks_written(tmp_path / "a.zarr") == 3
+    ltm = bench.parse_args(["--larger-than-memory", "--ltm-gb", "6", "--memory-limit", "1GB"])
+    assert (ltm.larger_than_memory, ltm.ltm_gb, ltm.memory_limit) == (True, 6.0, "1GB")

@@ -177,14 +177,12 @@ def test_synthetic_boats_are_real_moored_ships_or_on_open_water(
         boats = truth.boats.values[t]
         for box_id in np.unique(boats[boats > 0]):
             pixels = boats == box_id
-            if water[pixels].all():
-                pasted += 1
+            ids = np.unique(real.labels[pixels])
+            if ids.size == 1 and ids[0] > 0 and np.array_equal(pixels, real.labels == ids[0]):
+                moored += 1  # a real ship, kept at its own quay berth
             else:
-                # Not on open water: must be a real ship, kept at its own quay berth.
-                ids = np.unique(real.labels[pixels])
-                assert ids.size == 1 and ids[0] > 0
-                assert np.array_equal(pixels, real.labels == ids[0])
-                moored += 1
+                assert water[pixels].all()  # pasted: always on open water
+                pasted += 1
     assert pasted >= 2 * (N_DATES - 1)
     assert moored >= 1
     # Truth clouds only on synthetic dates, and at least one cloudy date.
@@ -275,3 +273,17 @@ def test_cli_synth_reports_bad_input_as_one_line(
     assert "coco.json" in capsys.readouterr().err
     assert main(["synth", "harbour", str(tmp_path / "h"), "--dates", "1", "--size", "128"]) == 0
     assert (tmp_path / "h" / "truth.zarr").is_dir()
+
+
+def test_a_ship_moored_at_a_quay_is_replaced_by_water_not_quay() -> None:
+    # Bands B02 B03 B04 B08 B11: water (MNDWI > 0) left, bright quay (MNDWI < 0) right.
+    water = np.array([800.0, 700.0, 400.0, 200.0, 100.0])
+    quay = np.array([2000.0, 2100.0, 2200.0, 2300.0, 2600.0])
+    image = np.where(np.arange(40)[None, None, :] < 20, water[:, None, None], quay[:, None, None])
+    image = np.repeat(image, 30, axis=1).astype(np.float32)
+    labels = np.zeros((30, 40), dtype=int)
+    labels[12:16, 14:20] = 1  # the ship touches the quay at column 20
+    image[:, labels > 0] = 6000.0
+    clean = clean_background(image, labels)
+    np.testing.assert_allclose(clean[:, 13, 16], water)
+    np.testing.assert_allclose(clean[:, 13, 25], quay)
