@@ -201,13 +201,16 @@ class Pressure:
     log_lines: list[str] = field(default_factory=list)
     paused_samples: int = 0
     timeline: list[tuple[float, float]] = field(default_factory=list)
+    spill_timeline: list[tuple[float, float]] = field(default_factory=list)
+    held_at_peak: list[tuple[str, float]] = field(default_factory=list)
 
 
 class PeakMemory:
     """Sample every worker's resident memory in a background thread; keep each one's peak.
 
-    Every sample also goes to ``timeline`` (seconds since the start, highest worker RSS in bytes),
-    and samples where a worker was paused (Dask's 80 % threshold) are counted. ``progress``, if
+    Every sample also goes to ``timeline`` (seconds since the start, highest worker RSS in bytes)
+    and to ``spill_timeline`` (seconds, spill-to-disk writes of all workers so far), and samples
+    where a worker was paused (Dask's 80 % threshold) are counted. ``progress``, if
     given, is called every ``progress_every`` seconds with the elapsed seconds and the latest
     RSS of each worker, for runs long enough to watch.
     """
@@ -224,6 +227,9 @@ class PeakMemory:
         self.interval = interval
         self.peaks: dict[str, float] = {}
         self.timeline: list[tuple[float, float]] = []
+        self.spill_timeline: list[tuple[float, float]] = []
+        #: What the worker with the highest peak held in memory at that peak (task group, bytes).
+        self.held_at_peak: list[tuple[str, float]] = []
         self.paused_samples = 0
         self.progress = progress
         self.progress_every = progress_every
@@ -236,11 +242,15 @@ class PeakMemory:
             with contextlib.suppress(Exception):
                 states = self.client.run(_worker_state)
                 now = time.perf_counter()
-                latest = {worker: rss for worker, (rss, _) in states.items()}
-                for worker, rss in latest.items():
+                latest = {worker: state[0] for worker, state in states.items()}
+                for worker, (rss, _, _, held) in states.items():
+                    if rss > max(self.peaks.values(), default=0.0):
+                        self.held_at_peak = held
                     self.peaks[worker] = max(self.peaks.get(worker, 0.0), rss)
                 self.timeline.append((now - start, max(latest.values(), default=0.0)))
-                self.paused_samples += any(paused for _, paused in states.values())
+                spills = sum(state[2] for state in states.values())
+                self.spill_timeline.append((now - start, spills))
+                self.paused_samples += any(state[1] for state in states.values())
                 if self.progress is not None and now - last_report >= self.progress_every:
                     last_report = now
                     self.progress(now - start, latest)
@@ -260,12 +270,24 @@ class PeakMemory:
         return max(self.peaks.values(), default=0.0) / MB
 
 
-def _worker_state(dask_worker: Any) -> tuple[float, bool]:
-    """Resident memory (bytes) of a worker process and whether the worker is paused."""
+def _worker_state(dask_worker: Any) -> tuple[float, bool, float, list[tuple[str, float]]]:
+    """A worker's RSS (bytes), whether it is paused, its disk writes, and what it holds.
+
+    What it holds: the three task groups (key names without their token) with the most bytes
+    in the worker's in-memory store.
+    """
     import psutil
 
     paused = getattr(dask_worker.status, "name", "") == "paused"
-    return float(psutil.Process().memory_info().rss), paused
+    spills, _ = _disk_write_metrics(dask_worker)
+    weights = getattr(getattr(dask_worker.data, "fast", None), "weights", {})
+    groups: dict[str, float] = {}
+    for key, size in list(weights.items()):
+        name = key[0] if isinstance(key, tuple) else key
+        group = str(name).rsplit("-", 1)[0]
+        groups[group] = groups.get(group, 0.0) + float(size)
+    held = sorted(groups.items(), key=lambda item: -item[1])[:3]
+    return float(psutil.Process().memory_info().rss), paused, spills, held
 
 
 def _disk_write_metrics(dask_worker: Any) -> tuple[float, float]:
@@ -312,7 +334,15 @@ def pressure_of(client: Any, peaks: PeakMemory, memory_limit: str | None) -> Pre
     ]
     limit = parse_bytes(memory_limit) / MB if memory_limit else None
     return Pressure(
-        peaks.peak_mb, limit, spilled / MB, events, lines, peaks.paused_samples, peaks.timeline
+        peaks.peak_mb,
+        limit,
+        spilled / MB,
+        events,
+        lines,
+        peaks.paused_samples,
+        peaks.timeline,
+        peaks.spill_timeline,
+        peaks.held_at_peak,
     )
 
 
@@ -720,17 +750,35 @@ def chunks_written(store: Path, variable: str = "valid") -> int:
 
 
 def timeline_slices(
-    timeline: list[tuple[float, float]], n_slices: int = TIMELINE_SLICES
+    timeline: list[tuple[float, float]], n_slices: int = TIMELINE_SLICES, *, scale: float = MB
 ) -> list[float]:
-    """Peak memory (MB) of the highest worker in each of ``n_slices`` equal slices of a run."""
+    """Highest value / ``scale`` in each of ``n_slices`` equal slices of a sampled run.
+
+    With the default ``scale``: the peak memory (MB) of the highest worker in each slice. For a
+    cumulative count (spill writes), differences of consecutive slices are events per slice.
+    """
     if not timeline:
         return []
     end = timeline[-1][0] or 1.0
     peaks = [0.0] * n_slices
-    for elapsed, rss in timeline:
+    for elapsed, value in timeline:
         index = min(int(elapsed / end * n_slices), n_slices - 1)
-        peaks[index] = max(peaks[index], rss / MB)
+        peaks[index] = max(peaks[index], value / scale)
     return peaks
+
+
+def events_per_slice(
+    cumulative: list[tuple[float, float]], n_slices: int = TIMELINE_SLICES
+) -> list[int]:
+    """Events in each of ``n_slices`` equal slices of a run, from a sampled cumulative count."""
+    highest = timeline_slices(cumulative, n_slices, scale=1.0)
+    counts: list[int] = []
+    running = previous = 0.0
+    for value in highest:
+        running = max(running, value)  # a slice without samples holds the count before it
+        counts.append(int(running - previous))
+        previous = running
+    return counts
 
 
 def larger_than_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -808,6 +856,10 @@ def larger_than_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     )
     slices = ", ".join(f"{peak:,.0f}" for peak in timeline_slices(pressure.timeline))
     print(f"peak worker MB in each tenth of the run: {slices}")
+    spills = ", ".join(str(count) for count in events_per_slice(pressure.spill_timeline))
+    print(f"spill writes in each tenth of the run: {spills}")
+    held = ", ".join(f"{group} {size / MB:,.0f} MB" for group, size in pressure.held_at_peak)
+    print(f"held in the worker's memory store at the peak: {held or 'nothing'}")
     for line in pressure.log_lines[:5]:
         print(f"  {line}")
     if not args.keep:

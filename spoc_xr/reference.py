@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -115,7 +116,13 @@ def compute_overview(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> np.ndarr
     """
     stride = overview_stride((stack.sizes["y"], stack.sizes["x"]), side)
     sub = to_float(stack.isel(y=slice(None, None, stride), x=slice(None, None, stride)))
-    return np.asarray(sub.transpose("time", "band", "y", "x").values, dtype=np.float32)
+    sub = sub.transpose("time", "band", "y", "x")
+    if sub.chunks is None:
+        return np.asarray(sub.values, dtype=np.float32)
+    # One result per date, gathered by the client one by one: a single concatenated result would
+    # be assembled on one worker and grow with the number of dates.
+    dates = dask.compute(*(sub.data[t] for t in range(sub.sizes["time"])))
+    return np.stack([np.asarray(d, dtype=np.float32) for d in dates])
 
 
 def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, float]:

@@ -91,3 +91,10 @@ def test_larger_than_memory_helpers(bench: ModuleType, store: Path, tmp_path: Pa
     assert bench.chunks_written(tmp_path / "a.zarr") == 3
     ltm = bench.parse_args(["--larger-than-memory", "--ltm-gb", "6", "--memory-limit", "1GB"])
     assert (ltm.larger_than_memory, ltm.ltm_gb, ltm.memory_limit) == (True, 6.0, "1GB")
+
+
+def test_events_per_slice(bench: ModuleType) -> None:
+    # Cumulative spill writes 0, 0, 3, 3, 7 over 10 s: 3 events in the middle, 4 at the end.
+    cumulative = [(0.0, 0.0), (2.0, 0.0), (5.0, 3.0), (7.0, 3.0), (10.0, 7.0)]
+    assert bench.events_per_slice(cumulative, 5) == [0, 0, 3, 0, 4]
+    assert bench.events_per_slice([], 5) == []
