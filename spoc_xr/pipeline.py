@@ -25,6 +25,7 @@ from spoc_xr.products import (
     date_summary,
     heatmap,
     mask_from_codes,
+    uncover_water,
     valid_from_codes,
     water_mask,
 )
@@ -173,20 +174,18 @@ def build_annotations(
         and radiometry.valid_fraction[radiometry.reference_index] == 0
     ):
         raise NoDataError("the reference date holds no valid pixel; pick another reference")
-    ref = build_reference(stack, radiometry) if stored_reference is None else stored_reference
-    if stored_spread is None:
+    index = choose_water_index([str(b) for b in stack.band.values])
+    if stored_reference is None or stored_spread is None:
+        indices = noise_sample_indices(radiometry, NOISE_DATES)
+        samples = normalise(stack.isel(time=indices), radiometry, indices)
+        ref = uncover_water(build_reference(stack, radiometry), samples, index)
         spread = temporal_deviation(stack, ref, radiometry, max_dates=NOISE_DATES)
     else:
-        spread = stored_spread
+        ref, spread = stored_reference, stored_spread
     products = reference_products(ref, spread, params)
     codes = classify(stack, products, radiometry.gains, radiometry.offsets, params)
     codes = codes.chunk(_output_chunks(stack))
-    index = choose_water_index([str(b) for b in stack.band.values])
-    samples = None
-    if stored_reference is None:
-        indices = noise_sample_indices(radiometry, NOISE_DATES)
-        samples = normalise(stack.isel(time=indices), radiometry, indices)
-    water = water_mask(products["smooth"], index, samples).chunk(_output_chunks(stack, time=False))
+    water = water_mask(products["smooth"], index).chunk(_output_chunks(stack, time=False))
     summary = date_summary(codes)
     result = xr.Dataset(
         {
@@ -194,6 +193,7 @@ def build_annotations(
             "valid": valid_from_codes(codes),
             "heatmap": heatmap(codes, water),
             "reference": ref.astype(np.float32).chunk(_output_chunks(stack, time=False)),
+            "spread": spread.astype(np.float32).chunk(_output_chunks(stack, time=False)),
             "water": water.astype(np.uint8),
             **summary.data_vars,
         }
@@ -209,10 +209,13 @@ def build_annotations(
             else {}
         ),
     }
+    result["spread"].attrs = {
+        "long_name": "robust spread of the normalised dates around the reference (noise model)"
+    }
     result = result.assign_coords(time=stack.time, y=stack.y, x=stack.x)
     if "spatial_ref" in stack.coords:
         result = result.assign_coords(spatial_ref=stack.coords["spatial_ref"])
-        for name in ("mask", "valid", "heatmap", "reference", "water"):
+        for name in ("mask", "valid", "heatmap", "reference", "spread", "water"):
             result[name].attrs["grid_mapping"] = "spatial_ref"
     result.attrs = {
         "spoc_xr": {
@@ -393,14 +396,6 @@ def _annotate_fresh(
             f"was written to {str(out)!r}: fix the input and run the command again"
         ) from exc
     full = build_annotations(stack, radiometry, params)
-    ref = build_reference(stack, radiometry)
-    spread = temporal_deviation(stack, ref, radiometry, max_dates=NOISE_DATES)
-    full["spread"] = spread.astype(np.float32).chunk(_output_chunks(stack, time=False))
-    full["spread"].attrs = {
-        "long_name": "robust spread of the normalised dates around the reference (noise model)"
-    }
-    if "grid_mapping" in full["reference"].attrs:
-        full["spread"].attrs["grid_mapping"] = full["reference"].attrs["grid_mapping"]
     st.create_store(full, out, provenance={"recipe": recipe, "dates": dates})
     st.set_stage(out, "created", dates=dates)
     st.write_region(full[["reference", "spread", "water"]], out, region={}, progress=progress)
@@ -454,9 +449,6 @@ def _annotate_finish(
         stored = _open_unfinished(out)
         radiometry = _stored_radiometry(stored)
         full = build_annotations(stack, radiometry, params)
-        full["spread"] = temporal_deviation(
-            stack, full["reference"], radiometry, max_dates=NOISE_DATES
-        ).astype(np.float32)
         st.write_region(full[["reference", "spread", "water"]], out, region={}, progress=progress)
         st.set_stage(out, "reference")
     elif state.get("stage") == "append":

@@ -17,8 +17,8 @@ SWIR_NAMES = ("b11", "swir1", "swir", "swir16", "b6", "swir_1")
 # Ships moored at quays overlap the quay edge after misregistration: a pixel within this many
 # pixels of water still counts as on water (as a window side, 2 px each way).
 WATER_MARGIN = 5
-# A pixel that is water on this share of the clean dates is water (see water_mask), given at
-# least MIN_WET_DATES such dates.
+# A pixel whose water shows on this share of the clean dates is water (see uncover_water),
+# given at least MIN_WET_DATES such dates.
 WET_SHARE = 0.25
 # ... and where the index rises by this much above the reference's (water ~0.5, ships < 0).
 WET_INCREASE = 0.2
@@ -87,35 +87,41 @@ def _index_ratio(image: xr.DataArray, index: WaterIndex) -> xr.DataArray:
         return (green - other) / (green + other)
 
 
-def water_mask(
-    reference: xr.DataArray, index: WaterIndex, samples: xr.DataArray | None = None
+def uncover_water(
+    reference: xr.DataArray, samples: xr.DataArray, index: WaterIndex
 ) -> xr.DataArray:
-    """Lazy ``(y, x)`` boolean water mask, widened by ``WATER_MARGIN``.
+    """The reference with water put back where ships moored on most dates hid it.
 
-    Water where the (smoothed) reference's index is above 0, or where it is on at least
-    ``WET_SHARE`` of the clean ``samples`` dates ``(time, band, y, x)``: a ship moored on most dates
-    can sit in the reference itself, yet the water under it shows on the dates it is away.
+    A berth that holds a ship on most dates holds one in every clean image, so the reference
+    does too, and a ship there is no change. Where at least ``WET_SHARE`` of the clean ``samples``
+    dates ``(time, band, y, x)`` show the water uncovered (the index turns clearly wetter and the
+    pixel darker in every band; haze brightens the visible bands, noise on shore and roofs moves the
+    index far less), the reference takes the median of those water values.
+    """
+    if not index.available or samples.sizes["time"] < MIN_WET_DATES:
+        return reference
+    ratio = _index_ratio(reference, index)
+    sample_ratio = _index_ratio(samples, index)
+    uncovered = (
+        (sample_ratio > 0)
+        & (sample_ratio > ratio + WET_INCREASE)
+        & (samples < reference).all("band")
+    )
+    share = uncovered.mean("time")
+    water = samples.where(uncovered).chunk({"time": -1}).median("time", skipna=True)
+    return reference.where(~(share >= WET_SHARE), water).astype(np.float32)
+
+
+def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:
+    """Lazy ``(y, x)`` boolean water mask from a (smoothed) reference, widened by ``WATER_MARGIN``.
+
     Without a usable index every pixel counts as water, so the heatmap holds every small object.
     """
     plane = reference.isel(band=0, drop=True)
     if not index.available:
         return xr.ones_like(plane, dtype=bool).rename("water")
-    ratio = _index_ratio(reference, index)
-    water = ratio > 0
-    if samples is not None and samples.sizes["time"] >= MIN_WET_DATES:
-        # Water uncovered by a departing ship: the index turns clearly wetter and the pixel
-        # darker in every band. Haze and clouds brighten the visible bands; noise on shore and
-        # roofs moves the index by far less.
-        sample_ratio = _index_ratio(samples, index)
-        uncovered = (
-            (sample_ratio > 0)
-            & (sample_ratio > ratio + WET_INCREASE)
-            & (samples < reference).all("band")
-        )
-        water = water | (uncovered.mean("time") >= WET_SHARE)
-    widened = filter_spatial(
-        water.astype(np.uint8), kernels.maximum_filter, WATER_MARGIN // 2, size=WATER_MARGIN
-    )
+    water = (_index_ratio(reference, index) > 0).astype(np.uint8)
+    widened = filter_spatial(water, kernels.maximum_filter, WATER_MARGIN // 2, size=WATER_MARGIN)
     return widened.astype(bool).rename("water")
 
 
