@@ -49,8 +49,7 @@ import zarr
 from spoc_xr import kernels
 from spoc_xr.detect import classify_tile, reference_products
 from spoc_xr.ingest import open_stack
-from spoc_xr.pipeline import annotate, plan_annotation
-from spoc_xr.reference import build_reference, temporal_deviation
+from spoc_xr.pipeline import annotate, build_annotations, plan_annotation
 from spoc_xr.store import mark_complete, write_dataset
 from spoc_xr.synthetic import BAND_NAMES, render_harbour
 
@@ -531,9 +530,9 @@ def check_identical(
     stored = xr.open_zarr(annotations, consolidated=False, zarr_format=3)
     with scipy_kernels(), dask.config.set(scheduler="threads"):
         stack, radiometry, params = plan_annotation(stack)
-        reference = build_reference(stack, radiometry)
-        spread = temporal_deviation(stack, reference, radiometry, max_dates=8)
-        products = reference_products(reference, spread, params)
+        # The reference and noise model exactly as annotate builds them.
+        built = build_annotations(stack, radiometry, params)
+        products = reference_products(built["reference"], built["spread"], params)
         depth = params.depth
         # Only the chunks the window needs are computed (products are exact per tile).
         local = {

@@ -9,6 +9,7 @@ import xarray as xr
 
 from spoc_xr import kernels
 from spoc_xr.detect import CLEAR, INVALID, LARGE, SMALL, filter_spatial
+from spoc_xr.reference import temporal_median
 
 # Band names that carry each spectral role, Sentinel-2 and Landsat style and plain words.
 GREEN_NAMES = ("b03", "green", "b3", "g")
@@ -108,7 +109,7 @@ def uncover_water(
         & (samples < reference).all("band")
     )
     share = uncovered.mean("time")
-    water = samples.where(uncovered).chunk({"time": -1}).median("time", skipna=True)
+    water = temporal_median(samples.where(uncovered))
     return reference.where(~(share >= WET_SHARE), water).astype(np.float32)
 
 

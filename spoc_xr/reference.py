@@ -281,13 +281,7 @@ def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray
     n_time, n_band = stack.sizes["time"], stack.sizes["band"]
     side = max(16, int(math.sqrt(MEDIAN_BLOCK_BYTES / (4 * n_time * n_band))))
     columns = normalised.chunk({"time": -1, "band": -1, "y": side, "x": side})
-    median: xr.DataArray = xr.apply_ufunc(
-        _nanmedian_time,
-        columns,
-        input_core_dims=[["time"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-    )
+    median = temporal_median(columns)
     stack_chunks = stack.chunksizes
     return (
         median.chunk({"y": stack_chunks["y"], "x": stack_chunks["x"]}) if stack_chunks else median
@@ -309,14 +303,7 @@ def clean_date_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.Data
     indices = noise_sample_indices(radiometry, CLEANING_DATES)
     if len(indices) < MIN_CLEANING_DATES or radiometry.residual_scale is None:
         return date
-    sample = normalise(stack.isel(time=indices), radiometry, indices).chunk({"time": -1})
-    median: xr.DataArray = xr.apply_ufunc(
-        _nanmedian_time,
-        sample,
-        input_core_dims=[["time"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-    )
+    median = temporal_median(normalise(stack.isel(time=indices), radiometry, indices))
     scale = xr.DataArray(
         radiometry.residual_scale.astype(np.float32), dims="band", coords={"band": stack.band}
     )
@@ -324,6 +311,18 @@ def clean_date_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.Data
         "band"
     )
     return date.where(~departs, median).astype(np.float32)
+
+
+def temporal_median(values: xr.DataArray) -> xr.DataArray:
+    """Lazy per-pixel median over ``time`` ignoring NaN (all-NaN pixels stay NaN, silently)."""
+    result: xr.DataArray = xr.apply_ufunc(
+        _nanmedian_time,
+        values.chunk({"time": -1}) if values.chunks is not None else values,
+        input_core_dims=[["time"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+    return result
 
 
 def _nanmedian_time(values: np.ndarray) -> np.ndarray:
@@ -373,14 +372,7 @@ def temporal_deviation(
     if not indices:
         return xr.full_like(reference, np.nan)
     normalised = normalise(stack.isel(time=indices), radiometry, indices)
-    deviation = abs(normalised - reference).chunk({"time": -1})
-    spread = xr.apply_ufunc(
-        _nanmedian_time,
-        deviation,
-        input_core_dims=[["time"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-    )
+    spread = temporal_median(abs(normalised - reference))
     return (spread * np.float32(MAD_TO_SIGMA)).astype(np.float32)
 
 
