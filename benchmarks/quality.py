@@ -31,7 +31,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from spoc_xr.evaluate import Scores, evaluate
+from spoc_xr.evaluate import Scores, evaluate, json_safe
 from spoc_xr.ingest import ingest, parse_date
 from spoc_xr.pipeline import annotate
 from spoc_xr.ports import (
@@ -250,18 +250,6 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ports", help="comma-separated port names (default: all)")
@@ -309,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown(rows))
     print(f"\ntotal {time.perf_counter() - started:.0f} s (stacks cached in {args.workdir})")
     if args.json is not None:
-        args.json.write_text(json.dumps(_json_safe(rows), indent=2))
+        args.json.write_text(json.dumps(json_safe(rows), indent=2))
     return 0
 
 

@@ -461,25 +461,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
         check_output_path(
             args.json, inputs=[args.annotations, args.truth], overwrite=args.overwrite
         )
-    annotations = _open_annotations(args.annotations)
+    from spoc_xr.objects import open_annotation_store
+
+    annotations = open_annotation_store(args.annotations)
     scores = evaluate(annotations, read_truth(args.truth))
     print(scores.table())
     if args.json is not None:
         write_scores(scores, args.json)
         print(f"scores written to {args.json}")
-
-
-def _open_annotations(path: Path) -> Any:
-    import xarray as xr
-
-    from spoc_xr.errors import InputError
-
-    if not path.exists():
-        raise InputError(f"annotation store {str(path)!r} does not exist; run spoc-xr annotate")
-    dataset = xr.open_zarr(path, consolidated=False)
-    if "mask" not in dataset:
-        raise InputError(f"{str(path)!r} holds no 'mask': pass a store written by spoc-xr annotate")
-    return dataset
 
 
 def run_objects(args: argparse.Namespace) -> None:

@@ -212,18 +212,21 @@ def evaluate(annotations: xr.Dataset, truth: xr.Dataset) -> Scores:
     return Scores(precision, recall, f1, cloud_iou, correlation, rows)
 
 
+def json_safe(value: object) -> object:
+    """Nested dicts/lists ready for JSON: NaN and infinities as null, numpy scalars as Python."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_scores(scores: Scores, path: str | os.PathLike[str]) -> Path:
     """Write scores as JSON (NaN written as null)."""
     path = Path(path)
-
-    def clean(value: object) -> object:
-        if isinstance(value, float) and not np.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    path.write_text(json.dumps(clean(scores.as_dict()), indent=2))
+    path.write_text(json.dumps(json_safe(scores.as_dict()), indent=2))
     return path
