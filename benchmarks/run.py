@@ -551,6 +551,7 @@ def check_identical(
                 radiometry.offsets[t].astype(np.float32),
                 nodata=stack.attrs.get("nodata"),
                 params=params,
+                origin=(rows.start - depth, cols.start - depth),
             )[depth:-depth, depth:-depth]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

@@ -47,11 +47,13 @@ __all__ = [
     "binary_dilation",
     "binary_erosion",
     "binary_opening",
+    "block_mean",
     "check_size",
     "label",
     "maximum_filter",
     "median_filter",
     "minimum_filter",
+    "upsample_linear",
 ]
 
 # cv2.medianBlur takes 16-bit and float32 images only for ksize 3 and 5 (it raises otherwise);
@@ -516,3 +518,48 @@ def label(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int]:
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[order + 1] = np.arange(1, count + 1, dtype=np.int32)
     return np.take(lookup, labels), count
+
+
+def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of every ``factor`` x ``factor`` block of a 2-D float32 image.
+
+    The image's sides must be multiples of ``factor``. ``cv2.resize`` with ``INTER_AREA`` at an
+    integer factor averages the blocks exactly as this says; blocks are independent, so a block's
+    mean does not depend on what surrounds it.
+
+    Examples
+    --------
+    >>> block_mean(np.arange(16, dtype=np.float32).reshape(4, 4), 2)
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]], dtype=float32)
+    """
+    array = np.ascontiguousarray(image, dtype=np.float32)
+    height, width = array.shape
+    if height % factor or width % factor:
+        raise ParameterError(
+            f"block_mean needs sides that are multiples of {factor}, got {array.shape}; pad first"
+        )
+    if factor == 1:
+        return array.copy()
+    size = (width // factor, height // factor)
+    return np.asarray(cv2.resize(array, size, interpolation=cv2.INTER_AREA), dtype=np.float32)
+
+
+def upsample_linear(image: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsampling of a 2-D float32 image by an integer ``factor``, cell centres aligned.
+
+    Output pixel ``i`` samples the input at ``(i + 0.5) / factor - 0.5`` (edges clamped), so the
+    value at a pixel depends only on its position within its cell and on the neighbouring cells.
+
+    Examples
+    --------
+    >>> upsample_linear(np.array([[0.0, 4.0]], dtype=np.float32), 2)
+    array([[0., 1., 3., 4.],
+           [0., 1., 3., 4.]], dtype=float32)
+    """
+    array = np.ascontiguousarray(image, dtype=np.float32)
+    if factor == 1:
+        return array.copy()
+    height, width = array.shape
+    size = (width * factor, height * factor)
+    return np.asarray(cv2.resize(array, size, interpolation=cv2.INTER_LINEAR), dtype=np.float32)

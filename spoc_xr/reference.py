@@ -12,6 +12,7 @@ temporal median of the radiometrically normalised dates (``median``).
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import dask
@@ -228,7 +229,7 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
     if not valid_fraction.any():
         raise NoDataError("every date of the stack is entirely nodata; check the nodata value")
     with np.errstate(all="ignore"):
-        composite = _nanmedian_last(np.moveaxis(overview, 0, -1))
+        composite = nanmedian_first(overview)
     gains, offsets = fit_radiometry(overview, composite)
     changed, scale = change_fractions(overview, composite, gains, offsets)
     notes: list[str] = []
@@ -314,25 +315,87 @@ def clean_date_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.Data
 
 
 def temporal_median(values: xr.DataArray) -> xr.DataArray:
-    """Lazy per-pixel median over ``time`` ignoring NaN (all-NaN pixels stay NaN, silently)."""
-    result: xr.DataArray = xr.apply_ufunc(
-        _nanmedian_time,
-        values.chunk({"time": -1}) if values.chunks is not None else values,
-        input_core_dims=[["time"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-    )
-    return result
+    """Lazy per-pixel median over ``time`` ignoring NaN (all-NaN pixels stay NaN, silently).
 
-
-def _nanmedian_time(values: np.ndarray) -> np.ndarray:
-    """``np.nanmedian(values, axis=-1)`` as float32, value for value, ~5x faster.
-
-    numpy's nanmedian of short rows goes through masked arrays; sorting (NaN sorts last) and
-    taking the middle of the valid values computes the same numbers (the two middle values summed
-    in the input dtype, then halved, as numpy does). All-NaN rows stay NaN, without a warning.
+    Equal, value for value, to ``np.nanmedian(values, axis=time)`` as float32. Each task sees all
+    dates of one spatial block with ``time`` first, as the stack stores them (no transposition).
     """
-    return _nanmedian_last(values).astype(np.float32)
+    dims = ("time", *(d for d in values.dims if d != "time"))
+    ordered = values.transpose(*dims)
+    if not isinstance(ordered.data, da.Array):
+        median = nanmedian_first(np.asarray(ordered.values))
+        return xr.DataArray(median, dims=dims[1:], coords=_coords_without_time(ordered))
+    data = ordered.data.rechunk({0: -1})
+    median_data = data.map_blocks(
+        nanmedian_first,
+        drop_axis=0,
+        dtype=np.float32,
+        meta=np.empty((0,) * (data.ndim - 1), dtype=np.float32),
+    )
+    return xr.DataArray(median_data, dims=dims[1:], coords=_coords_without_time(ordered))
+
+
+def _coords_without_time(values: xr.DataArray) -> dict[Hashable, xr.DataArray]:
+    return {
+        name: coord
+        for name, coord in values.coords.items()
+        if "time" not in coord.dims and name != "time"
+    }
+
+
+# Above this many dates a sort beats the sorting network's pairwise passes.
+NETWORK_MAX_DATES = 24
+
+
+def nanmedian_first(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=0)`` as float32, value for value, without warnings.
+
+    For up to ``NETWORK_MAX_DATES`` dates the dates are ordered by a sorting network (Batcher's
+    odd-even merge sort): whole-plane minimum and maximum, contiguous and vectorised, where
+    ``np.sort`` along the first axis would sort millions of strided 8-element rows. NaN sort last
+    (as +inf); the middle of the valid values gives the median, summed in float32 and halved as
+    numpy does. All-NaN pixels stay NaN.
+    """
+    values = np.asarray(values)
+    if values.shape[0] > NETWORK_MAX_DATES or values.shape[0] == 0:
+        return _nanmedian_last(np.moveaxis(values, 0, -1)).astype(np.float32)
+    ordered = values.astype(np.float32)  # a copy, sorted in place
+    missing = np.isnan(ordered)
+    count = values.shape[0] - np.count_nonzero(missing, axis=0)
+    ordered[missing] = np.inf
+    for first, second in sorting_network(values.shape[0]):
+        low = np.minimum(ordered[first], ordered[second])
+        np.maximum(ordered[first], ordered[second], out=ordered[second])
+        ordered[first] = low
+    last = values.shape[0] - 1
+    low_index = (np.maximum(count - 1, 0) // 2)[None]
+    high_index = np.minimum(count // 2, last)[None]
+    low_value = np.take_along_axis(ordered, low_index, axis=0)[0]
+    high_value = np.take_along_axis(ordered, high_index, axis=0)[0]
+    median = (low_value + high_value) / np.float32(2)
+    median[count == 0] = np.nan
+    return median.astype(np.float32, copy=False)
+
+
+def sorting_network(size: int) -> list[tuple[int, int]]:
+    """Comparator pairs of Batcher's odd-even merge sort for ``size`` elements (any size).
+
+    Applying ``(i, j)`` as ``a[i], a[j] = min, max`` in order sorts ``a`` ascending.
+    """
+    pairs: list[tuple[int, int]] = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                pairs.extend(
+                    (i + j, i + j + k)
+                    for i in range(min(k, size - j - k))
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p)
+                )
+            k //= 2
+        p *= 2
+    return pairs
 
 
 def _nanmedian_last(values: np.ndarray) -> np.ndarray:

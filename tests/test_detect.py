@@ -85,7 +85,9 @@ def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, nodata, param
             "label",
         ):
             patch.setattr(kernels, name, getattr(ScipyKernels(), name))
-        codes = classify_tile(date, low, high, noise, gain, offset, nodata=nodata, params=params)
+        codes = classify_tile(
+            date, low, high, noise, gain, offset, nodata=nodata, params=params, origin=(-d, -d)
+        )
     return codes[d:-d, d:-d]
 
 

@@ -331,3 +331,18 @@ def test_label_rejects_bad_connectivity_and_shape() -> None:
         kernels.label(np.zeros((3, 3), dtype=bool), connectivity=6)
     with pytest.raises(ParameterError, match=r"2-D mask \(y, x\), got shape \(2, 3, 3\)"):
         kernels.label(np.zeros((2, 3, 3), dtype=bool))
+
+
+def test_block_mean_and_upsample_linear():
+    rng = np.random.default_rng(7)
+    image = rng.random((12, 20)).astype(np.float32)
+    means = kernels.block_mean(image, 4)
+    expected = image.reshape(3, 4, 5, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(means, expected, rtol=1e-6)
+    with pytest.raises(ParameterError, match="multiples of 4"):
+        kernels.block_mean(image[:10], 4)
+    up = kernels.upsample_linear(np.array([[0.0, 4.0]], dtype=np.float32), 2)
+    np.testing.assert_array_equal(up, [[0, 1, 3, 4], [0, 1, 3, 4]])
+    # Cell centres keep their cell's value; a constant image stays constant.
+    assert kernels.upsample_linear(np.full((3, 3), 2.5, np.float32), 4).shape == (12, 12)
+    assert (kernels.upsample_linear(np.full((3, 3), 2.5, np.float32), 4) == 2.5).all()

@@ -1,0 +1,67 @@
+"""The temporal median used by the reference, the water step and the noise model."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import dask.array as da
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spoc_xr.reference import nanmedian_first, sorting_network, temporal_median
+
+
+@pytest.mark.parametrize("size", range(1, 13))
+def test_sorting_network_sorts_every_zero_one_input(size):
+    # The 0-1 principle: a comparator network that sorts every 0/1 sequence sorts everything.
+    network = sorting_network(size)
+    for bits in itertools.product((0, 1), repeat=size):
+        values = list(bits)
+        for first, second in network:
+            if values[first] > values[second]:
+                values[first], values[second] = values[second], values[first]
+        assert values == sorted(values), (size, bits)
+
+
+def _numpy_nanmedian(values: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(values, axis=0).astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=30),
+        elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("nan")), st.just(0.5)),
+    )
+)
+def test_nanmedian_first_equals_numpy(values):
+    np.testing.assert_array_equal(nanmedian_first(values), _numpy_nanmedian(values))
+
+
+def test_nanmedian_first_beyond_the_network_equals_numpy():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(31, 6, 7)).astype(np.float32)
+    values[rng.random(values.shape) < 0.4] = np.nan
+    np.testing.assert_array_equal(nanmedian_first(values), _numpy_nanmedian(values))
+
+
+def test_temporal_median_chunked_equals_numpy_and_stays_lazy():
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(7, 2, 23, 19)).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, :, 0, 0] = np.nan  # all-NaN pixel stays NaN
+    array = xr.DataArray(
+        da.from_array(values, chunks=(2, 1, 10, 7)), dims=("time", "band", "y", "x")
+    )
+    median = temporal_median(array)
+    assert isinstance(median.data, da.Array)
+    assert median.dims == ("band", "y", "x")
+    np.testing.assert_array_equal(median.values, _numpy_nanmedian(values))
