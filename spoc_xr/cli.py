@@ -324,7 +324,7 @@ def run_ingest_resumable(args: argparse.Namespace) -> None:
 
 def run_annotate(args: argparse.Namespace) -> None:
     from spoc_xr.detect import DetectParams, parse_threshold
-    from spoc_xr.ingest import open_stack
+    from spoc_xr.ingest import open_stack, read_overview
     from spoc_xr.pipeline import annotate
     from spoc_xr.store import check_output_path
 
@@ -349,7 +349,8 @@ def run_annotate(args: argparse.Namespace) -> None:
     stack = open_stack(args.stack, storage_options=storage_options)
     with _client(args):
         started = time.perf_counter()
-        result = annotate(stack, reference=args.reference, params=params)
+        overview = read_overview(args.stack, stack, storage_options=storage_options)
+        result = annotate(stack, reference=args.reference, params=params, overview=overview)
         write_annotations(
             result, args.output, overwrite=args.overwrite, storage_options=storage_options
         )
@@ -366,7 +367,7 @@ def run_annotate(args: argparse.Namespace) -> None:
 
 def run_annotate_resumable(args: argparse.Namespace, params: Any) -> None:
     """``annotate`` into a local store: resumable after a kill, idempotent, appendable."""
-    from spoc_xr.ingest import open_stack
+    from spoc_xr.ingest import open_stack, read_overview
     from spoc_xr.pipeline import annotate_store, check_annotation_parameters
     from spoc_xr.store import check_output_path, open_store
 
@@ -394,6 +395,7 @@ def run_annotate_resumable(args: argparse.Namespace, params: Any) -> None:
             overwrite=args.overwrite,
             source=args.stack,
             progress=True,
+            overview=read_overview(args.stack, stack),
         )
         if status == "complete":
             print(f"{args.output} is already complete: nothing to do (pass --overwrite to redo it)")

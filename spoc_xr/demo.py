@@ -35,7 +35,7 @@ def run_demo(
     """
     from spoc_xr.cli import describe_annotations
     from spoc_xr.evaluate import evaluate, write_scores
-    from spoc_xr.ingest import ingest
+    from spoc_xr.ingest import ingest, read_overview
     from spoc_xr.pipeline import annotate
     from spoc_xr.store import open_store, write_dataset
     from spoc_xr.synthetic import make_harbour, read_truth
@@ -53,7 +53,7 @@ def run_demo(
     scene = make_harbour(out / "scene", n_dates=n_dates, shape=(size, size), seed=seed)
     stack_path, annotations_path = out / "stack.zarr", out / "annotations.zarr"
     stack = ingest(scene.image_dir, stack_path, chunks=256, progress=True)
-    result = annotate(stack)
+    result = annotate(stack, overview=read_overview(stack_path, stack))
     write_dataset(result, annotations_path, overwrite=False, progress=True)
     elapsed = time.perf_counter() - started
     scores = evaluate(open_store(annotations_path), read_truth(scene.truth_path))

@@ -273,7 +273,7 @@ def reference_products(
     reference : xarray.DataArray
         ``(band, y, x)`` float32, NaN where unknown.
     spread : xarray.DataArray
-        ``(band, y, x)`` robust temporal spread (see :func:`reference.temporal_deviation`).
+        ``(band, y, x)`` robust temporal spread (see :func:`spoc_xr.pipeline.reference_and_spread`).
     params : DetectParams
 
     Returns

@@ -53,6 +53,7 @@ from spoc_xr.errors import (
     ParameterError,
     StoreError,
 )
+from spoc_xr.reference import OVERVIEW_NAME, overview_of
 from spoc_xr.store import check_output_path, open_store, remove_store, write_dataset
 
 __all__ = [
@@ -299,12 +300,7 @@ def ingest(
         store, inputs=inputs, overwrite=overwrite, storage_options=storage_options
     )
     stack, files = _open_geotiffs(src_dir, chunks=chunks)
-    dataset = stack.to_dataset()
-    dataset.attrs["spoc_xr"] = {
-        "version": spoc_xr.__version__,
-        "kind": "stack",
-        "source_files": [path.name for path in files],
-    }
+    dataset = _stack_dataset(stack, files)
     if os.path.lexists(out):
         remove_store(out)
     write_dataset(
@@ -357,6 +353,76 @@ def open_stack(
     # Zarr hands strings back as numpy's variable-width StringDType; plain str is what users
     # compare against and what ingest returned.
     return stack.assign_coords(band=np.asarray(stack["band"].values.tolist(), dtype=str))
+
+
+def read_overview(
+    store: PathLike,
+    stack: xr.DataArray,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> np.ndarray | None:
+    """The overview stored by ingest for ``stack``'s dates, or ``None`` when there is none.
+
+    ``stack`` must be the store's stack or a selection of its dates (any order); a spatial
+    selection, another band set, or a store written before overviews were stored gives
+    ``None``, and annotate then reads the overview itself.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path or URL of the stack store.
+    stack : xarray.DataArray
+        The stack about to be annotated (e.g. ``open_stack(store).isel(time=...)``).
+    storage_options : dict, optional
+        fsspec options when ``store`` is a URL.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``(time, band, h, w)`` float32, as :func:`spoc_xr.reference.compute_overview` returns.
+
+    Examples
+    --------
+    >>> stack = open_stack("stack.zarr")  # doctest: +SKIP
+    >>> annotate(stack, overview=read_overview("stack.zarr", stack))  # doctest: +SKIP
+    """
+    dataset = open_store(store, kind="stack", storage_options=storage_options)
+    if OVERVIEW_NAME not in dataset.data_vars or STACK_NAME not in dataset.data_vars:
+        return None
+    full = dataset[STACK_NAME]
+    same_grid = all(
+        stack.sizes[dim] == full.sizes[dim] and np.array_equal(stack[dim].values, full[dim].values)
+        for dim in ("y", "x")
+    ) and [str(b) for b in stack.band.values] == [str(b) for b in full.band.values]
+    if not same_grid:
+        return None
+    position = {np.datetime64(t, "ns"): i for i, t in enumerate(full.time.values)}
+    try:
+        rows = [position[np.datetime64(t, "ns")] for t in stack.time.values]
+    except KeyError:
+        return None
+    stored = dataset[OVERVIEW_NAME]
+    expected = overview_of(stack.isel(time=slice(0, 1)))
+    if stored.shape[1:] != expected.shape[1:] or stored.attrs.get("stride") != expected.attrs.get(
+        "stride"
+    ):
+        return None
+    return np.asarray(stored.isel(time=rows).values, dtype=np.float32)
+
+
+def add_overview(store: PathLike) -> None:
+    """Write the overview into a local stack store that lacks it (one pass over the stack).
+
+    Stores written by ``spoc-xr ingest`` have it already; this serves stores written otherwise
+    or by older versions.
+    """
+    path = Path(store).expanduser()
+    dataset = open_store(path, kind="stack")
+    overview = overview_of(dataset[STACK_NAME]).drop_vars(["time", "band"]).to_dataset()
+    attrs = dict(zarr.open_group(path, mode="r").attrs)
+    overview.to_zarr(path, mode="a", zarr_format=3, consolidated=False)
+    # xarray rewrites the group's attributes on append; the completion marker must survive.
+    zarr.open_group(path, mode="r+").attrs.update(attrs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,6 +826,9 @@ def _manifest(files: Sequence[Path]) -> list[list[Any]]:
 
 def _stack_dataset(stack: xr.DataArray, files: Sequence[Path]) -> xr.Dataset:
     dataset = stack.to_dataset()
+    # Written in the same pass as the stack (the reads are shared), so annotate need not read
+    # every chunk once more to choose the reference and fit the radiometry.
+    dataset[OVERVIEW_NAME] = overview_of(stack)
     dataset.attrs["spoc_xr"] = {
         "version": spoc_xr.__version__,
         "kind": "stack",
@@ -849,6 +918,8 @@ def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: b
         times = np.concatenate([existing["time"].values, new_stack.time.values])
         st.grow_time(out, times)
         dataset = _stack_dataset(new_stack, files)
+        if OVERVIEW_NAME not in existing.data_vars:  # a store from before overviews were kept
+            dataset = dataset.drop_vars(OVERVIEW_NAME)
         st.write_dates(dataset, out, start=len(stored_dates), progress=progress)
         info = dict(attrs.get("spoc_xr") or {})
         info["source_files"] = list(info.get("source_files", [])) + [p.name for p in files]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
@@ -21,23 +22,27 @@ from spoc_xr.errors import (
     StoreError,
 )
 from spoc_xr.products import (
+    WaterIndex,
     choose_water_index,
     date_summary,
     heatmap,
     mask_from_codes,
-    uncover_water,
+    uncover_water_values,
     valid_from_codes,
     water_mask,
 )
 from spoc_xr.reference import (
+    MIN_CLEANING_DATES,
     Radiometry,
     build_reference,
+    clean_date_values,
     compute_overview,
+    deviation_values,
+    nanmedian_first,
     noise_sample_indices,
-    normalise,
+    normalise_values,
     parse_reference,
     plan_radiometry,
-    temporal_deviation,
 )
 
 STACK_DIMS = ("time", "band", "y", "x")
@@ -176,10 +181,7 @@ def build_annotations(
         raise NoDataError("the reference date holds no valid pixel; pick another reference")
     index = choose_water_index([str(b) for b in stack.band.values])
     if stored_reference is None or stored_spread is None:
-        indices = noise_sample_indices(radiometry, NOISE_DATES)
-        samples = normalise(stack.isel(time=indices), radiometry, indices)
-        ref = uncover_water(build_reference(stack, radiometry), samples, index)
-        spread = temporal_deviation(stack, ref, radiometry, max_dates=NOISE_DATES)
+        ref, spread = reference_and_spread(stack, radiometry)
     else:
         ref, spread = stored_reference, stored_spread
     products = reference_products(ref, spread, params)
@@ -242,6 +244,74 @@ def build_annotations(
     return result
 
 
+def reference_and_spread(
+    stack: xr.DataArray, radiometry: Radiometry
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """Lazy reference and noise model ``(band, y, x)`` float32, in one task per spatial tile.
+
+    Per tile, the NOISE_DATES cleanest dates are read once and normalised; a date reference is
+    cleaned of its own transient objects with their median, water hidden by ships moored on most
+    dates is put back, and the robust spread of those dates around the result is the noise model.
+    Memory per task is bounded by NOISE_DATES, whatever the length of the stack.
+    """
+    stack = stack.transpose(*STACK_DIMS)
+    bands = [str(b) for b in stack.band.values]
+    index = choose_water_index(bands)
+    indices = noise_sample_indices(radiometry, NOISE_DATES)
+    date_reference = radiometry.reference_index is not None
+    base = build_reference(stack, radiometry).transpose("band", "y", "x")
+    if not isinstance(stack.data, da.Array):
+        stack = stack.chunk({"time": 1})
+    spatial = stack.data.chunks[2:]
+    samples = stack.data[indices].rechunk((-1, -1, *spatial))
+    base_data = base.data if isinstance(base.data, da.Array) else da.from_array(base.values)
+    nodata = stack.attrs.get("nodata")
+    both = da.blockwise(
+        _reference_tile,
+        "kbyx",
+        samples,
+        "tbyx",
+        base_data.rechunk((-1, *spatial)),
+        "byx",
+        new_axes={"k": 2},
+        dtype=np.float32,
+        concatenate=True,
+        meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+        gains=radiometry.gains[indices],
+        offsets=radiometry.offsets[indices],
+        nodata=None if nodata is None else float(nodata),
+        scale=radiometry.residual_scale if date_reference else None,
+        index=index,
+        bands=bands,
+    )
+    ref = base.copy(data=both[0])
+    spread = base.copy(data=both[1])
+    return ref, spread
+
+
+def _reference_tile(
+    samples_raw: np.ndarray,
+    base: np.ndarray,
+    *,
+    gains: np.ndarray,
+    offsets: np.ndarray,
+    nodata: float | None,
+    scale: np.ndarray | None,
+    index: WaterIndex,
+    bands: list[str],
+) -> np.ndarray:
+    samples = normalise_values(samples_raw, gains, offsets, nodata)
+    reference = base.astype(np.float32)
+    if scale is not None and samples.shape[0] >= MIN_CLEANING_DATES:
+        reference = clean_date_values(reference, nanmedian_first(samples), scale)
+    reference = uncover_water_values(reference, samples, index, bands)
+    if samples.shape[0] == 0:
+        spread = np.full(reference.shape, np.nan, dtype=np.float32)
+    else:
+        spread = deviation_values(samples, reference)
+    return np.stack([reference, spread])
+
+
 def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:
     chunks = stack.chunksizes
     spatial = {"y": chunks["y"][0], "x": chunks["x"][0]} if chunks else {"y": -1, "x": -1}
@@ -264,6 +334,7 @@ def annotate_store(
     overwrite: bool = False,
     source: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    overview: np.ndarray | None = None,
 ) -> str:
     """Annotate ``stack`` into a Zarr store that survives being killed and grows with the stack.
 
@@ -295,6 +366,9 @@ def annotate_store(
         refused).
     progress : bool, default False
         Show progress bars.
+    overview : numpy.ndarray, optional
+        The stack's stored overview (:func:`spoc_xr.ingest.read_overview`); read from the stack
+        when omitted.
 
     Returns
     -------
@@ -330,7 +404,7 @@ def annotate_store(
         if overwrite and os.path.lexists(out):
             st.remove_store(out)
         if not os.path.lexists(out):
-            _annotate_fresh(stack, out, reference, params, recipe, dates, progress)
+            _annotate_fresh(stack, out, reference, params, recipe, dates, progress, overview)
             return "written"
         attrs = st.read_attrs(out) or {}
         provenance = attrs.get(st.PROVENANCE_ATTR)
@@ -368,7 +442,7 @@ def annotate_store(
             )
         if state.get("stage") is None:  # killed while creating its arrays: start again
             st.remove_store(out)
-            _annotate_fresh(stack, out, reference, params, recipe, dates, progress)
+            _annotate_fresh(stack, out, reference, params, recipe, dates, progress, overview)
         else:
             _annotate_finish(stack, out, params, recipe, dates, progress)
         return "resumed"
@@ -382,11 +456,14 @@ def _annotate_fresh(
     recipe: dict[str, Any],
     dates: list[str],
     progress: bool,
+    overview: np.ndarray | None = None,
 ) -> None:
     from spoc_xr import store as st
 
     try:
-        stack, radiometry, params = plan_annotation(stack, reference=reference, params=params)
+        stack, radiometry, params = plan_annotation(
+            stack, reference=reference, params=params, overview=overview
+        )
     except (SpocError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a failing read task: name it, write nothing

@@ -9,7 +9,7 @@ import xarray as xr
 
 from spoc_xr import kernels
 from spoc_xr.detect import CLEAR, INVALID, LARGE, SMALL, filter_spatial
-from spoc_xr.reference import temporal_median
+from spoc_xr.reference import nanmedian_first
 
 # Band names that carry each spectral role, Sentinel-2 and Landsat style and plain words.
 GREEN_NAMES = ("b03", "green", "b3", "g")
@@ -88,29 +88,36 @@ def _index_ratio(image: xr.DataArray, index: WaterIndex) -> xr.DataArray:
         return (green - other) / (green + other)
 
 
-def uncover_water(
-    reference: xr.DataArray, samples: xr.DataArray, index: WaterIndex
-) -> xr.DataArray:
-    """The reference with water put back where ships moored on most dates hid it.
+def uncover_water_values(
+    reference: np.ndarray, samples: np.ndarray, index: WaterIndex, bands: list[str]
+) -> np.ndarray:
+    """The reference ``(band, y, x)`` with water put back where ships moored on most dates hid it.
 
     A berth that holds a ship on most dates holds one in every clean image, so the reference
     does too, and a ship there is no change. Where at least ``WET_SHARE`` of the clean ``samples``
-    dates ``(time, band, y, x)`` show the water uncovered (the index turns clearly wetter and the
-    pixel darker in every band; haze brightens the visible bands, noise on shore and roofs moves the
-    index far less), the reference takes the median of those water values.
+    dates ``(time, band, y, x)`` (normalised, NaN where invalid; ``bands`` names their band axis)
+    show the water uncovered (the index turns clearly wetter and the pixel darker in every band;
+    haze brightens the visible bands, noise on shore and roofs moves the index far less), the
+    reference takes the median of those water values.
     """
-    if not index.available or samples.sizes["time"] < MIN_WET_DATES:
+    if not index.available or samples.shape[0] < MIN_WET_DATES:
         return reference
-    ratio = _index_ratio(reference, index)
-    sample_ratio = _index_ratio(samples, index)
-    uncovered = (
-        (sample_ratio > 0)
-        & (sample_ratio > ratio + WET_INCREASE)
-        & (samples < reference).all("band")
-    )
-    share = uncovered.mean("time")
-    water = temporal_median(samples.where(uncovered))
-    return reference.where(~(share >= WET_SHARE), water).astype(np.float32)
+    green, other = bands.index(index.bands[0]), bands.index(index.bands[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (reference[green] - reference[other]) / (reference[green] + reference[other])
+        sample_ratio = (samples[:, green] - samples[:, other]) / (
+            samples[:, green] + samples[:, other]
+        )
+        uncovered = (
+            (sample_ratio > 0)
+            & (sample_ratio > ratio + np.float32(WET_INCREASE))
+            & (samples < reference[None]).all(axis=1)
+        )
+    wet = uncovered.mean(axis=0) >= WET_SHARE
+    if not wet.any():
+        return reference
+    water = nanmedian_first(np.where(uncovered[:, None], samples, np.float32(np.nan)))
+    return np.where(wet[None], water, reference).astype(np.float32)
 
 
 def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:

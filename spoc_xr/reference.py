@@ -44,8 +44,7 @@ MAX_LOG_GAIN = float(np.log(1.5))
 MIN_FIT_SAMPLES = 64
 # MAD -> standard deviation for Gaussian noise.
 MAD_TO_SIGMA = 1.4826
-# Dates whose median cleans the reference date, and the least that makes a median meaningful.
-CLEANING_DATES = 8
+# The least number of clean dates whose median may clean the reference date.
 MIN_CLEANING_DATES = 3
 # Memory per spatial block when all dates of a block are needed at once (temporal median).
 MEDIAN_BLOCK_BYTES = 64 * 2**20
@@ -109,15 +108,35 @@ def to_float(stack: xr.DataArray) -> xr.DataArray:
     return stack.astype(np.float32).where(valid)
 
 
+#: Name of the overview variable in a stack store, and of its grid's dimensions.
+OVERVIEW_NAME = "overview"
+OVERVIEW_DIMS = ("time", "band", "overview_y", "overview_x")
+
+
+def overview_of(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> xr.DataArray:
+    """Lazy overview ``(time, band, overview_y, overview_x)`` float32, NaN where invalid.
+
+    Every ``stride``-th pixel of the stack (see :func:`overview_stride`), one chunk per date: what
+    :func:`compute_overview` reads, in the form ingest stores next to the stack.
+    """
+    stride = overview_stride((stack.sizes["y"], stack.sizes["x"]), side)
+    sub = to_float(stack.isel(y=slice(None, None, stride), x=slice(None, None, stride)))
+    sub = sub.transpose("time", "band", "y", "x").rename({"y": "overview_y", "x": "overview_x"})
+    if sub.chunks is not None:
+        sub = sub.chunk({"time": 1, "band": -1, "overview_y": -1, "overview_x": -1})
+    sub = sub.drop_vars([name for name in sub.coords if name not in ("time", "band")])
+    sub.attrs = {"long_name": "every stride-th pixel of the stack, NaN where invalid"}
+    sub.attrs["stride"] = stride
+    return sub.rename(OVERVIEW_NAME)
+
+
 def compute_overview(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> np.ndarray:
     """Read the overview ``(time, band, h, w)`` float32 with NaN for invalid pixels.
 
     This reads every chunk of the stack once (Zarr decompresses whole chunks); stores written by
-    ``spoc-xr ingest`` could carry it precomputed in a later version.
+    ``spoc-xr ingest`` carry it precomputed (see :func:`spoc_xr.ingest.read_overview`).
     """
-    stride = overview_stride((stack.sizes["y"], stack.sizes["x"]), side)
-    sub = to_float(stack.isel(y=slice(None, None, stride), x=slice(None, None, stride)))
-    sub = sub.transpose("time", "band", "y", "x")
+    sub = overview_of(stack, side)
     if sub.chunks is None:
         return np.asarray(sub.values, dtype=np.float32)
     # One result per date, gathered by the client one by one: a single concatenated result would
@@ -271,13 +290,15 @@ def normalise(
 
 
 def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray:
-    """Lazy full-resolution reference ``(band, y, x)`` float32, NaN where unknown.
+    """Lazy full-resolution reference ``(band, y, x)`` float32 before cleaning, NaN where unknown.
 
-    A median reference takes the per-pixel median over all dates; to keep memory per task
-    independent of the number of dates, the spatial blocks shrink as the dates grow.
+    A date reference is that date as float; a median reference takes the per-pixel median over
+    all dates (to keep memory per task independent of the number of dates, the spatial blocks
+    shrink as the dates grow). :func:`clean_date_values` then removes a date reference's own
+    transient objects.
     """
     if radiometry.reference_index is not None:
-        return clean_date_reference(stack, radiometry)
+        return to_float(stack.isel(time=radiometry.reference_index)).drop_vars("time")
     normalised = normalise(stack, radiometry)
     n_time, n_band = stack.sizes["time"], stack.sizes["band"]
     side = max(16, int(math.sqrt(MEDIAN_BLOCK_BYTES / (4 * n_time * n_band))))
@@ -289,29 +310,49 @@ def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray
     )
 
 
-def clean_date_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray:
-    """The reference date with its own transient objects replaced by the clean dates' median.
+def normalise_values(
+    raw: np.ndarray, gains: np.ndarray, offsets: np.ndarray, nodata: float | None
+) -> np.ndarray:
+    """:func:`normalise` of in-memory dates ``(time, band, y, x)``, value for value.
+
+    ``gains``/``offsets`` are ``(time, band)``; pixels where any band is nodata or not finite
+    become NaN in every band.
+    """
+    values = raw.astype(np.float32)
+    valid = np.ones((raw.shape[0], *raw.shape[2:]), dtype=bool)
+    if nodata is not None and not np.isnan(nodata):
+        valid &= (raw != nodata).all(axis=1)
+    if np.issubdtype(raw.dtype, np.floating):
+        valid &= np.isfinite(raw).all(axis=1)
+    values *= gains.astype(np.float32)[:, :, None, None]
+    values += offsets.astype(np.float32)[:, :, None, None]
+    np.copyto(values, np.float32(np.nan), where=~valid[:, None])
+    return values
+
+
+def clean_date_values(date: np.ndarray, median: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The reference date ``(band, y, x)`` with its own transient objects replaced by ``median``.
 
     Even the cleanest date carries boats and the odd cloud; left in, they are invisible on that
     date and blind every other date where they lie. Where the date departs from the per-pixel
     median of the cleanest dates (the ones the noise model uses) by more than OUTLIER_SIGMA
-    residual scales in any band, that median takes its place. Needs at least
-    MIN_CLEANING_DATES such dates; memory per task is bounded by their number.
+    residual scales ``scale`` ``(band,)`` in any band, that median takes its place.
     """
-    index = radiometry.reference_index
-    assert index is not None
-    date = to_float(stack.isel(time=index)).drop_vars("time")
-    indices = noise_sample_indices(radiometry, CLEANING_DATES)
-    if len(indices) < MIN_CLEANING_DATES or radiometry.residual_scale is None:
-        return date
-    median = temporal_median(normalise(stack.isel(time=indices), radiometry, indices))
-    scale = xr.DataArray(
-        radiometry.residual_scale.astype(np.float32), dims="band", coords={"band": stack.band}
-    )
-    departs = (abs(date - median) > OUTLIER_SIGMA * scale).any("band") & median.notnull().all(
-        "band"
-    )
-    return date.where(~departs, median).astype(np.float32)
+    limit = (scale.astype(np.float32) * np.float32(OUTLIER_SIGMA))[:, None, None]
+    with np.errstate(invalid="ignore"):
+        departs = (np.abs(date - median) > limit).any(axis=0)
+    departs &= np.isfinite(median).all(axis=0)
+    return np.where(departs[None], median, date).astype(np.float32)
+
+
+def deviation_values(samples: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Robust spread ``(band, y, x)`` of normalised dates ``(time, band, y, x)`` around a reference.
+
+    ``1.4826 * median_t |date_t - reference|``: pixels that vary from date to date (vegetation,
+    surf, shifting edges) get a large spread and need a larger change to be flagged.
+    """
+    spread = nanmedian_first(np.abs(samples - reference[None]))
+    return (spread * np.float32(MAD_TO_SIGMA)).astype(np.float32)
 
 
 def temporal_median(values: xr.DataArray) -> xr.DataArray:
@@ -352,29 +393,43 @@ def nanmedian_first(values: np.ndarray) -> np.ndarray:
 
     For up to ``NETWORK_MAX_DATES`` dates the dates are ordered by a sorting network (Batcher's
     odd-even merge sort): whole-plane minimum and maximum, contiguous and vectorised, where
-    ``np.sort`` along the first axis would sort millions of strided 8-element rows. NaN sort last
-    (as +inf); the middle of the valid values gives the median, summed in float32 and halved as
-    numpy does. All-NaN pixels stay NaN.
+    ``np.sort`` along the first axis would sort millions of strided 8-element rows. Pixels go
+    through in pieces that stay in the CPU cache. NaN sort last (as +inf); the middle of the
+    valid values gives the median, summed in float32 and halved as numpy does. All-NaN pixels
+    stay NaN.
     """
     values = np.asarray(values)
-    if values.shape[0] > NETWORK_MAX_DATES or values.shape[0] == 0:
+    n_dates = values.shape[0]
+    if n_dates > NETWORK_MAX_DATES or n_dates == 0:
         return _nanmedian_last(np.moveaxis(values, 0, -1)).astype(np.float32)
-    ordered = values.astype(np.float32)  # a copy, sorted in place
-    missing = np.isnan(ordered)
-    count = values.shape[0] - np.count_nonzero(missing, axis=0)
-    ordered[missing] = np.inf
-    for first, second in sorting_network(values.shape[0]):
-        low = np.minimum(ordered[first], ordered[second])
-        np.maximum(ordered[first], ordered[second], out=ordered[second])
-        ordered[first] = low
-    last = values.shape[0] - 1
-    low_index = (np.maximum(count - 1, 0) // 2)[None]
-    high_index = np.minimum(count // 2, last)[None]
-    low_value = np.take_along_axis(ordered, low_index, axis=0)[0]
-    high_value = np.take_along_axis(ordered, high_index, axis=0)[0]
+    ordered = values.astype(np.float32).reshape(n_dates, -1)  # a copy, sorted in place
+    median = np.empty(ordered.shape[1], dtype=np.float32)
+    network = sorting_network(n_dates)
+    step = max(1, MEDIAN_PIECE_BYTES // (4 * n_dates))
+    for start in range(0, ordered.shape[1], step):
+        piece = ordered[:, start : start + step]
+        median[start : start + step] = _network_median(piece, network)
+    return median.reshape(values.shape[1:])
+
+
+# Pixels per piece of nanmedian_first: all dates of a piece fit in a typical L2 cache.
+MEDIAN_PIECE_BYTES = 1 << 20
+
+
+def _network_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
+    missing = np.isnan(piece)
+    count = piece.shape[0] - np.count_nonzero(missing, axis=0)
+    piece[missing] = np.inf
+    for first, second in network:
+        low = np.minimum(piece[first], piece[second])
+        np.maximum(piece[first], piece[second], out=piece[second])
+        piece[first] = low
+    last = piece.shape[0] - 1
+    low_value = np.take_along_axis(piece, (np.maximum(count - 1, 0) // 2)[None], axis=0)[0]
+    high_value = np.take_along_axis(piece, np.minimum(count // 2, last)[None], axis=0)[0]
     median = (low_value + high_value) / np.float32(2)
     median[count == 0] = np.nan
-    return median.astype(np.float32, copy=False)
+    return median
 
 
 def sorting_network(size: int) -> list[tuple[int, int]]:
@@ -420,23 +475,6 @@ def noise_sample_indices(radiometry: Radiometry, max_dates: int) -> list[int]:
     dirt = radiometry.change_fraction + (1 - radiometry.valid_fraction)
     order = [int(t) for t in np.argsort(dirt, kind="stable") if t != radiometry.reference_index]
     return sorted(order[:max_dates]) if n_time else []
-
-
-def temporal_deviation(
-    stack: xr.DataArray, reference: xr.DataArray, radiometry: Radiometry, *, max_dates: int
-) -> xr.DataArray:
-    """Lazy per-pixel robust spread ``(band, y, x)`` of the normalised dates around the reference.
-
-    ``1.4826 * median_t |date_t - reference|`` over at most ``max_dates`` evenly spaced dates, so
-    memory per task does not grow with the length of the stack. Pixels that vary from date to date
-    (vegetation, surf, shifting edges) get a large spread and need a larger change to be flagged.
-    """
-    indices = noise_sample_indices(radiometry, max_dates)
-    if not indices:
-        return xr.full_like(reference, np.nan)
-    normalised = normalise(stack.isel(time=indices), radiometry, indices)
-    spread = temporal_median(abs(normalised - reference))
-    return (spread * np.float32(MAD_TO_SIGMA)).astype(np.float32)
 
 
 def is_lazy(array: xr.DataArray) -> bool:

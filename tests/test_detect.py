@@ -19,13 +19,8 @@ from spoc_xr.detect import (
     reference_products,
 )
 from spoc_xr.errors import ParameterError
-from spoc_xr.pipeline import annotate, build_annotations
-from spoc_xr.reference import (
-    build_reference,
-    compute_overview,
-    plan_radiometry,
-    temporal_deviation,
-)
+from spoc_xr.pipeline import annotate, build_annotations, reference_and_spread
+from spoc_xr.reference import compute_overview, plan_radiometry
 from tests.helpers import make_stack, raise_if_dask_computes
 
 PARAMS = DetectParams(kernel=3, tolerance=3, open_size=5, close_size=5, background_size=9)
@@ -99,8 +94,7 @@ def stack() -> xr.DataArray:
 def _prepared(stack: xr.DataArray, chunks: dict):
     chunked = stack.chunk({"time": 1, **chunks})
     radiometry = plan_radiometry(compute_overview(chunked), "auto")
-    reference = build_reference(chunked, radiometry)
-    spread = temporal_deviation(chunked, reference, radiometry, max_dates=8)
+    reference, spread = reference_and_spread(chunked, radiometry)
     return chunked, radiometry, reference, spread
 
 

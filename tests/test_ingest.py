@@ -525,3 +525,40 @@ def test_ingest_real_landsat_stack(tmp_path: Path) -> None:
     with rasterio.open(files[-1]) as src:
         np.testing.assert_array_equal(stack.isel(time=-1).values, src.read())
         assert stack.rio.transform() == src.transform
+
+
+# ---------------------------------------------------------------------------------- overview
+
+
+def test_ingest_stores_the_overview_annotate_would_read(tmp_path: Path) -> None:
+    from spoc_xr.ingest import add_overview, ingest_store, open_stack, read_overview
+    from spoc_xr.reference import compute_overview
+
+    first, later = sorted(DATES)[:3], sorted(DATES)[3:]
+    write_series(tmp_path / "src", nodata=0, names=[f"S2_{d}.tif" for d in first])
+    stack = ingest(tmp_path / "src", tmp_path / "a.zarr", chunks=16)
+    expected = compute_overview(stack)
+    stored = read_overview(tmp_path / "a.zarr", stack)
+    assert stored is not None
+    np.testing.assert_array_equal(stored, expected)
+    assert np.isnan(stored).any()  # nodata pixels stay unknown
+    # A selection of dates gets its rows; a spatial crop gets none (it has another grid).
+    picked = stack.isel(time=[2, 0])
+    np.testing.assert_array_equal(read_overview(tmp_path / "a.zarr", picked), expected[[2, 0]])
+    assert read_overview(tmp_path / "a.zarr", stack.isel(x=slice(0, 10))) is None
+
+    # The resumable writer stores it too, and an append extends it.
+    assert ingest_store(tmp_path / "src", tmp_path / "b.zarr", chunks=16) == "written"
+    write_series(tmp_path / "src", nodata=0, names=[f"S2_{d}.tif" for d in later], seed=5)
+    assert ingest_store(tmp_path / "src", tmp_path / "b.zarr", append=True) == "appended"
+    grown = open_stack(tmp_path / "b.zarr")
+    assert grown.sizes["time"] == len(DATES)
+    expected_grown = compute_overview(grown)
+    np.testing.assert_array_equal(read_overview(tmp_path / "b.zarr", grown), expected_grown)
+
+    # A store without one (older versions) gives None, and add_overview mends it in place.
+    del zarr.open_group(tmp_path / "a.zarr", mode="r+")["overview"]
+    assert read_overview(tmp_path / "a.zarr", stack) is None
+    add_overview(tmp_path / "a.zarr")
+    assert is_complete(tmp_path / "a.zarr")
+    np.testing.assert_array_equal(read_overview(tmp_path / "a.zarr", stack), expected)
