@@ -547,6 +547,7 @@ def check_identical(
             name: _window(products[name].transpose("band", "y", "x").data, rows, cols, depth)
             for name in ("low", "high", "noise")
         }
+        local["scale"] = _window(products["scale"].transpose("y", "x").data, rows, cols, depth)
         compared = differing = 0
         for t in dates:
             date = _window(stack.data[t], rows, cols, depth)
@@ -560,6 +561,7 @@ def check_identical(
                 nodata=stack.attrs.get("nodata"),
                 params=params,
                 origin=(rows.start - depth, cols.start - depth),
+                scale=local["scale"],
             )[depth:-depth, depth:-depth]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

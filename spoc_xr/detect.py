@@ -67,6 +67,12 @@ SHARPNESS = 0.15
 HAZE_LEVEL = 0.5
 HAZE_FACTOR = 5.0
 HAZE_WINDOW = 91
+# A wide change is a cloud, shadow or other large object only where it is also large in absolute
+# terms: at least this many noise floors (the floor is half the band's typical noise scale, the
+# same for every pixel of the scene). Calm water has a tiny noise scale, so thin haze over it is
+# many of its own noise scales without being opaque; measured on the scene's floor, thin haze over
+# water and over land compare alike.
+LARGE_MAGNITUDE = 32.0
 # An isolated single pixel needs this multiple of the threshold.
 ISOLATED_FACTOR = 2.0
 # Scores are capped here (noise scales) before quantisation; nothing real is above it.
@@ -280,7 +286,8 @@ def reference_products(
     -------
     xarray.Dataset
         ``low``/``high`` (the reference's range over the tolerance window), ``noise`` (per-pixel
-        scale, k×k median of the spread, floored), ``smooth`` (k×k median of the reference).
+        scale, k×k median of the spread, floored), ``smooth`` (k×k median of the reference) and
+        ``scale`` ``(y, x)`` (the noise scale in units of the band's floor, mean over bands).
     """
     half_tol = params.tolerance // 2
     low = filter_spatial(
@@ -300,7 +307,8 @@ def reference_products(
     noise = filter_spatial(spread, _nan_safe(kernels.median_filter), half_k, size=params.kernel)
     floor = noise_floor(spread)
     noise = noise.fillna(floor).clip(min=floor).astype(np.float32)
-    return xr.Dataset({"low": low, "high": high, "noise": noise, "smooth": smooth})
+    scale = (noise / floor).mean("band").astype(np.float32)
+    return xr.Dataset({"low": low, "high": high, "noise": noise, "smooth": smooth, "scale": scale})
 
 
 def noise_floor(spread: xr.DataArray) -> xr.DataArray:
@@ -331,16 +339,46 @@ def change_score(
     offset: np.ndarray,
     *,
     nodata: float | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel change score (in noise scales) and validity of one date ``(band, y, x)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pixel change score (in noise scales), validity and darkening of one date.
 
-    The score is the largest, over bands, excess of the normalised date beyond the reference's
-    neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
+    The score is the largest, over bands ``(band, y, x)``, excess of the normalised date beyond
+    the reference's neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
+    ``darker`` tells where the date fell below the top of the range, summed over bands (shadows,
+    wet ground).
     """
+    height = date.shape[1]
+    score = np.empty(date.shape[1:], dtype=np.float32)
+    valid = np.empty(date.shape[1:], dtype=bool)
+    darker = np.empty(date.shape[1:], dtype=bool)
+    # Strips of rows whose temporaries stay in the CPU cache: this runs for every date and tile,
+    # and memory traffic is what it costs. Every pixel is computed on its own, so strips change
+    # nothing but the speed.
+    for top in range(0, height, SCORE_STRIP_ROWS):
+        rows = slice(top, min(top + SCORE_STRIP_ROWS, height))
+        score[rows], valid[rows], darker[rows] = _change_score_strip(
+            date[:, rows], low[:, rows], high[:, rows], noise[:, rows], gain, offset, nodata
+        )
+    return score, valid, darker
+
+
+# Rows per strip of change_score (a 1.3k px wide strip of float32 is ~330 kB).
+SCORE_STRIP_ROWS = 64
+
+
+def _change_score_strip(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    nodata: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     valid = np.isfinite(low).all(axis=0)
     score = np.zeros(date.shape[1:], dtype=np.float32)
-    # Band by band and in place: this runs for every date and tile, and memory traffic is
-    # what it costs.
+    # Sum over bands of the date minus the range's top: negative where the pixel darkened.
+    net = np.zeros(date.shape[1:], dtype=np.float32)
     for band in range(date.shape[0]):
         values = date[band].astype(np.float32)
         if nodata is not None and not np.isnan(nodata):
@@ -351,6 +389,7 @@ def change_score(
         values += offset[band]
         below = low[band] - values
         values -= high[band]
+        net += values
         np.maximum(values, below, out=values)
         values /= noise[band]
         # fmax ignores the NaN of unknown pixels (they are invalid and zeroed below).
@@ -358,7 +397,7 @@ def change_score(
     score[~valid] = 0
     np.maximum(score, 0, out=score)
     np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
-    return score.astype(np.float32), valid
+    return score, valid, net < 0
 
 
 def _log_quantise(values: np.ndarray) -> np.ndarray:
@@ -459,15 +498,17 @@ def classify_tile(
     nodata: float | None,
     params: DetectParams,
     origin: tuple[int, int] = (0, 0),
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mask codes of one date tile: 0 clear, 1 small, 2 large, 255 invalid.
 
     Pure numpy on arrays ``(band, y, x)``; the whole chain the tile needs, with no cropping (the
     caller crops the padding). ``origin`` is the image ``(y, x)`` of the tile's first pixel
-    (negative in the padding), which anchors the background's cells. Exposed for tests and for
-    the reference implementation.
+    (negative in the padding), which anchors the background's cells. ``scale`` ``(y, x)`` is the
+    noise scale in noise floors (:func:`reference_products`); without it the large class has no
+    magnitude test. Exposed for tests and for the reference implementation.
     """
-    score, valid = change_score(date, low, high, noise, gain, offset, nodata=nodata)
+    score, valid, darker = change_score(date, low, high, noise, gain, offset, nodata=nodata)
     threshold = params.effective_threshold
     background, spread = local_background(score, params.background_size, origin)
     residual = score - background
@@ -482,11 +523,19 @@ def classify_tile(
     small = sharp_objects(candidates, score, sharpness=SHARPNESS)
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
     # opening removes everything narrower than open_size, so no boat can be large.
-    closed = kernels.binary_closing((background > threshold) & valid, params.close_size)
+    # Where the pixel brightened, both must also be large in noise floors (LARGE_MAGNITUDE): thin
+    # haze is not a cloud. A shadow takes away at most what the surface reflects, so darkening
+    # is held to no such magnitude.
+    wide = (background > threshold) & valid
+    changed = (score > threshold) & valid
+    if scale is not None:
+        wide &= darker | (background * scale > LARGE_MAGNITUDE)
+        changed &= darker | (score * scale > LARGE_MAGNITUDE)
+    closed = kernels.binary_closing(wide, params.close_size)
     large = kernels.binary_opening(closed, params.open_size)
     # The median rounds corners and lags behind soft edges: changed pixels next to the large
     # class join it.
-    large |= (score > threshold) & valid & kernels.binary_dilation(large, params.open_size)
+    large |= changed & kernels.binary_dilation(large, params.open_size)
     codes = np.where(small, SMALL, np.where(large, LARGE, CLEAR)).astype(np.uint8)
     codes[~valid] = INVALID
     return codes
@@ -501,6 +550,7 @@ def _classify_block(
     offsets: np.ndarray,
     origin_y: np.ndarray,
     origin_x: np.ndarray,
+    scale: np.ndarray,
     *,
     nodata: float | None,
     params: DetectParams,
@@ -508,7 +558,16 @@ def _classify_block(
 ) -> np.ndarray:
     origin = (int(origin_y[0]), int(origin_x[0]))
     codes = classify_tile(
-        date[0], low, high, noise, gains[0], offsets[0], nodata=nodata, params=params, origin=origin
+        date[0],
+        low,
+        high,
+        noise,
+        gains[0],
+        offsets[0],
+        nodata=nodata,
+        params=params,
+        origin=origin,
+        scale=scale,
     )
     core = codes[depth:-depth, depth:-depth] if depth else codes
     return core[None]
@@ -581,6 +640,8 @@ def classify(
         "y",
         origin_x,
         "x",
+        pad_and_overlap(products["scale"].transpose("y", "x").data.rechunk(spatial), depth, [0, 1]),
+        "yx",
         dtype=np.uint8,
         concatenate=True,
         align_arrays=False,

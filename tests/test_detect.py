@@ -65,11 +65,14 @@ class ScipyKernels:
         return labels.astype(np.int32), count
 
 
-def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, nodata, params) -> np.ndarray:
+def scipy_codes(
+    monkeypatch, date, low, high, noise, gain, offset, nodata, params, scale
+) -> np.ndarray:
     """The whole chain with scipy kernels on the edge-padded whole image, then cropped."""
     d = params.depth
     pad3 = ((0, 0), (d, d), (d, d))
     date, low, high, noise = (np.pad(a, pad3, mode="edge") for a in (date, low, high, noise))
+    scale = np.pad(scale, ((d, d), (d, d)), mode="edge")
     with monkeypatch.context() as patch:
         for name in (
             "median_filter",
@@ -81,7 +84,16 @@ def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, nodata, param
         ):
             patch.setattr(kernels, name, getattr(ScipyKernels(), name))
         codes = classify_tile(
-            date, low, high, noise, gain, offset, nodata=nodata, params=params, origin=(-d, -d)
+            date,
+            low,
+            high,
+            noise,
+            gain,
+            offset,
+            nodata=nodata,
+            params=params,
+            origin=(-d, -d),
+            scale=scale,
         )
     return codes[d:-d, d:-d]
 
@@ -127,6 +139,7 @@ def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
             radiometry.offsets[t].astype(np.float32),
             0,
             PARAMS,
+            computed.scale.values,
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
