@@ -12,8 +12,9 @@ worker at the same path (a shared or network file system) because each read task
 
 OpenCV runs its own thread pool inside every call, which fights the worker's threads;
 :func:`dask_client` therefore registers :class:`OpenCVSingleThread`, a worker plugin that calls
-``cv2.setNumThreads(1)`` on every current and future worker. With your own client, do the same
-with ``client.register_plugin(OpenCVSingleThread())``.
+``cv2.setNumThreads(1)`` on every current and future worker, and :class:`LargeArrayMalloc`, which
+keeps glibc from mapping and unmapping every tile-sized temporary (2x faster workers). With your
+own client, do the same with ``register_worker_plugins(client)``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,60 @@ class OpenCVSingleThread(WorkerPlugin):
         import cv2
 
         cv2.setNumThreads(OPENCV_THREADS)
+
+
+class LargeArrayMalloc(WorkerPlugin):
+    """Worker plugin: let glibc keep the per-tile temporaries (1-30 MB arrays) on its heap.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed memory goes
+    back to the system. Setting it also freezes glibc's mmap threshold at 128 kB, so every numpy
+    temporary of a tile is a fresh ``mmap``, page-faulted in and unmapped again: measured here,
+    annotate ran 2.2x slower in a worker process than in a thread of the client (49 s against
+    22 s for 40 dates of 2048²). This plugin raises both thresholds with ``mallopt`` (mmap above
+    MMAP_THRESHOLD, trim beyond TRIM_THRESHOLD of free heap), so at most ~128 MB of freed memory
+    stays with a worker. A no-op where the C library is not glibc.
+
+    Examples
+    --------
+    >>> client.register_plugin(LargeArrayMalloc())  # doctest: +SKIP
+    """
+
+    name = "spoc-xr-large-array-malloc"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        set_malloc_thresholds()
+
+
+# glibc's mallopt parameters (malloc.h) and the values spoc-xr workers use.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 64 * 2**20
+TRIM_THRESHOLD = 128 * 2**20
+
+
+def set_malloc_thresholds() -> bool:
+    """Raise glibc's mmap and trim thresholds in this process; False where that is impossible."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
+def register_worker_plugins(client: Any) -> None:
+    """Register spoc-xr's worker plugins (OpenCV threads, malloc thresholds) on ``client``."""
+    client.register_plugin(OpenCVSingleThread())
+    client.register_plugin(LargeArrayMalloc())
 
 
 def parse_memory_limit(value: str | None) -> str | None:
@@ -107,7 +162,7 @@ def dask_client(
                 f"(or unset {SCHEDULER_ENV})"
             ) from err
         try:
-            client.register_plugin(OpenCVSingleThread())
+            register_worker_plugins(client)
             yield client
         finally:
             client.close()
@@ -127,7 +182,7 @@ def dask_client(
     if memory_limit is not None:
         cluster_kwargs["memory_limit"] = parse_memory_limit(memory_limit)
     with LocalCluster(**cluster_kwargs) as cluster, Client(cluster) as client:
-        client.register_plugin(OpenCVSingleThread())
+        register_worker_plugins(client)
         if not quiet:
             print(
                 f"Dask LocalCluster: {n_workers} worker(s) x {threads} thread(s) at "

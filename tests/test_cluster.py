@@ -319,3 +319,18 @@ def test_tls_client_with_certificate_runs_spoc_xr(
         args = [str(harbour), str(stack), "--chunks", str(CHUNKS)]
         assert main(["ingest", *args, "--scheduler", tls_cluster.address]) == 0
     assert_same_store(stack, local_run[0], required=("stack",))
+
+
+def test_worker_plugins_set_opencv_threads_and_malloc_thresholds() -> None:
+    import cv2
+
+    from spoc_xr.cluster import dask_client, set_malloc_thresholds
+
+    assert set_malloc_thresholds()  # glibc here: mallopt accepts both thresholds
+    with dask_client(workers=1, threads_per_worker=1, quiet=True) as client:
+        plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        threads = client.run(cv2.getNumThreads)
+    (names,) = plugins.values()
+    assert "spoc-xr-large-array-malloc" in names
+    assert "spoc-xr-opencv-threads" in names
+    assert list(threads.values()) == [1]
