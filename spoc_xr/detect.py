@@ -198,6 +198,13 @@ def pad_and_overlap(array: da.Array, depth: int, axes: Sequence[int]) -> da.Arra
     """
     if depth == 0:
         return array
+    if all(min(array.chunks[axis]) >= depth for axis in axes):
+        # Dask's "nearest" boundary is edge replication: one task per block, no re-chunking.
+        return da.overlap.overlap(
+            array,
+            depth={axis: (depth if axis in axes else 0) for axis in range(array.ndim)},
+            boundary={axis: ("nearest" if axis in axes else "none") for axis in range(array.ndim)},
+        )
     chunks = list(array.chunks)
     for axis in axes:
         chunks[axis] = spatial_chunks(chunks[axis], depth)
@@ -453,6 +460,8 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     hulls have crisp edges over water, haze puffs and cloud fringes fade out slowly. Objects
     longer than ``MAX_SMALL_EXTENT`` are dropped (wakes, roads, edges).
     """
+    if not candidates.any():
+        return candidates
     labels, count = kernels.label(candidates, connectivity=8)
     if count == 0:
         return candidates
@@ -516,9 +525,15 @@ def classify_tile(
     # spreads (a constant false-alarm rate in textured changes), with crisp edges.
     # Near haze or a cloud body, puffs and fringes look like small objects: there a small object
     # must stand out HAZE_FACTOR times more.
-    hazy = kernels.binary_dilation(background > HAZE_LEVEL * threshold, HAZE_WINDOW)
-    local_threshold = np.where(hazy, HAZE_FACTOR * threshold, threshold)
-    candidates = (residual > local_threshold) & (residual > CFAR_FACTOR * spread) & valid
+    # Both tests at once: the residual must exceed the larger of the two levels.
+    needed = spread * np.float32(CFAR_FACTOR)
+    np.maximum(needed, np.float32(threshold), out=needed)
+    hazy_seed = background > HAZE_LEVEL * threshold
+    if hazy_seed.any():  # most dates have no haze: skip the wide dilation
+        hazy = kernels.binary_dilation(hazy_seed, HAZE_WINDOW)
+        np.maximum(needed, np.float32(HAZE_FACTOR * threshold), out=needed, where=hazy)
+    candidates = residual > needed
+    candidates &= valid
     candidates = drop_weak_isolated(candidates, residual, threshold)
     small = sharp_objects(candidates, score, sharpness=SHARPNESS)
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
@@ -531,12 +546,16 @@ def classify_tile(
     if scale is not None:
         wide &= darker | (background * scale > LARGE_MAGNITUDE)
         changed &= darker | (score * scale > LARGE_MAGNITUDE)
-    closed = kernels.binary_closing(wide, params.close_size)
-    large = kernels.binary_opening(closed, params.open_size)
-    # The median rounds corners and lags behind soft edges: changed pixels next to the large
-    # class join it.
-    large |= changed & kernels.binary_dilation(large, params.open_size)
-    codes = np.where(small, SMALL, np.where(large, LARGE, CLEAR)).astype(np.uint8)
+    if wide.any():
+        closed = kernels.binary_closing(wide, params.close_size)
+        large = kernels.binary_opening(closed, params.open_size)
+        # The median rounds corners and lags behind soft edges: changed pixels next to the
+        # large class join it.
+        large |= changed & kernels.binary_dilation(large, params.open_size)
+    else:  # a clear date: nothing to close or open
+        large = wide
+    codes = large.view(np.uint8) * np.uint8(LARGE)
+    codes[small] = SMALL
     codes[~valid] = INVALID
     return codes
 
