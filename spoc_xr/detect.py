@@ -198,13 +198,6 @@ def pad_and_overlap(array: da.Array, depth: int, axes: Sequence[int]) -> da.Arra
     """
     if depth == 0:
         return array
-    if all(min(array.chunks[axis]) >= depth for axis in axes):
-        # Dask's "nearest" boundary is edge replication: one task per block, no re-chunking.
-        return da.overlap.overlap(
-            array,
-            depth={axis: (depth if axis in axes else 0) for axis in range(array.ndim)},
-            boundary={axis: ("nearest" if axis in axes else "none") for axis in range(array.ndim)},
-        )
     chunks = list(array.chunks)
     for axis in axes:
         chunks[axis] = spatial_chunks(chunks[axis], depth)
