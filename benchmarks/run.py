@@ -49,7 +49,7 @@ import zarr
 from spoc_xr import kernels
 from spoc_xr.detect import classify_tile, reference_products
 from spoc_xr.ingest import add_overview, open_stack, read_overview
-from spoc_xr.pipeline import annotate, build_annotations, plan_annotation
+from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
 from spoc_xr.store import mark_complete, write_dataset
 from spoc_xr.synthetic import BAND_NAMES, render_harbour
 
@@ -385,6 +385,16 @@ def spoc_annotate(path: Path, out: Path, n_dates: int) -> None:
     """
     stack = open_stack(path).isel(time=slice(0, n_dates))
     write_dataset(annotate(stack, overview=read_overview(path, stack)), out, overwrite=True)
+
+
+def spoc_annotate_store(path: Path, out: Path, n_dates: int) -> None:
+    """``annotate_store``: what ``spoc-xr annotate STACK OUT`` runs for local paths.
+
+    Dates are written batch by batch (each batch one compute, recorded as done) and the heatmap is
+    summed from the stored masks at the end.
+    """
+    stack = open_stack(path).isel(time=slice(0, n_dates))
+    annotate_store(stack, out, source=path, overview=read_overview(path, stack))
 
 
 def dask_image_composition(path: Path, out: Path, n_dates: int, *, kernel: int = 5) -> None:
@@ -838,7 +848,10 @@ def larger_than_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     def run() -> None:
         # A failure (a worker killed for memory) is reported with the memory record, not raised.
         try:
-            spoc_annotate(path, out, n_dates)
+            if args.ltm_writer == "store":
+                spoc_annotate_store(path, out, n_dates)
+            else:
+                spoc_annotate(path, out, n_dates)
         except Exception as err:
             failure.append(err)
 
@@ -846,7 +859,7 @@ def larger_than_memory(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     work = mpix_dates(path, n_dates)
     pressure = cluster_run(
         rows,
-        "spoc-xr annotate (larger than memory)",
+        f"spoc-xr annotate (larger than memory, {args.ltm_writer} writer)",
         run,
         work,
         n_workers=2,
@@ -895,6 +908,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only annotate a stack of --ltm-gb GB on 2 workers x --memory-limit",
     )
     parser.add_argument("--ltm-gb", type=float, default=12.0, help="larger-than-memory stack, GB")
+    parser.add_argument(
+        "--ltm-writer",
+        choices=("store", "dataset"),
+        default="store",
+        help="larger-than-memory run through annotate_store (the CLI's batched, resumable writer) "
+        "or annotate + write_dataset (one graph)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the larger-than-memory stack")
     args = parser.parse_args(argv)
     defaults = (
