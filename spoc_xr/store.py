@@ -642,7 +642,9 @@ PROGRESS_ATTR = "spoc_progress"
 LOCK_SUFFIX = ".lock"
 #: Dates written per Dask compute by :func:`write_dates`: the progress record is updated after
 #: each batch, so a killed run loses at most one batch; shared inputs are computed once per batch.
-DATES_PER_BATCH = 8
+#: Annotating 120 dates of 2048² on 2 x 2 GB workers took 109 s in batches of 8, 89 s of 16 and
+#: 79 s of 32, with the same flat peak memory (0.91-0.94 GB): workers idle at each batch's end.
+DATES_PER_BATCH = 32
 #: Dask configuration key overriding :data:`DATES_PER_BATCH` (``DASK_SPOC_XR__DATES_PER_BATCH``).
 BATCH_CONFIG_KEY = "spoc_xr.dates-per-batch"
 # Time is stored as whole seconds since the epoch so that appended dates can be encoded exactly.
