@@ -89,34 +89,36 @@ MMAP_THRESHOLD = 64 * 2**20
 TRIM_THRESHOLD = 128 * 2**20
 
 
-def set_malloc_thresholds() -> bool:
-    """Raise glibc's mmap and trim thresholds in this process; False where that is impossible."""
+def _glibc() -> Any | None:
+    """The C library when it offers glibc's malloc tuning (``mallopt``, ``malloc_trim``)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (absent outside glibc)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return None
+    return libc
+
+
+def set_malloc_thresholds() -> bool:
+    """Raise glibc's mmap and trim thresholds in this process; False where that is impossible."""
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
 
 
 def malloc_trim_function() -> Any | None:
     """glibc's ``malloc_trim`` (gives free heap pages back to the system), or None."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
+    libc = _glibc()
+    return None if libc is None else libc.malloc_trim
 
 
 def register_worker_plugins(client: Any) -> None:

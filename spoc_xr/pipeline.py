@@ -289,32 +289,13 @@ def reference_and_spread(
     return ref, spread
 
 
-def _reference_tile(
-    samples_raw: np.ndarray,
-    base: np.ndarray,
-    *,
-    gains: np.ndarray,
-    offsets: np.ndarray,
-    nodata: float | None,
-    scale: np.ndarray | None,
-    index: WaterIndex,
-    bands: list[str],
-) -> np.ndarray:
+def _reference_tile(samples_raw: np.ndarray, base: np.ndarray, **settings: Any) -> np.ndarray:
     # Every step is per pixel: strips of rows keep the temporaries (dates x bands) small, in the
     # CPU cache and far below the worker's memory, and change nothing else.
     out = np.empty((2, *base.shape), dtype=np.float32)
     for top in range(0, base.shape[1], REFERENCE_STRIP_ROWS):
         rows = slice(top, top + REFERENCE_STRIP_ROWS)
-        out[:, :, rows] = _reference_strip(
-            samples_raw[:, :, rows],
-            base[:, rows],
-            gains=gains,
-            offsets=offsets,
-            nodata=nodata,
-            scale=scale,
-            index=index,
-            bands=bands,
-        )
+        out[:, :, rows] = _reference_strip(samples_raw[:, :, rows], base[:, rows], **settings)
     return out
 
 

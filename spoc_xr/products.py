@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -84,6 +85,11 @@ def choose_water_index(bands: list[str]) -> WaterIndex:
 def _index_ratio(image: xr.DataArray, index: WaterIndex) -> xr.DataArray:
     green = image.sel(band=index.bands[0], drop=True)
     other = image.sel(band=index.bands[1], drop=True)
+    return _normalised_difference(green, other)
+
+
+def _normalised_difference(green: Any, other: Any) -> Any:
+    # NDWI/MNDWI for numpy or xarray operands; NaN where both bands are 0 or unknown.
     with np.errstate(invalid="ignore", divide="ignore"):
         return (green - other) / (green + other)
 
@@ -103,11 +109,9 @@ def uncover_water_values(
     if not index.available or samples.shape[0] < MIN_WET_DATES:
         return reference
     green, other = bands.index(index.bands[0]), bands.index(index.bands[1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = (reference[green] - reference[other]) / (reference[green] + reference[other])
-        sample_ratio = (samples[:, green] - samples[:, other]) / (
-            samples[:, green] + samples[:, other]
-        )
+    ratio = _normalised_difference(reference[green], reference[other])
+    sample_ratio = _normalised_difference(samples[:, green], samples[:, other])
+    with np.errstate(invalid="ignore"):
         uncovered = (
             (sample_ratio > 0)
             & (sample_ratio > ratio + np.float32(WET_INCREASE))
