@@ -27,15 +27,18 @@ padded by the depth the chain needs, so a chunked result equals the unchunked on
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import cv2
 import dask.array as da
 import numpy as np
-import scipy.ndimage as ndi
 import xarray as xr
 from dask.array.overlap import ensure_minimum_chunksize
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from spoc_xr import kernels
 from spoc_xr.errors import ParameterError
@@ -195,24 +198,99 @@ def pad_and_overlap(array: da.Array, depth: int, axes: Sequence[int]) -> da.Arra
     Equivalent to ``dask.array.overlap.overlap(..., boundary="nearest")`` but also valid when a
     chunk, or the whole array, is smaller than ``depth``: every block along ``axes`` gains exactly
     ``depth`` on each side, the array's own edges replicated outward.
+
+    Each padded block is one task that copies its neighbours' borders straight into place (Dask's
+    overlap slices, pads, rechunks and concatenates: three copies, four layers).
     """
     if depth == 0:
         return array
+    axes = sorted(axis % array.ndim for axis in axes)
     chunks = list(array.chunks)
     for axis in axes:
         chunks[axis] = spatial_chunks(chunks[axis], depth)
     array = array.rechunk(tuple(chunks))
-    pad_width = [(depth, depth) if axis in axes else (0, 0) for axis in range(array.ndim)]
-    padded = da.pad(array, pad_width, mode="edge")
-    merged = list(array.chunks)
+    name = f"halo-{tokenize(array, depth, axes)}"
+    layer: dict[Any, Any] = {}
+    offsets = _neighbour_offsets(axes)
+    for index in itertools.product(*(range(n) for n in array.numblocks)):
+        neighbours = _neighbour_keys(array, index, axes)
+        layer[(name, *index)] = (_assemble_halo, neighbours, offsets, axes, depth)
+    out_chunks = list(array.chunks)
     for axis in axes:
-        inner = list(array.chunks[axis])
-        inner[0] += depth
-        inner[-1] += depth
-        merged[axis] = tuple(inner)
-    padded = padded.rechunk(tuple(merged))
-    depths = {axis: (depth if axis in axes else 0) for axis in range(array.ndim)}
-    return da.overlap.overlap(padded, depth=depths, boundary="none")
+        out_chunks[axis] = tuple(c + 2 * depth for c in array.chunks[axis])
+    return da.Array(_graph(name, layer, array), name, tuple(out_chunks), meta=array._meta)
+
+
+def _graph(name: str, layer: dict[Any, Any], *dependencies: da.Array) -> HighLevelGraph:
+    # dask.array.Array does not satisfy dask's own DaskCollection protocol for mypy.
+    return HighLevelGraph.from_collections(name, layer, dependencies=list(dependencies))  # type: ignore[arg-type]
+
+
+def _neighbour_offsets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    return list(itertools.product((-1, 0, 1), repeat=len(axes)))
+
+
+def _neighbour_keys(
+    array: da.Array, index: tuple[int, ...], axes: Sequence[int]
+) -> list[tuple[Any, ...] | None]:
+    """Keys of the block at ``index`` and of its neighbours along ``axes`` (None: off the edge)."""
+    keys: list[tuple[Any, ...] | None] = []
+    for offset in _neighbour_offsets(axes):
+        key = list(index)
+        for axis, step in zip(axes, offset, strict=True):
+            key[axis] += step
+        inside = all(0 <= key[axis] < array.numblocks[axis] for axis in axes)
+        keys.append((array.name, *key) if inside else None)
+    return keys
+
+
+def _assemble_halo(
+    neighbours: list[np.ndarray | None],
+    offsets: list[tuple[int, ...]],
+    axes: list[int],
+    depth: int,
+) -> np.ndarray:
+    """One padded block from its own block and its neighbours (``None`` beyond the array)."""
+    centre = neighbours[offsets.index((0,) * len(axes))]
+    assert centre is not None
+    shape = list(centre.shape)
+    for axis in axes:
+        shape[axis] += 2 * depth
+    out = np.empty(shape, dtype=centre.dtype)
+    for block, offset in zip(neighbours, offsets, strict=True):
+        if block is None:
+            continue
+        source: list[slice] = [slice(None)] * centre.ndim
+        target: list[slice] = [slice(None)] * centre.ndim
+        for axis, step in zip(axes, offset, strict=True):
+            size = centre.shape[axis]
+            if step < 0:
+                source[axis], target[axis] = slice(-depth, None), slice(0, depth)
+            elif step > 0:
+                source[axis], target[axis] = slice(0, depth), slice(depth + size, None)
+            else:
+                source[axis], target[axis] = slice(None), slice(depth, depth + size)
+        out[tuple(target)] = block[tuple(source)]
+    # Beyond the array's edges: replicate its outermost row/column, one axis after the other
+    # (as np.pad does), so corners take the corner pixel.
+    for position, axis in enumerate(axes):
+        size = centre.shape[axis]
+        for step, edge, fill in (
+            (-1, depth, slice(0, depth)),
+            (1, depth + size - 1, slice(depth + size, None)),
+        ):
+            missing = all(
+                block is None
+                for block, offset in zip(neighbours, offsets, strict=True)
+                if offset[position] == step
+            )
+            if missing:
+                where: list[Any] = [slice(None)] * centre.ndim
+                where[axis] = fill
+                source = [slice(None)] * centre.ndim
+                source[axis] = slice(edge, edge + 1)
+                out[tuple(where)] = out[tuple(source)]
+    return out
 
 
 def spatial_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -455,7 +533,7 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     """
     if not candidates.any():
         return candidates
-    labels, count = kernels.label(candidates, connectivity=8)
+    labels, count, extents = kernels.label_with_extents(candidates, connectivity=8)
     if count == 0:
         return candidates
     peak = np.zeros(count + 1, dtype=np.float64)
@@ -470,20 +548,16 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     ring_sum = np.bincount(outer[ring], weights=score[ring], minlength=count + 1)
     ring_count = np.bincount(outer[ring], minlength=count + 1)
     keep = ring_sum < sharpness * peak * np.maximum(ring_count, 1)
-    for index, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is not None and max(b.stop - b.start for b in box) > MAX_SMALL_EXTENT:
-            keep[index] = False
+    keep &= extents <= MAX_SMALL_EXTENT
     keep[0] = False
     return keep[labels]
 
 
 def drop_weak_isolated(small: np.ndarray, residual: np.ndarray, threshold: float) -> np.ndarray:
     """Single isolated pixels need twice the threshold: one pixel is weak evidence."""
-    padded = np.pad(small, 1).astype(np.uint8)
-    neighbours = sum(
-        padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
-        for dy in (-1, 0, 1)
-        for dx in (-1, 0, 1)
+    # Pixels set in each 3 x 3 window (itself included), zero beyond the tile.
+    neighbours = cv2.boxFilter(
+        small.view(np.uint8), -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT
     )
     isolated = small & (neighbours == 1)
     return small & (~isolated | (residual > ISOLATED_FACTOR * threshold))
@@ -553,31 +627,28 @@ def classify_tile(
     return codes
 
 
-def _classify_block(
-    date: np.ndarray,
+def _classify_window(
+    neighbours: list[np.ndarray | None],
     low: np.ndarray,
     high: np.ndarray,
     noise: np.ndarray,
-    gains: np.ndarray,
-    offsets: np.ndarray,
-    origin_y: np.ndarray,
-    origin_x: np.ndarray,
     scale: np.ndarray,
-    *,
-    nodata: float | None,
-    params: DetectParams,
-    depth: int,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    origin: tuple[int, int],
+    settings: dict[str, Any],
 ) -> np.ndarray:
-    origin = (int(origin_y[0]), int(origin_x[0]))
+    depth = settings["depth"]
+    date = _assemble_halo(neighbours, _neighbour_offsets([2, 3]), [2, 3], depth)
     codes = classify_tile(
         date[0],
         low,
         high,
         noise,
-        gains[0],
-        offsets[0],
-        nodata=nodata,
-        params=params,
+        gain,
+        offset,
+        nodata=settings["nodata"],
+        params=settings["params"],
         origin=origin,
         scale=scale,
     )
@@ -619,49 +690,45 @@ def classify(
     depth = params.depth
     spatial = [spatial_chunks(data.chunks[axis], depth) for axis in (2, 3)]
     data = data.rechunk((1, -1, *spatial))
-    date_ov = pad_and_overlap(data, depth, [2, 3])
 
-    def aligned(name: str) -> da.Array:
+    def padded(name: str) -> da.Array:
         array = products[name].transpose("band", "y", "x").data
         return pad_and_overlap(array.rechunk((-1, *spatial)), depth, [1, 2])
 
-    n_band = data.shape[1]
-    gains_da = da.from_array(gains.astype(np.float32), chunks=(1, n_band))
-    offsets_da = da.from_array(offsets.astype(np.float32), chunks=(1, n_band))
-    # Image coordinates of every padded tile's first pixel (one value per block).
-    origin_y, origin_x = (
-        da.from_array(np.cumsum((0, *sizes[:-1])) - depth, chunks=1) for sizes in spatial
+    low, high, noise = padded("low"), padded("high"), padded("noise")
+    scale = pad_and_overlap(
+        products["scale"].transpose("y", "x").data.rechunk(spatial), depth, [0, 1]
     )
     nodata = stack.attrs.get("nodata")
-    codes = da.blockwise(
-        _classify_block,
-        "tyx",
-        date_ov,
-        "tbyx",
-        aligned("low"),
-        "byx",
-        aligned("high"),
-        "byx",
-        aligned("noise"),
-        "byx",
-        gains_da,
-        "tb",
-        offsets_da,
-        "tb",
-        origin_y,
-        "y",
-        origin_x,
-        "x",
-        pad_and_overlap(products["scale"].transpose("y", "x").data.rechunk(spatial), depth, [0, 1]),
-        "yx",
-        dtype=np.uint8,
-        concatenate=True,
-        align_arrays=False,
-        adjust_chunks={"y": lambda n: n - 2 * depth, "x": lambda n: n - 2 * depth},
+    settings = {
+        "nodata": None if nodata is None else float(nodata),
+        "params": params,
+        "depth": depth,
+    }
+    gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
+    # One task per (date, tile) that assembles its padded window from the date's neighbouring
+    # blocks itself: no padded copy of every date waits in memory for its task.
+    name = f"classify-{tokenize(data, low, high, noise, scale, gains32, offsets32, settings)}"
+    layer: dict[Any, Any] = {}
+    tops, lefts = (np.cumsum((0, *sizes[:-1])) - depth for sizes in spatial)
+    for t, i, j in itertools.product(*(range(n) for n in (data.numblocks[0], *data.numblocks[2:]))):
+        layer[(name, t, i, j)] = (
+            _classify_window,
+            _neighbour_keys(data, (t, 0, i, j), [2, 3]),
+            (low.name, 0, i, j),
+            (high.name, 0, i, j),
+            (noise.name, 0, i, j),
+            (scale.name, i, j),
+            gains32[t],
+            offsets32[t],
+            (int(tops[i]), int(lefts[j])),
+            settings,
+        )
+    codes = da.Array(
+        _graph(name, layer, data, low, high, noise, scale),
+        name,
+        (data.chunks[0], *spatial),
         meta=np.empty((0, 0, 0), dtype=np.uint8),
-        nodata=None if nodata is None else float(nodata),
-        params=params,
-        depth=depth,
     )
     coords = {name: stack.coords[name] for name in ("time", "y", "x")}
     return xr.DataArray(codes, dims=("time", "y", "x"), coords=coords, name="codes")

@@ -160,10 +160,10 @@ def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, fl
     if x.size < MIN_FIT_SAMPLES:
         return 1.0, 0.0
     log_ratio = np.log(y / x)
-    counts, edges = np.histogram(log_ratio, bins=RATIO_BINS, range=(-RATIO_RANGE, RATIO_RANGE))
+    counts = _ratio_histogram(log_ratio)
     smoothed = ndi.gaussian_filter1d(counts.astype(np.float64), RATIO_SMOOTHING_BINS)
     peak = int(np.argmax(smoothed))
-    mode = 0.5 * (edges[peak] + edges[peak + 1])
+    mode = -RATIO_RANGE + (peak + 0.5) * RATIO_BIN_WIDTH
     if abs(mode) > MAX_LOG_GAIN:
         # A whole-scene change (overcast, snow) is no illumination change: mapping it onto the
         # reference would hide it. Keep the largest plausible gain and no offset.
@@ -177,11 +177,27 @@ def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, fl
     return float(gain), float(offset)
 
 
+RATIO_BIN_WIDTH = 2 * RATIO_RANGE / RATIO_BINS
+RATIO_EDGES = np.linspace(-RATIO_RANGE, RATIO_RANGE, RATIO_BINS + 1)
+
+
+def _ratio_histogram(log_ratio: np.ndarray) -> np.ndarray:
+    # np.histogram's counts on its uniform bins, via one bincount: 4x faster. The same rounding
+    # fix as numpy's (a value on an edge goes to the bin the edge opens; the last bin is closed).
+    inside = log_ratio[np.abs(log_ratio) <= RATIO_RANGE]
+    bins = ((inside + RATIO_RANGE) / RATIO_BIN_WIDTH).astype(np.intp)
+    np.minimum(bins, RATIO_BINS - 1, out=bins)
+    bins -= inside < RATIO_EDGES[bins]
+    bins += (inside >= RATIO_EDGES[bins + 1]) & (bins != RATIO_BINS - 1)
+    return np.bincount(bins, minlength=RATIO_BINS)
+
+
 def _least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     # The closed form of a degree-1 least-squares fit (np.polyfit's answer, without its SVD).
+    # Sums, not np.dot: BLAS threads made each small dot product take milliseconds.
     x_mean, y_mean = x.mean(), y.mean()
     dx = x - x_mean
-    gain = float(np.dot(dx, y - y_mean) / np.dot(dx, dx))
+    gain = float((dx * (y - y_mean)).sum() / (dx * dx).sum())
     return gain, float(y_mean - gain * x_mean)
 
 
@@ -200,20 +216,21 @@ def change_fractions(
     overview: np.ndarray, target: np.ndarray, gains: np.ndarray, offsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Share of valid pixels per date departing from ``target``, and the per-band residual scale."""
-    normalised = overview * gains[:, :, None, None] + offsets[:, :, None, None]
-    residual = normalised - target[None]
+    # |normalised - target|, in place: this runs on every pixel of the overview, on the client.
+    deviation = overview * gains[:, :, None, None]
+    deviation += offsets[:, :, None, None]
+    deviation -= target[None]
+    np.abs(deviation, out=deviation)
     # Band by band on the finite values: np.nanmedian over several axes is ~10x slower.
-    scale = np.array(
-        [
-            MAD_TO_SIGMA * np.median(np.abs(band[np.isfinite(band)]))
-            if np.isfinite(band).any()
-            else np.nan
-            for band in np.moveaxis(residual, 1, 0)
-        ]
-    )
+    scale = np.full(deviation.shape[1], np.nan)
+    for band in range(deviation.shape[1]):
+        values = deviation[:, band]
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            scale[band] = MAD_TO_SIGMA * np.median(finite)
     scale = np.where(scale > 0, scale, 1.0)
-    outlier = (np.abs(residual) > OUTLIER_SIGMA * scale[None, :, None, None]).any(axis=1)
-    valid = np.isfinite(residual).all(axis=1)
+    outlier = (deviation > OUTLIER_SIGMA * scale[None, :, None, None]).any(axis=1)
+    valid = np.isfinite(deviation).all(axis=1)
     counts = valid.sum(axis=(1, 2))
     shares = np.where(counts > 0, (outlier & valid).sum(axis=(1, 2)) / np.maximum(counts, 1), 1.0)
     return shares, scale
