@@ -486,15 +486,6 @@ class _ScipyKernels:
         labels, count = ndi.label(mask, structure=structure)
         return labels.astype(np.int32), int(count)
 
-    def label_with_extents(
-        self, mask: np.ndarray, *, connectivity: int = 8
-    ) -> tuple[np.ndarray, int, np.ndarray]:
-        labels, count = self.label(mask, connectivity=connectivity)
-        extents = np.zeros(count + 1, dtype=np.int64)
-        for index, box in enumerate(ndi.find_objects(labels, max_label=count), start=1):
-            extents[index] = max(b.stop - b.start for b in box)
-        return labels, count, extents
-
 
 @contextlib.contextmanager
 def scipy_kernels() -> Iterator[None]:
@@ -508,7 +499,6 @@ def scipy_kernels() -> Iterator[None]:
         "binary_opening",
         "binary_closing",
         "label",
-        "label_with_extents",
     )
     saved = {name: getattr(kernels, name) for name in names}
     stand_in = _ScipyKernels()

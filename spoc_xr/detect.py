@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import dask.array as da
 import numpy as np
+import scipy.ndimage as ndi
 import xarray as xr
 from dask.array.overlap import ensure_minimum_chunksize
 from dask.base import tokenize
@@ -533,7 +534,7 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     """
     if not candidates.any():
         return candidates
-    labels, count, extents = kernels.label_with_extents(candidates, connectivity=8)
+    labels, count = kernels.label(candidates, connectivity=8)
     if count == 0:
         return candidates
     peak = np.zeros(count + 1, dtype=np.float64)
@@ -548,7 +549,9 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     ring_sum = np.bincount(outer[ring], weights=score[ring], minlength=count + 1)
     ring_count = np.bincount(outer[ring], minlength=count + 1)
     keep = ring_sum < sharpness * peak * np.maximum(ring_count, 1)
-    keep &= extents <= MAX_SMALL_EXTENT
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is not None and max(b.stop - b.start for b in box) > MAX_SMALL_EXTENT:
+            keep[index] = False
     keep[0] = False
     return keep[labels]
 

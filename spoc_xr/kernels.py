@@ -484,36 +484,6 @@ def label(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int]:
     >>> label(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]]), connectivity=4)[1]
     3
     """
-    labels, count, _ = _label(mask, connectivity, with_stats=False)
-    return labels, count
-
-
-def label_with_extents(
-    mask: np.ndarray, *, connectivity: int = 8
-) -> tuple[np.ndarray, int, np.ndarray]:
-    """:func:`label`, plus each component's extent: the longer side of its bounding box.
-
-    ``extents[i]`` belongs to label ``i`` (``extents[0]``, the background, is 0). OpenCV counts
-    the boxes in the labelling pass itself, so this costs no second pass over the image (as
-    ``scipy.ndimage.find_objects`` would).
-
-    Examples
-    --------
-    >>> labels, count, extents = label_with_extents(np.array([[1, 1, 0], [0, 0, 0], [0, 0, 1]]))
-    >>> extents.tolist()
-    [0, 2, 1]
-    """
-    labels, count, stats = _label(mask, connectivity, with_stats=True)
-    extents = np.zeros(count + 1, dtype=np.int64)
-    if count:
-        extents[1:] = np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT])
-    return labels, count, extents
-
-
-def _label(
-    mask: np.ndarray, connectivity: int, *, with_stats: bool
-) -> tuple[np.ndarray, int, np.ndarray]:
-    # Labels in scipy's order and, with_stats, OpenCV's stats rows in the same order.
     if connectivity not in _CONNECTIVITIES:
         raise ParameterError(
             f"connectivity must be 4 or 8, got {connectivity!r}; use 8 to join diagonal "
@@ -526,37 +496,28 @@ def _label(
             f"separately"
         )
     foreground = np.ascontiguousarray(array if array.dtype == np.bool_ else array != 0)
-    no_stats = np.zeros((1, 5), dtype=np.int32)
     if foreground.size == 0:
-        return np.zeros(foreground.shape, dtype=np.int32), 0, no_stats
-    if with_stats:
-        total, raw, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            foreground.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_SAUF
-        )
-    else:
-        total, raw = cv2.connectedComponentsWithAlgorithm(
-            foreground.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_SAUF
-        )
-        stats = no_stats
+        return np.zeros(foreground.shape, dtype=np.int32), 0
+    total, raw = cv2.connectedComponentsWithAlgorithm(
+        foreground.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_SAUF
+    )
     labels = np.asarray(raw, dtype=np.int32)
     count = int(total) - 1
     if count == 0:
-        return labels, 0, stats
+        return labels, 0
     # Labels met at candidate first pixels, in raster order; components are in scipy's order iff
     # each label met for the first time is one above the largest met so far.
     starts = _raster_starts(foreground, connectivity)
     met = labels[starts]
     running_max = np.maximum.accumulate(met)
     if met[0] == 1 and not (np.diff(running_max) > 1).any():
-        return labels, count, stats
+        return labels, count
     first = np.full(count + 1, labels.size, dtype=np.int64)
     np.minimum.at(first, met, np.flatnonzero(starts))
     order = np.argsort(first[1:], kind="stable")
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[order + 1] = np.arange(1, count + 1, dtype=np.int32)
-    if with_stats:
-        stats = np.concatenate([stats[:1], stats[order + 1]])
-    return np.take(lookup, labels), count, stats
+    return np.take(lookup, labels), count
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:

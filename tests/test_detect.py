@@ -64,13 +64,6 @@ class ScipyKernels:
         labels, count = ndi.label(mask, structure=np.ones((3, 3)))
         return labels.astype(np.int32), count
 
-    def label_with_extents(self, mask, connectivity=8):
-        labels, count = self.label(mask, connectivity)
-        extents = np.zeros(count + 1, dtype=np.int64)
-        for index, box in enumerate(ndi.find_objects(labels, max_label=count), start=1):
-            extents[index] = max(b.stop - b.start for b in box)
-        return labels, count, extents
-
 
 def scipy_codes(
     monkeypatch, date, low, high, noise, gain, offset, nodata, params, scale
@@ -88,7 +81,6 @@ def scipy_codes(
             "binary_opening",
             "binary_closing",
             "label",
-            "label_with_extents",
         ):
             patch.setattr(kernels, name, getattr(ScipyKernels(), name))
         codes = classify_tile(

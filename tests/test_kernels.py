@@ -315,44 +315,6 @@ def test_label_relabels_when_opencv_numbers_out_of_order(
     np.testing.assert_array_equal(labels, expected.astype(np.int32), strict=True)
 
 
-def _scipy_extents(labels: np.ndarray, count: int) -> np.ndarray:
-    extents = np.zeros(count + 1, dtype=np.int64)
-    for index, box in enumerate(ndi.find_objects(labels, max_label=count), start=1):
-        extents[index] = max(b.stop - b.start for b in box)
-    return extents
-
-
-@pytest.mark.parametrize("connectivity", [8, 4])
-@settings(max_examples=100, deadline=None)
-@given(mask=masks())
-def test_label_with_extents_equals_scipy_label_and_find_objects(
-    mask: np.ndarray, connectivity: int
-) -> None:
-    labels, count, extents = kernels.label_with_extents(mask, connectivity=connectivity)
-    expected, expected_count = ndi.label(mask, structure=STRUCTURES[connectivity])
-    assert count == expected_count
-    np.testing.assert_array_equal(labels, expected.astype(np.int32), strict=True)
-    np.testing.assert_array_equal(extents, _scipy_extents(expected, count))
-
-
-def test_label_with_extents_reorders_boxes_with_labels(monkeypatch: pytest.MonkeyPatch) -> None:
-    mask = np.random.default_rng(7).random((40, 50)) < 0.4
-    expected, expected_count = ndi.label(mask, structure=STRUCTURES[8])
-    original = cv2.connectedComponentsWithStatsWithAlgorithm
-
-    def shuffled(*args: Any) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        total, labels, stats, centroids = original(*args)
-        permutation = np.concatenate([[0], np.random.default_rng(8).permutation(total - 1) + 1])
-        inverse = np.argsort(permutation)
-        return total, permutation.astype(np.int32)[labels], stats[inverse], centroids[inverse]
-
-    monkeypatch.setattr(kernels.cv2, "connectedComponentsWithStatsWithAlgorithm", shuffled)
-    labels, count, extents = kernels.label_with_extents(mask)
-    assert count == expected_count > 10
-    np.testing.assert_array_equal(labels, expected.astype(np.int32), strict=True)
-    np.testing.assert_array_equal(extents, _scipy_extents(expected, count))
-
-
 def test_label_handles_empty_and_non_bool_masks() -> None:
     labels, count = kernels.label(np.zeros((3, 4), dtype=np.uint8))
     assert count == 0
