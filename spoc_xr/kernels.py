@@ -193,6 +193,9 @@ def _per_slice(
 ) -> np.ndarray:
     """Apply a 2-D OpenCV ``func`` to every (y, x) slice of ``array``; leading axes stay apart."""
     encode, decode, _ = codec
+    if array.ndim == 2:
+        # OpenCV returns a new array: no copy into a second one.
+        return decode(func(np.ascontiguousarray(encode(array)))).reshape(array.shape)
     out = np.empty(array.shape, dtype=array.dtype)
     height, width = array.shape[-2:]
     # reshape copies only when the leading axes cannot be merged as a view; either way the input
