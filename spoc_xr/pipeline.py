@@ -11,8 +11,16 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from spoc_xr import __version__
-from spoc_xr.detect import NOISE_DATES, DetectParams, classify, reference_products
+from spoc_xr import __version__, kernels
+from spoc_xr.detect import (
+    DEFAULT_TOLERANCE,
+    NOISE_DATES,
+    DetectParams,
+    classify,
+    pad_and_overlap,
+    reference_products,
+    spatial_chunks,
+)
 from spoc_xr.errors import (
     InputError,
     NoDataError,
@@ -27,6 +35,7 @@ from spoc_xr.products import (
     date_summary,
     heatmap,
     mask_from_codes,
+    second_index_band,
     uncover_water_values,
     valid_from_codes,
     water_mask,
@@ -252,7 +261,9 @@ def reference_and_spread(
     Per tile, the NOISE_DATES cleanest dates are read once and normalised; a date reference is
     cleaned of its own transient objects with their median, water hidden by ships moored on most
     dates is put back, and the robust spread of those dates around the result is the noise model.
-    Memory per task is bounded by NOISE_DATES, whatever the length of the stack.
+    Memory per task is bounded by NOISE_DATES, whatever the length of the stack. Where the uncover
+    test looks at the reference's neighbours, tiles carry REFERENCE_HALO pixels of context, so a
+    chunked result equals the unchunked one.
     """
     stack = stack.transpose(*STACK_DIMS)
     bands = [str(b) for b in stack.band.values]
@@ -262,21 +273,25 @@ def reference_and_spread(
     base = build_reference(stack, radiometry).transpose("band", "y", "x")
     if not isinstance(stack.data, da.Array):
         stack = stack.chunk({"time": 1})
-    spatial = stack.data.chunks[2:]
+    # Only the NDWI side of the uncover test looks at neighbours (see uncover_water_values).
+    halo = REFERENCE_HALO if second_index_band(bands, index) is not None else 0
+    spatial = [spatial_chunks(chunks, halo) for chunks in stack.data.chunks[2:]]
     samples = stack.data[indices].rechunk((-1, -1, *spatial))
     base_data = base.data if isinstance(base.data, da.Array) else da.from_array(base.values)
     nodata = stack.attrs.get("nodata")
     both = da.blockwise(
         _reference_tile,
         "kbyx",
-        samples,
+        pad_and_overlap(samples, halo, [2, 3]),
         "tbyx",
-        base_data.rechunk((-1, *spatial)),
+        pad_and_overlap(base_data.rechunk((-1, *spatial)), halo, [1, 2]),
         "byx",
         new_axes={"k": 2},
+        adjust_chunks={"y": lambda n: n - 2 * halo, "x": lambda n: n - 2 * halo},
         dtype=np.float32,
         concatenate=True,
         meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+        halo=halo,
         gains=radiometry.gains[indices],
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
@@ -289,14 +304,31 @@ def reference_and_spread(
     return ref, spread
 
 
-def _reference_tile(samples_raw: np.ndarray, base: np.ndarray, **settings: Any) -> np.ndarray:
-    # Every step is per pixel: strips of rows keep the temporaries (dates x bands) small, in the
-    # CPU cache and far below the worker's memory, and change nothing else.
+# Pixels of context of the reference task: the uncover test compares a date with the reference's
+# minimum over the detection's misregistration window.
+REFERENCE_HALO = DEFAULT_TOLERANCE // 2
+
+
+def _reference_tile(
+    samples_raw: np.ndarray, base: np.ndarray, *, halo: int, **settings: Any
+) -> np.ndarray:
+    # Strips of rows keep the temporaries (dates x bands) small, in the CPU cache and far below
+    # the worker's memory. Every step is per pixel but the uncover test's floor, a minimum over
+    # `halo` neighbours: each strip reads `halo` rows more on each side, so strips change nothing
+    # but the speed. The tile's own `halo` of context is cropped at the end.
+    height, width = base.shape[1:]
     out = np.empty((2, *base.shape), dtype=np.float32)
-    for top in range(0, base.shape[1], REFERENCE_STRIP_ROWS):
-        rows = slice(top, top + REFERENCE_STRIP_ROWS)
-        out[:, :, rows] = _reference_strip(samples_raw[:, :, rows], base[:, rows], **settings)
-    return out
+    for top in range(0, height, REFERENCE_STRIP_ROWS):
+        bottom = min(top + REFERENCE_STRIP_ROWS, height)
+        first, last = max(top - halo, 0), min(bottom + halo, height)
+        out[:, :, top:bottom] = _reference_strip(
+            samples_raw[:, :, first:last],
+            base[:, first:last],
+            rows=slice(top - first, bottom - first),
+            halo=halo,
+            **settings,
+        )
+    return out[:, :, halo : height - halo, halo : width - halo]
 
 
 # Rows per strip of the reference task (8 dates x 4 bands x 32 rows x 1024 px x 4 B = 4 MB).
@@ -307,6 +339,8 @@ def _reference_strip(
     samples_raw: np.ndarray,
     base: np.ndarray,
     *,
+    rows: slice,
+    halo: int,
     gains: np.ndarray,
     offsets: np.ndarray,
     nodata: float | None,
@@ -318,7 +352,13 @@ def _reference_strip(
     reference = base.astype(np.float32)
     if scale is not None and samples.shape[0] >= MIN_CLEANING_DATES:
         reference = clean_date_values(reference, nanmedian_first(samples), scale)
-    reference = uncover_water_values(reference, samples, index, bands)
+    floor = None
+    if second_index_band(bands, index) is not None:
+        # NaN (unknown) neighbours do not lower the floor; an unknown pixel is never uncovered.
+        known = np.where(np.isnan(reference), np.float32(np.inf), reference)
+        floor = kernels.minimum_filter(known, 2 * halo + 1)[:, rows]
+    samples, reference = samples[:, :, rows], reference[:, rows]
+    reference = uncover_water_values(reference, samples, index, bands, floor=floor)
     if samples.shape[0] == 0:
         spread = np.full(reference.shape, np.nan, dtype=np.float32)
     else:

@@ -94,8 +94,27 @@ def _normalised_difference(green: Any, other: Any) -> Any:
         return (green - other) / (green + other)
 
 
+def second_index_band(bands: list[str], index: WaterIndex) -> str | None:
+    """The NIR band that gives NDWI next to an MNDWI ``index``, else ``None``.
+
+    Examples
+    --------
+    >>> second_index_band(["B03", "B08", "B11"], choose_water_index(["B03", "B08", "B11"]))
+    'B08'
+    >>> second_index_band(["B03", "B08"], choose_water_index(["B03", "B08"])) is None
+    True
+    """
+    if index.name != "MNDWI":
+        return None
+    return _find_band(bands, NIR_NAMES)
+
+
 def uncover_water_values(
-    reference: np.ndarray, samples: np.ndarray, index: WaterIndex, bands: list[str]
+    reference: np.ndarray,
+    samples: np.ndarray,
+    index: WaterIndex,
+    bands: list[str],
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """The reference ``(band, y, x)`` with water put back where ships moored on most dates hid it.
 
@@ -105,18 +124,31 @@ def uncover_water_values(
     show the water uncovered (the index turns clearly wetter and the pixel darker in every band;
     haze brightens the visible bands, noise on shore and roofs moves the index far less), the
     reference takes the median of those water values.
+
+    A white hull can be as wet as water by MNDWI (green as bright as SWIR; at Casablanca water
+    reads 0.04-0.07 and a moored white ship 0.17), never by NDWI (its NIR is bright). So where
+    ``index`` is MNDWI and the bands hold NIR, NDWI turning clearly wetter also tells water
+    uncovered, given ``floor`` ``(band, y, x)``, the reference's minimum over the misregistration
+    window: the date must then be darker than ``floor`` in every band, so that water which a 1 px
+    shift of a static edge shows (a pier's, a quay's) is not taken for a ship gone. The MNDWI test
+    stays as it was: a small ship has no pixel beyond the reach of the water around it.
     """
     if not index.available or samples.shape[0] < MIN_WET_DATES:
         return reference
     green, other = bands.index(index.bands[0]), bands.index(index.bands[1])
     ratio = _normalised_difference(reference[green], reference[other])
     sample_ratio = _normalised_difference(samples[:, green], samples[:, other])
+    nir = second_index_band(bands, index)
     with np.errstate(invalid="ignore"):
-        uncovered = (
-            (sample_ratio > 0)
-            & (sample_ratio > ratio + np.float32(WET_INCREASE))
-            & (samples < reference[None]).all(axis=1)
-        )
+        wetter = sample_ratio > ratio + np.float32(WET_INCREASE)
+        if floor is not None and nir is not None:
+            near = bands.index(nir)
+            wetter |= (
+                _normalised_difference(samples[:, green], samples[:, near])
+                > _normalised_difference(reference[green], reference[near])
+                + np.float32(WET_INCREASE)
+            ) & (samples < floor[None]).all(axis=1)
+        uncovered = (sample_ratio > 0) & wetter & (samples < reference[None]).all(axis=1)
     wet = uncovered.mean(axis=0) >= WET_SHARE
     if not wet.any():
         return reference

@@ -20,6 +20,7 @@ from spoc_xr.detect import (
 )
 from spoc_xr.errors import ParameterError
 from spoc_xr.pipeline import annotate, build_annotations, reference_and_spread
+from spoc_xr.products import choose_water_index, uncover_water_values
 from spoc_xr.reference import compute_overview, plan_radiometry
 from tests.helpers import make_stack, raise_if_dask_computes
 
@@ -237,3 +238,85 @@ def test_median_reference_is_temporal_median_of_normalised_dates(stack):
     offsets = result.offset.values[:, :, None, None]
     expected = np.median(stack.values.astype(np.float32) * gains + offsets, axis=0)
     np.testing.assert_allclose(result.reference.values, expected, rtol=1e-5)
+
+
+# Sentinel-2 style values (with the +1000 offset) for B02 B03 B04 B08 B11: water is barely wet
+# by MNDWI (~0.05) and a white hull is wetter still (~0.17), while NDWI tells them apart (0.32
+# against 0.04). The index is MNDWI, so only NDWI can tell that a berth's hull is gone.
+S2_BANDS = ["B02", "B03", "B04", "B08", "B11"]
+S2_WATER = np.array([1300.0, 2250.0, 1100.0, 1150.0, 2050.0])
+S2_HULL = np.array([13800.0, 13850.0, 13700.0, 12900.0, 9800.0])
+S2_LAND = np.array([3000.0, 4000.0, 5000.0, 9000.0, 12000.0])
+BERTH = (slice(20, 34), slice(28, 34))  # a 14 x 6 px hull beside the quay at column 40
+NEW_SHIP = (slice(50, 53), slice(10, 14))
+MOORED_DATES = {0, 1, 2, 3, 4, 5, 6}
+
+
+def moored_ship_stack(seed: int = 0) -> xr.DataArray:
+    """12 dates of water left, quay right; a white ship at its berth on 7 dates, a new ship on 9."""
+    rng = np.random.default_rng(seed)
+    shape = (64, 64)
+    quay = np.arange(shape[1])[None, None, :] >= 40
+    base = np.where(quay, S2_LAND[:, None, None], S2_WATER[:, None, None])
+    base = np.broadcast_to(base, (5, *shape)).copy()
+    dates = []
+    for t in range(12):
+        image = base.copy()
+        if t in MOORED_DATES:
+            image[(slice(None), *BERTH)] = S2_HULL[:, None, None]
+        if t == 9:
+            image[(slice(None), *NEW_SHIP)] = S2_HULL[:, None, None]
+        dates.append(image + rng.normal(0, 10, size=image.shape))
+    times = np.datetime64("2023-03-01T10:30:00") + np.arange(12) * np.timedelta64(5, "D")
+    return xr.DataArray(
+        np.clip(np.stack(dates), 1, 65535).astype(np.uint16),
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": times.astype("datetime64[ns]"),
+            "band": S2_BANDS,
+            "y": 4650000.0 - 10 * np.arange(shape[0]) - 5,
+            "x": 500000.0 + 10 * np.arange(shape[1]) + 5,
+        },
+        name="stack",
+        attrs={"nodata": 0},
+    )
+
+
+def test_the_empty_berth_of_a_white_ship_moored_on_most_dates_is_no_object():
+    stack = moored_ship_stack()
+    result = annotate(stack.chunk({"time": 1})).compute()
+    assert result.attrs["spoc_xr"]["reference_index"] in MOORED_DATES  # the ship is in it
+    # The hull's water is put back (its 1 px rim is within reach of misregistration)...
+    np.testing.assert_allclose(
+        result.reference.values[:, 22:32, 29:33].mean((1, 2)), S2_WATER, atol=50
+    )
+    mask = result.mask.values
+    for t in set(range(12)) - MOORED_DATES:
+        # ... so the empty berth is no "dark boat" (MNDWI alone leaves the hull in the reference).
+        assert not (mask[(t, *BERTH)] == SMALL).any(), f"date {t}: the empty berth is an object"
+    assert (mask[(9, *NEW_SHIP)] == SMALL).all()  # a ship that is new is still found
+    chunked = annotate(stack.chunk({"time": 1, "y": 21, "x": 30})).compute()
+    for name in ("mask", "reference", "spread", "water"):
+        np.testing.assert_array_equal(chunked[name].values, result[name].values, err_msg=name)
+
+
+def test_ndwi_uncovers_a_white_hull_but_not_a_white_pier_shifted_by_a_pixel():
+    index = choose_water_index(S2_BANDS)
+    shape = (20, 30)
+    reference = np.broadcast_to(S2_WATER[:, None, None], (5, *shape)).astype(np.float32).copy()
+    reference[:, 5:11, 4:10] = S2_HULL[:, None, None]  # a 6 x 6 hull on open water
+    reference[:, :, 20:] = S2_HULL[:, None, None]  # a white pier from column 20
+    samples = np.repeat(reference[None], 8, axis=0)
+    samples[:2, :, 5:11, 4:10] = S2_WATER[:, None, None]  # the hull is gone on 2 of 8 dates
+    samples[:4, :, :, 20] = S2_WATER[None, :, None]  # the pier's edge shifts by 1 px
+    floor = ndi.minimum_filter(reference, (1, 3, 3), mode="nearest")
+    uncovered = uncover_water_values(reference, samples, index, S2_BANDS, floor=floor)
+    gone = ~np.isclose(uncovered, reference).all(axis=0)
+    expected = np.zeros(shape, dtype=bool)
+    expected[6:10, 5:9] = True  # the hull beyond the reach of a 1 px shift
+    np.testing.assert_array_equal(gone, expected)
+    np.testing.assert_allclose(uncovered[:, 7, 6], S2_WATER)
+    # MNDWI alone (no floor) sees no water uncovered: the hull is as wet as water by it.
+    np.testing.assert_array_equal(
+        uncover_water_values(reference, samples, index, S2_BANDS), reference
+    )
