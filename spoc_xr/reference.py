@@ -163,7 +163,7 @@ def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, fl
     counts = _ratio_histogram(log_ratio)
     smoothed = ndi.gaussian_filter1d(counts.astype(np.float64), RATIO_SMOOTHING_BINS)
     peak = int(np.argmax(smoothed))
-    mode = -RATIO_RANGE + (peak + 0.5) * RATIO_BIN_WIDTH
+    mode = 0.5 * (RATIO_EDGES[peak] + RATIO_EDGES[peak + 1])
     if abs(mode) > MAX_LOG_GAIN:
         # A whole-scene change (overcast, snow) is no illumination change: mapping it onto the
         # reference would hide it. Keep the largest plausible gain and no offset.
