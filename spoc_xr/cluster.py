@@ -13,7 +13,8 @@ worker at the same path (a shared or network file system) because each read task
 OpenCV runs its own thread pool inside every call, which fights the worker's threads;
 :func:`dask_client` therefore registers :class:`OpenCVSingleThread`, a worker plugin that calls
 ``cv2.setNumThreads(1)`` on every current and future worker, and :class:`LargeArrayMalloc`, which
-keeps glibc from mapping and unmapping every tile-sized temporary (2x faster workers). With your
+keeps glibc from mapping and unmapping every tile-sized temporary (2x faster workers), and
+:class:`QuickGilHandoff`, which keeps Zarr's I/O thread from waiting behind tile tasks. With your
 own client, do the same with ``register_worker_plugins(client)``.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,6 +84,26 @@ class LargeArrayMalloc(WorkerPlugin):
             self._trim(0)
 
 
+class QuickGilHandoff(WorkerPlugin):
+    """Worker plugin: a short GIL switch interval, so Zarr's I/O thread is not starved.
+
+    See :data:`spoc_xr.store.GIL_SWITCH_INTERVAL`: the worker's threads run CPU-bound tile tasks
+    while Zarr's asyncio loop (and the worker's own event loop) need the GIL for many short steps.
+
+    Examples
+    --------
+    >>> client.register_plugin(QuickGilHandoff())  # doctest: +SKIP
+    """
+
+    name = "spoc-xr-quick-gil-handoff"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        from spoc_xr.store import GIL_SWITCH_INTERVAL
+
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+
+
 # glibc's mallopt parameters (malloc.h) and the values spoc-xr workers use.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -122,9 +144,10 @@ def malloc_trim_function() -> Any | None:
 
 
 def register_worker_plugins(client: Any) -> None:
-    """Register spoc-xr's worker plugins (OpenCV threads, malloc thresholds) on ``client``."""
+    """Register spoc-xr's worker plugins (OpenCV threads, malloc, GIL handoff) on ``client``."""
     client.register_plugin(OpenCVSingleThread())
     client.register_plugin(LargeArrayMalloc())
+    client.register_plugin(QuickGilHandoff())
 
 
 def parse_memory_limit(value: str | None) -> str | None:

@@ -251,7 +251,8 @@ def write_dataset(
     if progress:
         _compute_with_progress(prepared.to_zarr(path, compute=False, **options))
     else:
-        prepared.to_zarr(path, **options)
+        with quick_gil_handoff():
+            prepared.to_zarr(path, **options)
     mark_complete(path)
     return None
 
@@ -461,12 +462,32 @@ def _active_client() -> Any:
         return None
 
 
+#: Seconds a thread may keep the GIL while another waits for it (Python's default: 0.005).
+#: Zarr reads and writes chunks through an asyncio loop in a thread of its own, which needs the
+#: GIL for every small step; behind CPU-bound tile tasks each step waited up to the full
+#: interval. Measured on 40 dates of 4 x 2048² with 2 threads: reading the input took 10.9
+#: thread-seconds inside annotate against 2.9 with this value (alone: ~3), and annotate ran 1.4x
+#: faster; 0.001 gave 1.3x, 0.0002 no more than 0.0005.
+GIL_SWITCH_INTERVAL = 0.0005
+
+
+@contextlib.contextmanager
+def quick_gil_handoff() -> Iterator[None]:
+    """Shorten the GIL switch interval to :data:`GIL_SWITCH_INTERVAL` for a threaded compute."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, GIL_SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def _compute_with_progress(pending: Delayed) -> None:
     client = _active_client()
     if client is None:
         from dask.diagnostics import ProgressBar
 
-        with ProgressBar():
+        with ProgressBar(), quick_gil_handoff():
             dask.compute(pending)
         return
     from distributed import progress
@@ -602,7 +623,8 @@ def _write_url(
     if progress:
         _compute_with_progress(prepared.to_zarr(url, compute=False, **options))
     else:
-        prepared.to_zarr(url, **options)
+        with quick_gil_handoff():
+            prepared.to_zarr(url, **options)
     mark_complete(url, storage_options=storage_options)
     return None
 
@@ -846,7 +868,8 @@ def write_region(
         if progress:
             _compute_with_progress(pending)
         else:
-            dask.compute(pending)
+            with quick_gil_handoff():
+                dask.compute(pending)
     except (SpocError, KeyboardInterrupt):
         raise
     except Exception as exc:

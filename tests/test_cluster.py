@@ -22,6 +22,8 @@ from typing import Any
 
 import cv2
 import dask
+import dask.array as da
+import numpy as np
 import pytest
 import xarray as xr
 from distributed import Client, Security, get_task_stream
@@ -31,7 +33,7 @@ from spoc_xr.cluster import OPENCV_THREADS, dask_client
 from spoc_xr.errors import ParameterError
 from spoc_xr.ingest import ingest, open_stack
 from spoc_xr.pipeline import annotate
-from spoc_xr.store import open_store, write_dataset
+from spoc_xr.store import GIL_SWITCH_INTERVAL, open_store, write_dataset
 from spoc_xr.synthetic import make_harbour
 
 pytestmark = pytest.mark.slow
@@ -330,7 +332,24 @@ def test_worker_plugins_set_opencv_threads_and_malloc_thresholds() -> None:
     with dask_client(workers=1, threads_per_worker=1, quiet=True) as client:
         plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
         threads = client.run(cv2.getNumThreads)
+        intervals = client.run(sys.getswitchinterval)
     (names,) = plugins.values()
     assert "spoc-xr-large-array-malloc" in names
     assert "spoc-xr-opencv-threads" in names
+    assert "spoc-xr-quick-gil-handoff" in names
     assert list(threads.values()) == [1]
+    assert list(intervals.values()) == [pytest.approx(GIL_SWITCH_INTERVAL)]
+
+
+def test_threaded_writes_shorten_the_gil_interval_and_restore_it(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    def record(block: np.ndarray) -> np.ndarray:
+        seen.append(sys.getswitchinterval())
+        return block
+
+    data = da.zeros((4, 4), chunks=2).map_blocks(record, meta=np.empty((0, 0)))
+    before = sys.getswitchinterval()
+    write_dataset(xr.Dataset({"v": (("y", "x"), data)}), tmp_path / "out.zarr", overwrite=False)
+    assert seen == [pytest.approx(GIL_SWITCH_INTERVAL)] * len(seen) != []
+    assert sys.getswitchinterval() == before
