@@ -486,6 +486,15 @@ class _ScipyKernels:
         labels, count = ndi.label(mask, structure=structure)
         return labels.astype(np.int32), int(count)
 
+    def components(
+        self, mask: np.ndarray, *, connectivity: int = 8
+    ) -> tuple[np.ndarray, int, np.ndarray]:
+        labels, count = self.label(mask, connectivity=connectivity)
+        extents = [0] + [
+            max(side.stop - side.start for side in box) for box in ndi.find_objects(labels)
+        ]
+        return labels, count, np.asarray(extents, dtype=np.int32)
+
 
 @contextlib.contextmanager
 def scipy_kernels() -> Iterator[None]:
@@ -499,6 +508,7 @@ def scipy_kernels() -> Iterator[None]:
         "binary_opening",
         "binary_closing",
         "label",
+        "components",
     )
     saved = {name: getattr(kernels, name) for name in names}
     stand_in = _ScipyKernels()

@@ -35,7 +35,6 @@ from typing import Any
 import cv2
 import dask.array as da
 import numpy as np
-import scipy.ndimage as ndi
 import xarray as xr
 from dask.array.overlap import ensure_minimum_chunksize
 from dask.base import tokenize
@@ -154,7 +153,10 @@ class DetectParams:
         large = background + 2 * (self.close_size // 2) + 3 * (self.open_size // 2)
         # The haze test widens the background's reach by HAZE_WINDOW.
         small = max(2 * background, background + HAZE_WINDOW // 2)
-        return max(large, small + MAX_SMALL_EXTENT + SMALL_CONTEXT)
+        needed = max(large, small + MAX_SMALL_EXTENT + SMALL_CONTEXT)
+        # A multiple of the background's cell: tiles on a cell-aligned grid (chunks of 1024 px)
+        # then start on a cell edge and their cells need no padded copy.
+        return -(-needed // BACKGROUND_CELL) * BACKGROUND_CELL
 
     @property
     def background_reach(self) -> int:
@@ -519,7 +521,10 @@ def _cell_median(values: np.ndarray, cells: int, origin: tuple[int, int]) -> np.
     height, width = values.shape
     top, left = origin[0] % cell, origin[1] % cell
     bottom, right = -(height + top) % cell, -(width + left) % cell
-    means = kernels.block_mean(np.pad(values, ((top, bottom), (left, right)), mode="edge"), cell)
+    padding = ((top, bottom), (left, right))
+    if top or bottom or left or right:
+        values = np.pad(values, padding, mode="edge")
+    means = kernels.block_mean(values, cell)
     median = _log_restore(kernels.median_filter(_log_quantise(means), cells))
     full = kernels.upsample_linear(median, cell)
     return full[top : top + height, left : left + width]
@@ -534,13 +539,13 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     """
     if not candidates.any():
         return candidates
-    labels, count = kernels.label(candidates, connectivity=8)
+    # Any numbering will do here: only the kept pixels leave.
+    labels, count, extents = kernels.components(candidates, connectivity=8)
     if count == 0:
         return candidates
     peak = np.zeros(count + 1, dtype=np.float64)
     # Objects are sparse and ufunc.at is slow: only labelled pixels (label 0 is never kept).
-    objects = labels > 0
-    np.maximum.at(peak, labels[objects], score[objects])
+    np.maximum.at(peak, labels[candidates], score[candidates])
     # OpenCV dilates uint16 natively, 32-bit labels only through float64 (5x slower).
     compact = labels.astype(np.uint16) if count <= np.iinfo(np.uint16).max else labels
     outer = kernels.maximum_filter(compact, 5)
@@ -549,10 +554,10 @@ def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float
     ring_sum = np.bincount(outer[ring], weights=score[ring], minlength=count + 1)
     ring_count = np.bincount(outer[ring], minlength=count + 1)
     keep = ring_sum < sharpness * peak * np.maximum(ring_count, 1)
-    for index, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is not None and max(b.stop - b.start for b in box) > MAX_SMALL_EXTENT:
-            keep[index] = False
+    keep &= extents <= MAX_SMALL_EXTENT
     keep[0] = False
+    if keep[1:].all():
+        return candidates
     return keep[labels]
 
 

@@ -17,6 +17,7 @@ median_filter          uint8, bool, int8 any size; uint16, int16,       scipy.nd
 minimum/maximum        uint8, bool, int8, uint16, int16, float16,       scipy.ndimage
                        float32, float64, int32, uint32 (via float64)
 label                  ``cv2.connectedComponentsWithAlgorithm`` (SAUF)  relabelled to scipy's
+components             the same with statistics (BBDT), any numbering   (same partition)
 =====================  ===============================================  ======================
 
 int8, float16, int32 and uint32 reach OpenCV through lossless, order-preserving casts (int8 by
@@ -49,6 +50,7 @@ __all__ = [
     "binary_opening",
     "block_mean",
     "check_size",
+    "components",
     "label",
     "maximum_filter",
     "median_filter",
@@ -456,6 +458,56 @@ def _raster_starts(mask: np.ndarray, connectivity: int) -> np.ndarray:
     return mask & ~visited
 
 
+def _foreground(mask: np.ndarray, connectivity: int, caller: str) -> np.ndarray:
+    """The mask as a contiguous bool array, after checking its shape and the connectivity."""
+    if connectivity not in _CONNECTIVITIES:
+        raise ParameterError(
+            f"connectivity must be 4 or 8, got {connectivity!r}; use 8 to join diagonal "
+            f"neighbours or 4 for edge neighbours only"
+        )
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise ParameterError(
+            f"{caller} needs a 2-D mask (y, x), got shape {array.shape}; label each time step "
+            f"separately"
+        )
+    return np.ascontiguousarray(array if array.dtype == np.bool_ else array != 0)
+
+
+def components(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int, np.ndarray]:
+    """Connected components in any numbering, with the extent of each one's bounding box.
+
+    The components are scipy's (``scipy.ndimage.label``), numbered 1..n in no particular order;
+    ``extents[i]`` is the longer side of component ``i``'s bounding box (``extents[0]`` is the
+    background's). For callers that only need the partition: OpenCV's block-based algorithm with
+    statistics takes half the time of :func:`label` plus ``scipy.ndimage.find_objects``.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        int32 array of the mask's shape, 0 on the background.
+    count : int
+        Number of components.
+    extents : numpy.ndarray
+        int32 ``(count + 1,)``.
+
+    Examples
+    --------
+    >>> labels, count, extents = components(np.array([[1, 1, 0], [0, 0, 0], [0, 0, 1]]))
+    >>> count, sorted(extents[1:].tolist())
+    (2, [1, 2])
+    """
+    foreground = _foreground(mask, connectivity, "components")
+    if foreground.size == 0:
+        return np.zeros(foreground.shape, dtype=np.int32), 0, np.zeros(1, dtype=np.int32)
+    total, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        foreground.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_BBDT
+    )
+    extents = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
+    extents[0] = 0
+    return np.asarray(labels, dtype=np.int32), int(total) - 1, extents.astype(np.int32)
+
+
 def label(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int]:
     """Label connected components of a 2-D mask, numbered as scipy numbers them.
 
@@ -487,18 +539,7 @@ def label(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int]:
     >>> label(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]]), connectivity=4)[1]
     3
     """
-    if connectivity not in _CONNECTIVITIES:
-        raise ParameterError(
-            f"connectivity must be 4 or 8, got {connectivity!r}; use 8 to join diagonal "
-            f"neighbours or 4 for edge neighbours only"
-        )
-    array = np.asarray(mask)
-    if array.ndim != 2:
-        raise ParameterError(
-            f"label needs a 2-D mask (y, x), got shape {array.shape}; label each time step "
-            f"separately"
-        )
-    foreground = np.ascontiguousarray(array if array.dtype == np.bool_ else array != 0)
+    foreground = _foreground(mask, connectivity, "label")
     if foreground.size == 0:
         return np.zeros(foreground.shape, dtype=np.int32), 0
     total, raw = cv2.connectedComponentsWithAlgorithm(

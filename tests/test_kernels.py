@@ -297,6 +297,33 @@ def test_label_equals_scipy_exactly(mask: np.ndarray, connectivity: int) -> None
 
 
 @pytest.mark.parametrize("connectivity", [8, 4])
+@settings(max_examples=150, deadline=None)
+@given(mask=masks())
+def test_components_are_scipys_with_their_extents(mask: np.ndarray, connectivity: int) -> None:
+    labels, count, extents = kernels.components(mask, connectivity=connectivity)
+    expected, expected_count = ndi.label(mask, structure=STRUCTURES[connectivity])
+    assert count == expected_count
+    assert labels.dtype == np.int32 and extents.shape == (count + 1,) and extents[0] == 0
+    # The same partition: each scipy component is exactly one of ours and vice versa.
+    assert not labels[~mask].any()
+    pairs = np.unique(np.stack([labels[mask], expected[mask]]), axis=1)
+    assert pairs.shape[1] == count
+    assert len(set(pairs[0])) == len(set(pairs[1])) == count
+    boxes = ndi.find_objects(expected)
+    for ours, theirs in pairs.T:
+        box = boxes[theirs - 1]
+        assert extents[ours] == max(side.stop - side.start for side in box)
+
+
+def test_components_of_empty_masks() -> None:
+    labels, count, extents = kernels.components(np.zeros((3, 4), dtype=np.uint8))
+    assert (count, extents.tolist(), labels.any()) == (0, [0], False)
+    assert kernels.components(np.zeros((0, 3), dtype=bool))[1] == 0
+    with pytest.raises(ParameterError, match=r"components needs a 2-D mask"):
+        kernels.components(np.zeros((2, 3, 3), dtype=bool))
+
+
+@pytest.mark.parametrize("connectivity", [8, 4])
 def test_label_relabels_when_opencv_numbers_out_of_order(
     monkeypatch: pytest.MonkeyPatch, connectivity: int
 ) -> None:
