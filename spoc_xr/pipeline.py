@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -375,8 +376,52 @@ def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Resumable, appendable annotation stores
 
-#: Variables written date by date; the others (reference, spread, water, heatmap) once per store.
-DATE_VARIABLES = ("mask", "valid", "valid_fraction", "small_fraction", "large_fraction")
+#: Variables written date by date; the others (reference, spread, water, heatmap and the per-date
+#: shares, summed from the stored masks) once per store.
+DATE_VARIABLES = ("mask", "valid")
+#: Bytes of reference products (low, high, noise per band, scale; float32, with the tile's halo)
+#: that one compute of :func:`annotate_store` may hold: every date of a tile shares them, so a
+#: compute over the whole image held them for every tile (1.5 GB per worker and spilling for
+#: 4096² on 2 x 2 GB workers). Larger images are written in windows of whole tiles below this.
+TILE_GROUP_BYTES = 2**30
+#: Dask configuration key overriding :data:`TILE_GROUP_BYTES` (``DASK_SPOC_XR__TILE_GROUP_BYTES``).
+TILE_GROUP_CONFIG_KEY = "spoc_xr.tile-group-bytes"
+
+
+def tile_windows(stack: xr.DataArray, params: DetectParams) -> list[dict[str, slice]]:
+    """Chunk-aligned spatial windows whose reference products fit :data:`TILE_GROUP_BYTES`.
+
+    Windows run along rows of tiles (a tile's neighbours in the row share its halo computations);
+    the whole image is one window when it fits.
+
+    Examples
+    --------
+    >>> tile_windows(open_stack("stack.zarr"), DetectParams())  # doctest: +SKIP
+    [{'y': slice(0, 1024, None), 'x': slice(0, 11264, None)}, ...]
+    """
+    budget = dask.config.get(TILE_GROUP_CONFIG_KEY, TILE_GROUP_BYTES)
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
+        raise ParameterError(
+            f"{TILE_GROUP_CONFIG_KEY} = {budget!r} must be a positive number of bytes, e.g. 2**30"
+        )
+    chunks = _output_chunks(stack, time=False)
+    height, width = stack.sizes["y"], stack.sizes["x"]
+    tile_y = height if chunks["y"] == -1 else int(chunks["y"])
+    tile_x = width if chunks["x"] == -1 else int(chunks["x"])
+    padded = (tile_y + 2 * params.depth) * (tile_x + 2 * params.depth)
+    per_tile = (3 * stack.sizes["band"] + 1) * padded * np.dtype(np.float32).itemsize
+    per_window = max(1, int(budget // per_tile))
+    rows = range(0, height, tile_y)
+    columns = list(range(0, width, tile_x))
+    if len(rows) * len(columns) <= per_window:
+        return [{}]
+    windows = []
+    for top in rows:
+        for first in range(0, len(columns), per_window):
+            left = columns[first]
+            right = min(width, left + per_window * tile_x)
+            windows.append({"y": slice(top, min(height, top + tile_y)), "x": slice(left, right)})
+    return windows
 
 
 def annotate_store(
@@ -572,7 +617,7 @@ def _annotate_finish(
     progress: bool,
 ) -> None:
     from spoc_xr import store as st
-    from spoc_xr.detect import SMALL
+    from spoc_xr.detect import INVALID, SMALL
     from spoc_xr.reference import fit_radiometry
 
     state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
@@ -605,11 +650,14 @@ def _annotate_finish(
         stored_reference=stored["reference"],
         stored_spread=stored["spread"],
     )
-    st.write_dates(part[list(DATE_VARIABLES)], out, progress=progress)
+    windows = tile_windows(stack, params)
+    st.write_dates(part[list(DATE_VARIABLES)], out, progress=progress, windows=windows)
     st.set_stage(out, "heatmap")
     stored = _open_unfinished(out)
     counts = ((stored["mask"] == SMALL) & (stored["water"] == 1)).sum("time", dtype=np.uint16)
-    st.write_region(counts.to_dataset(name="heatmap"), out, region={}, progress=progress)
+    codes = stored["mask"].where(stored["valid"] == 1, INVALID)
+    summary = date_summary(codes).assign(heatmap=counts)
+    st.write_region(summary, out, region={}, progress=progress)
     info = dict(stored.attrs["spoc_xr"])
     info["dates"] = [str(t)[:19] for t in stack.time.values]
     st.update_attrs(out, {st.PROVENANCE_ATTR: {"recipe": recipe, "dates": dates}, "spoc_xr": info})

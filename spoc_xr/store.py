@@ -888,8 +888,14 @@ def write_dates(
     start: int = 0,
     progress: bool = False,
     batch: int | None = None,
+    windows: Sequence[dict[str, slice]] | None = None,
 ) -> list[str]:
     """Write the dates of ``ds`` that the store's progress record lacks, batch by batch.
+
+    With ``windows`` (chunk-aligned spatial slices that cover the image), every batch is written
+    one window per compute: inputs that all dates of a window share are held for one window at a
+    time, so memory does not grow with the image's area. Dates are recorded as done once every
+    window of their batch is written.
 
     Parameters
     ----------
@@ -904,6 +910,9 @@ def write_dates(
         Show a progress bar per batch.
     batch : int, optional
         Dates per compute (default :func:`dates_per_batch`).
+    windows : sequence of dict, optional
+        Spatial windows (``{"y": slice, "x": slice}``) written separately; the whole image when
+        omitted.
 
     Returns
     -------
@@ -924,12 +933,14 @@ def write_dates(
     written: list[str] = []
     for run in _contiguous_batches(missing, batch):
         first, stop = run[0], run[-1] + 1
-        write_region(
-            ds.isel(time=slice(first, stop)),
-            path,
-            region={"time": slice(start + first, start + stop)},
-            progress=progress,
-        )
+        dates = ds.isel(time=slice(first, stop))
+        for window in windows or [{}]:
+            write_region(
+                dates.isel(window),
+                path,
+                region={"time": slice(start + first, start + stop), **window},
+                progress=progress,
+            )
         done.update(labels[first:stop])
         written.extend(labels[first:stop])
         state = dict((read_attrs(path) or {}).get(PROGRESS_ATTR) or {})

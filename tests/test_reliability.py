@@ -175,6 +175,63 @@ def test_ingest_killed_mid_write_resumes_to_the_uninterrupted_result(
     assert "already complete" in finish(*command)
 
 
+def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
+    scene: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
+
+    stack = open_stack(scene["stack"])
+    writes: list[dict[str, slice]] = []
+    write_region = st.write_region
+
+    def record(ds: xr.Dataset, store: Path, *, region: dict[str, slice], **kw: Any) -> None:
+        writes.append(region)
+        write_region(ds, store, region=region, **kw)
+
+    monkeypatch.setattr(st, "write_region", record)
+    out = tmp_path / "out.zarr"
+    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1}):  # one tile per window
+        from spoc_xr.detect import DetectParams
+
+        windows = tile_windows(stack, DetectParams())
+        annotate_store(stack, out, source=scene["stack"])
+    tiles = len(stack.chunks[2]) * len(stack.chunks[3])
+    assert len(windows) == tiles > 1
+    # Each date batch wrote every window once; together they cover the image exactly once.
+    date_writes = [region for region in writes if "time" in region and "y" in region]
+    assert len(date_writes) % tiles == 0 and date_writes[:tiles] == [
+        {"time": date_writes[0]["time"], **window} for window in windows
+    ]
+    cover = np.zeros((stack.sizes["y"], stack.sizes["x"]), dtype=int)
+    for window in windows:
+        cover[window["y"], window["x"]] += 1
+    assert (cover == 1).all()
+    assert_same_store(out, scene["reference"])
+
+
+def test_tile_windows_follow_rows_and_the_budget() -> None:
+    from spoc_xr.detect import DetectParams
+    from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
+
+    stack = xr.DataArray(
+        da.zeros((2, 3, 100, 250), chunks=(1, 3, 40, 60), dtype=np.uint16),
+        dims=("time", "band", "y", "x"),
+    )
+    params = DetectParams()
+    assert tile_windows(stack, params) == [{}]  # 15 small tiles fit the default budget
+    per_tile = 10 * (40 + 2 * params.depth) * (60 + 2 * params.depth) * 4
+    with dask.config.set({TILE_GROUP_CONFIG_KEY: 2 * per_tile}):
+        windows = tile_windows(stack, params)
+    assert windows[:3] == [
+        {"y": slice(0, 40), "x": slice(0, 120)},
+        {"y": slice(0, 40), "x": slice(120, 240)},
+        {"y": slice(0, 40), "x": slice(240, 250)},
+    ]
+    assert len(windows) == 9 and windows[-1] == {"y": slice(80, 100), "x": slice(240, 250)}
+    with dask.config.set({TILE_GROUP_CONFIG_KEY: 0}), pytest.raises(SpocError, match="bytes"):
+        tile_windows(stack, params)
+
+
 def test_resume_with_other_parameters_is_refused(scene: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
     stack = open_stack(scene["stack"])
