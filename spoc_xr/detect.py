@@ -150,7 +150,9 @@ class DetectParams:
         # whose background is unreliable is too long to be small in every tiling alike.
         background = self.background_reach
         # The spread is a median of |score - background|: twice the background's reach.
-        large = background + 2 * (self.close_size // 2) + 3 * (self.open_size // 2)
+        # (the opening, the join of changed pixels next to it, and the erosion that keeps the
+        # interior of the large class whole: four open_size reaches).
+        large = background + 2 * (self.close_size // 2) + 4 * (self.open_size // 2)
         # The haze test widens the background's reach by HAZE_WINDOW.
         small = max(2 * background, background + HAZE_WINDOW // 2)
         needed = max(large, small + MAX_SMALL_EXTENT + SMALL_CONTEXT)
@@ -625,8 +627,13 @@ def classify_tile(
         closed = kernels.binary_closing(wide, params.close_size)
         large = kernels.binary_opening(closed, params.open_size)
         # The median rounds corners and lags behind soft edges: changed pixels next to the
-        # large class join it.
+        # large class join it. The closing and the median also spread the class over pixels that
+        # did not change by the large class's own test (thin haze around a cloud, the gaps the
+        # closing bridged): only changed pixels are large, those in and next to the wide change.
         large |= changed & kernels.binary_dilation(large, params.open_size)
+        # Deep inside the large class (an open_size erosion of it) unchanged pixels stay large:
+        # holes of a cloud over a surface as bright as the cloud.
+        large &= changed | kernels.binary_erosion(large, params.open_size)
     else:  # a clear date: nothing to close or open
         large = wide
     codes = large.view(np.uint8) * np.uint8(LARGE)
