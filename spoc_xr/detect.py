@@ -479,7 +479,8 @@ def _change_score_strip(
         np.fmax(score, values, out=score)
     score[~valid] = 0
     np.maximum(score, 0, out=score)
-    np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
+    if date.dtype.kind == "f":  # integer dates give finite scores (the noise scale is > 0)
+        np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
     return score, valid, net < 0
 
 
@@ -619,11 +620,12 @@ def classify_tile(
     # haze is not a cloud. A shadow takes away at most what the surface reflects, so darkening
     # is held to no such magnitude.
     wide = (background > threshold) & valid
-    changed = (score > threshold) & valid
     if scale is not None:
         wide &= darker | (background * scale > LARGE_MAGNITUDE)
-        changed &= darker | (score * scale > LARGE_MAGNITUDE)
     if wide.any():
+        changed = (score > threshold) & valid
+        if scale is not None:
+            changed &= darker | (score * scale > LARGE_MAGNITUDE)
         closed = kernels.binary_closing(wide, params.close_size)
         large = kernels.binary_opening(closed, params.open_size)
         # The median rounds corners and lags behind soft edges: changed pixels next to the
@@ -637,8 +639,8 @@ def classify_tile(
     else:  # a clear date: nothing to close or open
         large = wide
     codes = large.view(np.uint8) * np.uint8(LARGE)
-    codes[small] = SMALL
-    codes[~valid] = INVALID
+    np.copyto(codes, np.uint8(SMALL), where=small)
+    np.copyto(codes, np.uint8(INVALID), where=~valid)
     return codes
 
 
