@@ -10,14 +10,18 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+import xarray.ufuncs as xu
 import zarr
 
 from spoc_xr import __version__, kernels
 from spoc_xr.detect import (
     DEFAULT_TOLERANCE,
+    MAD_TO_SIGMA,
     NOISE_DATES,
+    NOISE_FLOOR_SHARE,
     DetectParams,
     classify,
+    noise_floor,
     pad_and_overlap,
     reference_products,
     spatial_chunks,
@@ -191,7 +195,7 @@ def build_annotations(
         raise NoDataError("the reference date holds no valid pixel; pick another reference")
     index = choose_water_index([str(b) for b in stack.band.values])
     if stored_reference is None or stored_spread is None:
-        ref, spread = reference_and_spread(stack, radiometry)
+        ref, spread = reference_and_spread(stack, radiometry, params.tolerance)
     else:
         ref, spread = stored_reference, stored_spread
     products = reference_products(ref, spread, params)
@@ -255,13 +259,15 @@ def build_annotations(
 
 
 def reference_and_spread(
-    stack: xr.DataArray, radiometry: Radiometry
+    stack: xr.DataArray, radiometry: Radiometry, tolerance: int = DEFAULT_TOLERANCE
 ) -> tuple[xr.DataArray, xr.DataArray]:
     """Lazy reference and noise model ``(band, y, x)`` float32, in one task per spatial tile.
 
     Per tile, the NOISE_DATES cleanest dates are read once and normalised; a date reference is
     cleaned of its own transient objects with their median, water hidden by ships moored on most
     dates is put back, and the robust spread of those dates around the result is the noise model.
+    The noise model is then lowered where the reference's ``tolerance`` range explains that
+    spread (:func:`range_consistent_spread`), from a second task per tile over the same dates.
     Memory per task is bounded by NOISE_DATES, whatever the length of the stack. Where the uncover
     test looks at the reference's neighbours, tiles carry REFERENCE_HALO pixels of context, so a
     chunked result equals the unchunked one.
@@ -302,7 +308,73 @@ def reference_and_spread(
     )
     ref = base.copy(data=both[0])
     spread = base.copy(data=both[1])
-    return ref, spread
+    # The spread beyond the reference's tolerance range, from the same sample dates.
+    reach = tolerance // 2
+    spatial = [spatial_chunks(chunks, reach) for chunks in stack.data.chunks[2:]]
+    excess = da.blockwise(
+        _excess_tile,
+        "byx",
+        pad_and_overlap(stack.data[indices].rechunk((-1, -1, *spatial)), reach, [2, 3]),
+        "tbyx",
+        pad_and_overlap(ref.data.rechunk((-1, *spatial)), reach, [1, 2]),
+        "byx",
+        adjust_chunks={"y": lambda n: n - 2 * reach, "x": lambda n: n - 2 * reach},
+        dtype=np.float32,
+        concatenate=True,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+        reach=reach,
+        gains=radiometry.gains[indices],
+        offsets=radiometry.offsets[indices],
+        nodata=None if nodata is None else float(nodata),
+    )
+    return ref, range_consistent_spread(spread, base.copy(data=excess))
+
+
+def range_consistent_spread(spread: xr.DataArray, excess: xr.DataArray) -> xr.DataArray:
+    """The noise model, lowered where the tolerance range already explains the dates' spread.
+
+    A date inside the reference's tolerance range scores 0, so the spread that small shifts put
+    into the dates at edges (quays, piers: misregistration) is forgiven once by the range; counted
+    again in the noise scale it hid boats moored there. Where the spread beyond the range
+    (``excess``) is lower, the noise model follows it, but never below half the spread around the
+    reference nor below the band's typical spread (calm water keeps its scale).
+    Measured on the 8 semi-real ports: real-date recall up on 5 (athens 0.771 -> 0.833).
+    """
+    typical = noise_floor(spread) / np.float32(NOISE_FLOOR_SHARE)
+    share = spread * np.float32(EXCESS_SPREAD_MIN_SHARE)
+    lowered = xu.maximum(xu.fmax(excess, typical), share)
+    return xu.minimum(spread, lowered).astype(np.float32)
+
+
+#: The noise model follows the spread beyond the tolerance range down to this share of the spread
+#: around the reference (lower let edge flicker through: demo precision 0.004 with no bound).
+EXCESS_SPREAD_MIN_SHARE = 0.5
+
+
+def _excess_tile(
+    samples_raw: np.ndarray,
+    reference: np.ndarray,
+    *,
+    reach: int,
+    gains: np.ndarray,
+    offsets: np.ndarray,
+    nodata: float | None,
+) -> np.ndarray:
+    """Robust spread of the sample dates beyond the reference's range, ``reach`` px cropped."""
+    # Unknown neighbours do not narrow the range; an unknown pixel stays NaN through the spread.
+    unknown = np.isnan(reference)
+    low = kernels.minimum_filter(np.where(unknown, np.float32(np.inf), reference), 2 * reach + 1)
+    high = kernels.maximum_filter(np.where(unknown, np.float32(-np.inf), reference), 2 * reach + 1)
+    height, width = reference.shape[1:]
+    out = np.empty(reference.shape, dtype=np.float32)
+    # Strips of rows, as in the reference task: dates x bands temporaries stay small.
+    for top in range(0, height, REFERENCE_STRIP_ROWS):
+        rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
+        samples = normalise_values(samples_raw[:, :, rows], gains, offsets, nodata)
+        beyond = np.maximum(samples - high[None, :, rows], low[None, :, rows] - samples)
+        np.maximum(beyond, 0, out=beyond)  # NaN (no data) stays NaN: the median skips it
+        out[:, rows] = nanmedian_first(beyond) * np.float32(MAD_TO_SIGMA)
+    return out[:, reach : height - reach, reach : width - reach]
 
 
 # Pixels of context of the reference task: the uncover test compares a date with the reference's

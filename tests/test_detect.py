@@ -320,3 +320,43 @@ def test_ndwi_uncovers_a_white_hull_but_not_a_white_pier_shifted_by_a_pixel():
     np.testing.assert_array_equal(
         uncover_water_values(reference, samples, index, S2_BANDS), reference
     )
+
+
+def test_noise_model_forgives_what_the_tolerance_range_explains():
+    from spoc_xr.pipeline import range_consistent_spread
+
+    shape = (1, 12, 16)
+    spread = xr.DataArray(np.full(shape, 100.0, np.float32), dims=("band", "y", "x"))
+    excess = xr.DataArray(np.zeros(shape, np.float32), dims=("band", "y", "x"))
+    excess[0, :, 8:] = 150.0  # beyond the range as much as around the reference: real flicker
+    excess[0, 0, 0] = np.nan  # no sample date: the spread around the reference stands
+    spread[0, 11, 15] = np.nan  # unknown stays unknown
+    combined = range_consistent_spread(spread, excess).values[0]
+    # Typical spread 100: a misregistered edge (no excess) keeps max(typical, half) = 100 here...
+    assert combined[5, 3] == 100.0 and combined[0, 0] == 100.0
+    spread[0, :, :4] = 400.0  # ...and an edge whose spread is 4x typical drops to half of it
+    combined = range_consistent_spread(spread, excess).values[0]
+    assert combined[5, 1] == 200.0 and combined[5, 9] == 100.0 and np.isnan(combined[11, 15])
+
+
+@pytest.mark.parametrize("chunks", [{"y": 7, "x": 9}, {"y": -1, "x": -1}])
+def test_excess_spread_equals_numpy(stack, chunks):
+    from spoc_xr.detect import MAD_TO_SIGMA, NOISE_DATES, noise_floor
+    from spoc_xr.reference import noise_sample_indices, normalise_values
+
+    _, radiometry, reference, spread = _prepared(stack, chunks)
+    indices = noise_sample_indices(radiometry, NOISE_DATES)
+    samples = normalise_values(
+        stack.values[indices], radiometry.gains[indices], radiometry.offsets[indices], 0
+    )
+    ref = reference.values
+    size = (1, DetectParams().tolerance, DetectParams().tolerance)
+    low = ndi.minimum_filter(np.where(np.isnan(ref), np.inf, ref), size, mode="nearest")
+    high = ndi.maximum_filter(np.where(np.isnan(ref), -np.inf, ref), size, mode="nearest")
+    beyond = np.maximum(np.maximum(samples - high, low - samples), 0)
+    excess = np.nanmedian(beyond, axis=0) * MAD_TO_SIGMA
+    around = np.nanmedian(np.abs(samples - ref), axis=0) * MAD_TO_SIGMA
+    typical = 2 * noise_floor(xr.DataArray(around, dims=("band", "y", "x"))).values[:, None, None]
+    expected = np.minimum(around, np.maximum(np.fmax(excess, typical), around / 2))
+    np.testing.assert_allclose(spread.values, expected, rtol=1e-5)
+    assert (spread.values < around - 1e-3).any()  # the range explains part of the spread here
