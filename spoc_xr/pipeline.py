@@ -282,7 +282,9 @@ def reference_and_spread(
         stack = stack.chunk({"time": 1})
     # Only the NDWI side of the uncover test looks at neighbours (see uncover_water_values).
     halo = REFERENCE_HALO if second_index_band(bands, index) is not None else 0
-    spatial = [spatial_chunks(chunks, halo) for chunks in stack.data.chunks[2:]]
+    # Chunks wide enough for the halo of both tasks (the excess task's is the tolerance's reach).
+    depth = max(halo, tolerance // 2)
+    spatial = [spatial_chunks(chunks, depth) for chunks in stack.data.chunks[2:]]
     samples = stack.data[indices].rechunk((-1, -1, *spatial))
     base_data = base.data if isinstance(base.data, da.Array) else da.from_array(base.values)
     nodata = stack.attrs.get("nodata")
@@ -308,19 +310,18 @@ def reference_and_spread(
     )
     ref = base.copy(data=both[0])
     spread = base.copy(data=both[1])
-    # The spread beyond the reference's tolerance range, from the same sample dates.
+    # The spread beyond the reference's tolerance range, from the same sample blocks (the range
+    # needs the reference's neighbours, the dates only their own pixels).
     reach = tolerance // 2
-    spatial = [spatial_chunks(chunks, reach) for chunks in stack.data.chunks[2:]]
-    excess = da.blockwise(
+    ref_data = ref.data.rechunk((-1, *spatial))
+    # Blocks pair by position: each tile's dates with its padded reference.
+    excess = da.map_blocks(
         _excess_tile,
-        "byx",
-        pad_and_overlap(stack.data[indices].rechunk((-1, -1, *spatial)), reach, [2, 3]),
-        "tbyx",
-        pad_and_overlap(ref.data.rechunk((-1, *spatial)), reach, [1, 2]),
-        "byx",
-        adjust_chunks={"y": lambda n: n - 2 * reach, "x": lambda n: n - 2 * reach},
+        samples,
+        pad_and_overlap(ref_data, reach, [1, 2]),
+        drop_axis=0,
+        chunks=ref_data.chunks,
         dtype=np.float32,
-        concatenate=True,
         meta=np.empty((0, 0, 0), dtype=np.float32),
         reach=reach,
         gains=radiometry.gains[indices],
@@ -360,13 +361,14 @@ def _excess_tile(
     offsets: np.ndarray,
     nodata: float | None,
 ) -> np.ndarray:
-    """Robust spread of the sample dates beyond the reference's range, ``reach`` px cropped."""
+    """Robust spread of the sample dates beyond the range of the reference (``reach`` px wider)."""
     # Unknown neighbours do not narrow the range; an unknown pixel stays NaN through the spread.
     unknown = np.isnan(reference)
-    low = kernels.minimum_filter(np.where(unknown, np.float32(np.inf), reference), 2 * reach + 1)
-    high = kernels.maximum_filter(np.where(unknown, np.float32(-np.inf), reference), 2 * reach + 1)
-    height, width = reference.shape[1:]
-    out = np.empty(reference.shape, dtype=np.float32)
+    size, core = 2 * reach + 1, (slice(None), *[slice(reach, n - reach) for n in unknown.shape[1:]])
+    low = kernels.minimum_filter(np.where(unknown, np.float32(np.inf), reference), size)[core]
+    high = kernels.maximum_filter(np.where(unknown, np.float32(-np.inf), reference), size)[core]
+    height = low.shape[1]
+    out = np.empty(low.shape, dtype=np.float32)
     # Strips of rows, as in the reference task: dates x bands temporaries stay small.
     for top in range(0, height, REFERENCE_STRIP_ROWS):
         rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
@@ -374,7 +376,7 @@ def _excess_tile(
         beyond = np.maximum(samples - high[None, :, rows], low[None, :, rows] - samples)
         np.maximum(beyond, 0, out=beyond)  # NaN (no data) stays NaN: the median skips it
         out[:, rows] = nanmedian_first(beyond) * np.float32(MAD_TO_SIGMA)
-    return out[:, reach : height - reach, reach : width - reach]
+    return out
 
 
 # Pixels of context of the reference task: the uncover test compares a date with the reference's
