@@ -8,8 +8,9 @@ The method (each step chosen for a failure of the textbook version measured on h
    ``tolerance``-pixel neighbourhood (min and max filters of the reference), so sub-pixel
    misregistration of edges is not a change, while a 2-3 px boat, never blurred, still is.
 3. A per-pixel noise scale from the time series (robust spread of the normalised dates around the
-   reference, smoothed by a k×k median filter): vegetation, surf and unstable edges need a larger
-   change than calm water. The excess over the range, in units of that scale, is the change score.
+   reference, smoothed by a k×k median filter, lowered where the range of step 2 already explains
+   it): vegetation, surf and unstable edges need a larger change than calm water. The excess over
+   the range, in units of that scale, is the change score.
 4. Local background: haze and cloud bodies raise the score over wide areas. A local median of the
    score (wider than twice any ship) is the wide change; what stands out of it by the threshold
    (``auto``: a fixed number of noise scales) and by several local spreads (a constant false-alarm
@@ -18,10 +19,11 @@ The method (each step chosen for a failure of the textbook version measured on h
    single pixels need twice the threshold, and next to haze or a cloud body five times.
 5. Morphology for the large class: the wide change above the threshold, closed (joins soft edges
    and haze fragments) then opened with an ``open_size`` square (removes anything narrower, so no
-   boat is ever large): clouds, shadows, construction, flooding. Small objects take precedence,
-   so a boat seen through haze stays a boat.
+   boat is ever large): clouds, shadows, construction, flooding; of what the closing added, only
+   pixels that changed (or lie deep inside an object) stay. Small objects take precedence, so a
+   boat seen through haze stays a boat.
 
-Everything after the reference products runs in one ``blockwise`` task per (date, tile), on tiles
+Everything after the reference products runs in one task per (date, tile), on tiles
 padded by the depth the chain needs, so a chunked result equals the unchunked one exactly.
 """
 
