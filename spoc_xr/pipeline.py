@@ -470,8 +470,10 @@ def tile_windows(stack: xr.DataArray, params: DetectParams) -> list[dict[str, sl
 
     Examples
     --------
-    >>> tile_windows(open_stack("stack.zarr"), DetectParams())  # doctest: +SKIP
-    [{'y': slice(0, 1024, None), 'x': slice(0, 11264, None)}, ...]
+    A 10980² Sentinel-2 tile of 4 bands in 1024 px chunks: one window per row of tiles.
+
+    >>> tile_windows(open_stack("s2_tile.zarr"), DetectParams())  # doctest: +SKIP
+    [{'y': slice(0, 1024, None), 'x': slice(0, 10980, None)}, ...]
     """
     budget = dask.config.get(TILE_GROUP_CONFIG_KEY, TILE_GROUP_BYTES)
     if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
