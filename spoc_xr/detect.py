@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import cv2
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -199,32 +199,51 @@ def parse_threshold(value: str | float | None) -> float | None:
 # Reference products: computed once per tile and shared by every date.
 
 
-def pad_and_overlap(array: da.Array, depth: int, axes: Sequence[int]) -> da.Array:
+def pad_and_overlap(
+    array: da.Array,
+    depth: int,
+    axes: Sequence[int],
+    tiles: Sequence[tuple[int, ...]] | None = None,
+) -> da.Array:
     """Pad ``axes`` by edge replication and add ``depth`` of overlap to every block along them.
 
     Equivalent to ``dask.array.overlap.overlap(..., boundary="nearest")`` but also valid when a
     chunk, or the whole array, is smaller than ``depth``: every block along ``axes`` gains exactly
-    ``depth`` on each side, the array's own edges replicated outward.
+    ``depth`` on each side, the array's own edges replicated outward. With ``tiles`` (chunks along
+    each of ``axes``, covering the same lengths) the output blocks are those tiles plus ``depth``,
+    assembled straight from the array's own blocks.
 
-    Each padded block is one task that copies its neighbours' borders straight into place (Dask's
-    overlap slices, pads, rechunks and concatenates: three copies, four layers).
+    Each padded block is one task that copies the parts of the blocks it reaches straight into
+    place (Dask's overlap slices, pads, rechunks and concatenates: three copies, four layers).
     """
-    if depth == 0:
-        return array
     axes = sorted(axis % array.ndim for axis in axes)
-    chunks = list(array.chunks)
-    for axis in axes:
-        chunks[axis] = spatial_chunks(chunks[axis], depth)
-    array = array.rechunk(tuple(chunks))
-    name = f"halo-{tokenize(array, depth, axes)}"
+    if depth == 0 and tiles is None:
+        return array
+    tile_chunks = [array.chunks[axis] for axis in axes] if tiles is None else list(tiles)
+    name = f"halo-{tokenize(array, depth, axes, tile_chunks)}"
+    plans = [
+        window_plans(array.chunks[axis], chunks, depth)
+        for axis, chunks in zip(axes, tile_chunks, strict=True)
+    ]
     layer: dict[Any, Any] = {}
-    offsets = _neighbour_offsets(axes)
-    for index in itertools.product(*(range(n) for n in array.numblocks)):
-        neighbours = _neighbour_keys(array, index, axes)
-        layer[(name, *index)] = (_assemble_halo, neighbours, offsets, axes, depth)
+    others = [
+        range(1) if axis in axes else range(array.numblocks[axis]) for axis in range(array.ndim)
+    ]
+    for base in itertools.product(*others):
+        for tile in itertools.product(*(range(len(chunks)) for chunks in tile_chunks)):
+            window = [plans[position][index] for position, index in enumerate(tile)]
+            index = list(base)
+            for axis, position in zip(axes, tile, strict=True):
+                index[axis] = position
+            layer[(name, *index)] = (
+                _assemble_window,
+                _window_keys(array, base, axes, window),
+                window,
+                axes,
+            )
     out_chunks = list(array.chunks)
-    for axis in axes:
-        out_chunks[axis] = tuple(c + 2 * depth for c in array.chunks[axis])
+    for axis, chunks in zip(axes, tile_chunks, strict=True):
+        out_chunks[axis] = tuple(size + 2 * depth for size in chunks)
     return da.Array(_graph(name, layer, array), name, tuple(out_chunks), meta=array._meta)
 
 
@@ -233,69 +252,71 @@ def _graph(name: str, layer: dict[Any, Any], *dependencies: da.Array) -> HighLev
     return HighLevelGraph.from_collections(name, layer, dependencies=list(dependencies))  # type: ignore[arg-type]
 
 
-def _neighbour_offsets(axes: Sequence[int]) -> list[tuple[int, ...]]:
-    return list(itertools.product((-1, 0, 1), repeat=len(axes)))
+#: How one window along one axis is filled: the pieces ``(block, block_start, block_stop,
+#: out_start, out_stop)`` and how many positions before and after it lie beyond the array.
+WindowPlan = tuple[tuple[tuple[int, int, int, int, int], ...], int, int]
 
 
-def _neighbour_keys(
-    array: da.Array, index: tuple[int, ...], axes: Sequence[int]
-) -> list[tuple[Any, ...] | None]:
-    """Keys of the block at ``index`` and of its neighbours along ``axes`` (None: off the edge)."""
-    keys: list[tuple[Any, ...] | None] = []
-    for offset in _neighbour_offsets(axes):
-        key = list(index)
-        for axis, step in zip(axes, offset, strict=True):
-            key[axis] += step
-        inside = all(0 <= key[axis] < array.numblocks[axis] for axis in axes)
-        keys.append((array.name, *key) if inside else None)
+def window_plans(chunks: Sequence[int], tiles: Sequence[int], depth: int) -> list[WindowPlan]:
+    """Plans of the windows ``tile ± depth`` along one axis, in the blocks of ``chunks``."""
+    bounds = [int(edge) for edge in np.cumsum((0, *chunks))]
+    tile_bounds = [int(edge) for edge in np.cumsum((0, *tiles))]
+    if bounds[-1] != tile_bounds[-1]:
+        raise ParameterError(f"tiles {tuple(tiles)} do not cover the chunks {tuple(chunks)}")
+    size = bounds[-1]
+    plans: list[WindowPlan] = []
+    for first, last in itertools.pairwise(tile_bounds):
+        start, stop = first - depth, last + depth
+        low, high = max(start, 0), min(stop, size)
+        pieces = []
+        for block, (edge, end) in enumerate(itertools.pairwise(bounds)):
+            top, bottom = max(low, edge), min(high, end)
+            if top < bottom:
+                pieces.append((block, top - edge, bottom - edge, top - start, bottom - start))
+        plans.append((tuple(pieces), low - start, stop - high))
+    return plans
+
+
+def _window_keys(
+    array: da.Array, base: Sequence[int], axes: Sequence[int], window: Sequence[WindowPlan]
+) -> list[tuple[Any, ...]]:
+    """Keys of the blocks a window reaches, in the order :func:`_assemble_window` takes them."""
+    keys = []
+    for combination in itertools.product(*(plan[0] for plan in window)):
+        index = list(base)
+        for axis, piece in zip(axes, combination, strict=True):
+            index[axis] = piece[0]
+        keys.append((array.name, *index))
     return keys
 
 
-def _assemble_halo(
-    neighbours: list[np.ndarray | None],
-    offsets: list[tuple[int, ...]],
-    axes: list[int],
-    depth: int,
+def _assemble_window(
+    blocks: list[np.ndarray], window: Sequence[WindowPlan], axes: Sequence[int]
 ) -> np.ndarray:
-    """One padded block from its own block and its neighbours (``None`` beyond the array)."""
-    centre = neighbours[offsets.index((0,) * len(axes))]
-    assert centre is not None
-    shape = list(centre.shape)
-    for axis in axes:
-        shape[axis] += 2 * depth
-    out = np.empty(shape, dtype=centre.dtype)
-    for block, offset in zip(neighbours, offsets, strict=True):
-        if block is None:
-            continue
-        source: list[slice] = [slice(None)] * centre.ndim
-        target: list[slice] = [slice(None)] * centre.ndim
-        for axis, step in zip(axes, offset, strict=True):
-            size = centre.shape[axis]
-            if step < 0:
-                source[axis], target[axis] = slice(-depth, None), slice(0, depth)
-            elif step > 0:
-                source[axis], target[axis] = slice(0, depth), slice(depth + size, None)
-            else:
-                source[axis], target[axis] = slice(None), slice(depth, depth + size)
+    """One window from the parts of ``blocks`` it covers, edges replicated beyond the array."""
+    shape = list(blocks[0].shape)
+    for axis, (pieces, before, after) in zip(axes, window, strict=True):
+        shape[axis] = before + sum(piece[4] - piece[3] for piece in pieces) + after
+    out = np.empty(shape, dtype=blocks[0].dtype)
+    combinations = itertools.product(*(plan[0] for plan in window))
+    for block, combination in zip(blocks, combinations, strict=True):
+        source: list[slice] = [slice(None)] * out.ndim
+        target: list[slice] = [slice(None)] * out.ndim
+        for axis, (_, first, last, top, bottom) in zip(axes, combination, strict=True):
+            source[axis], target[axis] = slice(first, last), slice(top, bottom)
         out[tuple(target)] = block[tuple(source)]
     # Beyond the array's edges: replicate its outermost row/column, one axis after the other
     # (as np.pad does), so corners take the corner pixel.
-    for position, axis in enumerate(axes):
-        size = centre.shape[axis]
-        for step, edge, fill in (
-            (-1, depth, slice(0, depth)),
-            (1, depth + size - 1, slice(depth + size, None)),
+    for axis, (_, before, after) in zip(axes, window, strict=True):
+        length = out.shape[axis]
+        for fill, edge in (
+            (slice(0, before), before),
+            (slice(length - after, length), length - after - 1),
         ):
-            missing = all(
-                block is None
-                for block, offset in zip(neighbours, offsets, strict=True)
-                if offset[position] == step
-            )
-            if missing:
-                where: list[Any] = [slice(None)] * centre.ndim
-                where[axis] = fill
-                source = [slice(None)] * centre.ndim
-                source[axis] = slice(edge, edge + 1)
+            if fill.start < fill.stop:
+                where: list[slice] = [slice(None)] * out.ndim
+                source = [slice(None)] * out.ndim
+                where[axis], source[axis] = fill, slice(edge, edge + 1)
                 out[tuple(where)] = out[tuple(source)]
     return out
 
@@ -432,23 +453,35 @@ def change_score(
     ``darker`` tells where the date fell below the top of the range, summed over bands (shadows,
     wet ground).
     """
-    height = date.shape[1]
-    score = np.empty(date.shape[1:], dtype=np.float32)
-    valid = np.empty(date.shape[1:], dtype=bool)
-    darker = np.empty(date.shape[1:], dtype=bool)
+    height, width = date.shape[1:]
+    score = np.empty((height, width), dtype=np.float32)
+    valid = np.empty((height, width), dtype=bool)
+    darker = np.empty((height, width), dtype=bool)
     # Strips of rows whose temporaries stay in the CPU cache: this runs for every date and tile,
     # and memory traffic is what it costs. Every pixel is computed on its own, so strips change
-    # nothing but the speed.
+    # nothing but the speed. The strips share two buffers.
+    values = np.empty((min(height, SCORE_STRIP_ROWS), width), dtype=np.float32)
+    below = np.empty_like(values)
     for top in range(0, height, SCORE_STRIP_ROWS):
         rows = slice(top, min(top + SCORE_STRIP_ROWS, height))
+        size = rows.stop - top
         score[rows], valid[rows], darker[rows] = _change_score_strip(
-            date[:, rows], low[:, rows], high[:, rows], noise[:, rows], gain, offset, nodata
+            date[:, rows],
+            low[:, rows],
+            high[:, rows],
+            noise[:, rows],
+            gain,
+            offset,
+            nodata,
+            values[:size],
+            below[:size],
         )
     return score, valid, darker
 
 
-# Rows per strip of change_score (a 1.3k px wide strip of float32 is ~330 kB).
-SCORE_STRIP_ROWS = 64
+# Rows per strip of change_score (256 rows of a 1.3k px wide tile: ~1.3 MB of float32
+# temporaries, within the 2 MB L2 cache; fewer rows pay more in per-call overhead).
+SCORE_STRIP_ROWS = 256
 
 
 def _change_score_strip(
@@ -459,20 +492,22 @@ def _change_score_strip(
     gain: np.ndarray,
     offset: np.ndarray,
     nodata: float | None,
+    values: np.ndarray,
+    below: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     valid = np.isfinite(low).all(axis=0)
     score = np.zeros(date.shape[1:], dtype=np.float32)
     # Sum over bands of the date minus the range's top: negative where the pixel darkened.
     net = np.zeros(date.shape[1:], dtype=np.float32)
     for band in range(date.shape[0]):
-        values = date[band].astype(np.float32)
         if nodata is not None and not np.isnan(nodata):
             valid &= date[band] != nodata
-        if values.dtype.kind == "f":
-            valid &= np.isfinite(values)
-        values *= gain[band]
+        if date.dtype.kind == "f":
+            valid &= np.isfinite(date[band])
+        # Cast and scale in one pass (float32 throughout, as astype then multiply).
+        np.multiply(date[band], gain[band], out=values, dtype=np.float32)
         values += offset[band]
-        below = low[band] - values
+        np.subtract(low[band], values, out=below)
         values -= high[band]
         net += values
         np.maximum(values, below, out=values)
@@ -498,30 +533,42 @@ def _log_restore(levels: np.ndarray) -> np.ndarray:
 
 
 def local_background(
-    score: np.ndarray, size: int, origin: tuple[int, int] = (0, 0)
-) -> tuple[np.ndarray, np.ndarray]:
-    """Local median of the score and the local robust spread of what stands out of it.
+    score: np.ndarray, size: int, origin: tuple[int, int] = (0, 0), *, spread_factor: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local median of the score, the residual from it and the robust spread of the residual.
 
     A boat covers less than half of a ``size`` window, so the median ignores it and follows
     what is wide: haze, cloud bodies, illumination residues. The spread (robust scale of the
-    residual) is large in textured changes (cloud tops, haze puffs) and ~0 on calm water.
+    residual, in sigmas times ``spread_factor``) is large in textured changes (cloud tops, haze
+    puffs) and ~0 on calm water.
 
     Both are wide and smooth, so they are computed on a grid of ``BACKGROUND_CELL`` px cells
     (the cell means of the score, a median over ``ceil(size / cell)`` cells, made odd, then
     interpolated back linearly): 16x fewer pixels than a full-resolution median of the same
     reach. The cells are anchored on the image grid (``origin`` is the global ``(y, x)`` of
     ``score[0, 0]``), so every tiling sees the same cells.
+
+    Returns
+    -------
+    background, residual, spread : numpy.ndarray
+        float32 of the score's shape; ``residual`` is ``score - background``.
     """
     cells = -(-size // BACKGROUND_CELL) | 1
     background = _cell_median(score, cells, origin)
-    residual = np.abs(score - background)
-    # The mean of |x| is sqrt(2/pi) sigma for Gaussian x (cells average |residual|).
-    spread = _cell_median(residual, cells, origin) * np.float32(MEAN_ABS_TO_SIGMA)
-    return background, spread
+    residual = score - background
+    # The mean of |x| is sqrt(2/pi) sigma for Gaussian x (cells average |residual|); scaled on
+    # the cells, before they are brought back to full resolution.
+    spread = _cell_median(
+        np.abs(residual), cells, origin, factor=np.float32(MEAN_ABS_TO_SIGMA * spread_factor)
+    )
+    return background, residual, spread
 
 
-def _cell_median(values: np.ndarray, cells: int, origin: tuple[int, int]) -> np.ndarray:
-    """Median over ``cells`` x ``cells`` grid cells of the cell means, back at full resolution."""
+def _cell_median(
+    values: np.ndarray, cells: int, origin: tuple[int, int], factor: np.float32 | None = None
+) -> np.ndarray:
+    """Median over ``cells`` x ``cells`` grid cells of the cell means (times ``factor``), back
+    at full resolution."""
     cell = BACKGROUND_CELL
     height, width = values.shape
     top, left = origin[0] % cell, origin[1] % cell
@@ -531,49 +578,69 @@ def _cell_median(values: np.ndarray, cells: int, origin: tuple[int, int]) -> np.
         values = np.pad(values, padding, mode="edge")
     means = kernels.block_mean(values, cell)
     median = _log_restore(kernels.median_filter(_log_quantise(means), cells))
+    if factor is not None:
+        median *= factor
     full = kernels.upsample_linear(median, cell)
     return full[top : top + height, left : left + width]
 
 
-def sharp_objects(candidates: np.ndarray, score: np.ndarray, *, sharpness: float) -> np.ndarray:
-    """Keep the connected candidates whose surroundings changed much less than their peak.
+def small_objects(
+    candidates: np.ndarray,
+    score: np.ndarray,
+    residual: np.ndarray,
+    threshold: float,
+    *,
+    sharpness: float = SHARPNESS,
+) -> np.ndarray:
+    """The connected candidates that pass the small class's object tests.
 
-    The ring 2 px outside each object must average below ``sharpness`` × the object's peak score:
-    hulls have crisp edges over water, haze puffs and cloud fringes fade out slowly. Objects
-    longer than ``MAX_SMALL_EXTENT`` are dropped (wakes, roads, edges).
+    A single isolated pixel (no candidate among its 8 neighbours) needs a residual above
+    ``ISOLATED_FACTOR`` x ``threshold``: one pixel is weak evidence. Then the ring 2 px outside
+    each object (within 2 px of it, not within 1 px of any candidate) must average below
+    ``sharpness`` x the object's peak score: hulls have crisp edges over water, haze puffs and
+    cloud fringes fade out slowly. Objects longer than ``MAX_SMALL_EXTENT`` are dropped (wakes,
+    roads, edges).
     """
     if not candidates.any():
         return candidates
     # Any numbering will do here: only the kept pixels leave.
     labels, count, extents = kernels.components(candidates, connectivity=8)
-    if count == 0:
-        return candidates
+    # Candidates and rings are sparse: flat indices of their pixels instead of whole-tile masks
+    # (a boolean-mask gather or a label lookup over the tile costs more than the rest).
+    members = np.flatnonzero(candidates)
+    flat_labels = labels.reshape(-1)
+    member_labels = flat_labels[members]
+    # Isolated pixels are the components of one pixel; dropping the weak ones before the rings
+    # are drawn lets the rings of their neighbours pass over them.
+    area = np.bincount(member_labels, minlength=count + 1)
+    weak = area[member_labels] == 1
+    weak &= ~(residual.reshape(-1)[members] > ISOLATED_FACTOR * threshold)
+    if weak.any():
+        candidates = candidates.copy()
+        candidates.reshape(-1)[members[weak]] = False
+        flat_labels[members[weak]] = 0
+        members, member_labels = members[~weak], member_labels[~weak]
+        if members.size == 0:
+            return candidates
+    flat_score = score.reshape(-1)
     peak = np.zeros(count + 1, dtype=np.float64)
-    # Objects are sparse and ufunc.at is slow: only labelled pixels (label 0 is never kept).
-    np.maximum.at(peak, labels[candidates], score[candidates])
+    np.maximum.at(peak, member_labels, flat_score[members])
     # OpenCV dilates uint16 natively, 32-bit labels only through float64 (5x slower).
     compact = labels.astype(np.uint16) if count <= np.iinfo(np.uint16).max else labels
     outer = kernels.maximum_filter(compact, 5)
-    inner = kernels.maximum_filter(compact, 3)
-    ring = (outer > 0) & (inner == 0)
-    ring_sum = np.bincount(outer[ring], weights=score[ring], minlength=count + 1)
-    ring_count = np.bincount(outer[ring], minlength=count + 1)
+    ring = np.flatnonzero((outer > 0) & ~kernels.binary_dilation(candidates, 3))
+    ring_labels = outer.reshape(-1)[ring]
+    ring_sum = np.bincount(ring_labels, weights=flat_score[ring], minlength=count + 1)
+    ring_count = np.bincount(ring_labels, minlength=count + 1)
     keep = ring_sum < sharpness * peak * np.maximum(ring_count, 1)
     keep &= extents <= MAX_SMALL_EXTENT
     keep[0] = False
-    if keep[1:].all():
+    dropped = members[~keep[member_labels]]
+    if dropped.size == 0:
         return candidates
-    return keep[labels]
-
-
-def drop_weak_isolated(small: np.ndarray, residual: np.ndarray, threshold: float) -> np.ndarray:
-    """Single isolated pixels need twice the threshold: one pixel is weak evidence."""
-    # Pixels set in each 3 x 3 window (itself included), zero beyond the tile.
-    neighbours = cv2.boxFilter(
-        small.view(np.uint8), -1, (3, 3), normalize=False, borderType=cv2.BORDER_CONSTANT
-    )
-    isolated = small & (neighbours == 1)
-    return small & (~isolated | (residual > ISOLATED_FACTOR * threshold))
+    small = candidates.copy()
+    small.reshape(-1)[dropped] = False
+    return small
 
 
 def classify_tile(
@@ -599,14 +666,14 @@ def classify_tile(
     """
     score, valid, darker = change_score(date, low, high, noise, gain, offset, nodata=nodata)
     threshold = params.effective_threshold
-    background, spread = local_background(score, params.background_size, origin)
-    residual = score - background
+    background, residual, needed = local_background(
+        score, params.background_size, origin, spread_factor=CFAR_FACTOR
+    )
     # Small: stands out of its local background by the threshold and by CFAR_FACTOR local
     # spreads (a constant false-alarm rate in textured changes), with crisp edges.
     # Near haze or a cloud body, puffs and fringes look like small objects: there a small object
     # must stand out HAZE_FACTOR times more.
     # Both tests at once: the residual must exceed the larger of the two levels.
-    needed = spread * np.float32(CFAR_FACTOR)
     np.maximum(needed, np.float32(threshold), out=needed)
     hazy_seed = background > HAZE_LEVEL * threshold
     if hazy_seed.any():  # most dates have no haze: skip the wide dilation
@@ -614,8 +681,7 @@ def classify_tile(
         np.maximum(needed, np.float32(HAZE_FACTOR * threshold), out=needed, where=hazy)
     candidates = residual > needed
     candidates &= valid
-    candidates = drop_weak_isolated(candidates, residual, threshold)
-    small = sharp_objects(candidates, score, sharpness=SHARPNESS)
+    small = small_objects(candidates, score, residual, threshold)
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
     # opening removes everything narrower than open_size, so no boat can be large.
     # Where the pixel brightened, both must also be large in noise floors (LARGE_MAGNITUDE): thin
@@ -647,7 +713,8 @@ def classify_tile(
 
 
 def _classify_window(
-    neighbours: list[np.ndarray | None],
+    blocks: list[np.ndarray],
+    window: Sequence[WindowPlan],
     low: np.ndarray,
     high: np.ndarray,
     noise: np.ndarray,
@@ -658,7 +725,7 @@ def _classify_window(
     settings: dict[str, Any],
 ) -> np.ndarray:
     depth = settings["depth"]
-    date = _assemble_halo(neighbours, _neighbour_offsets([2, 3]), [2, 3], depth)
+    date = _assemble_window(blocks, window, [2, 3])
     codes = classify_tile(
         date[0],
         low,
@@ -673,6 +740,47 @@ def _classify_window(
     )
     core = codes[depth:-depth, depth:-depth] if depth else codes
     return core[None]
+
+
+#: Side (px) up to which classification merges neighbouring chunks into one tile: each tile
+#: computes its halo (:attr:`DetectParams.depth`, 124 px by default) once, a smaller share of a
+#: larger tile (2296² computed per 2048² kept, against 1272² per 1024²). A tile's task holds
+#: about 40 bytes per padded pixel of temporaries (~210 MB at 2296²).
+CLASSIFY_TILE = 2048
+#: Dask configuration key overriding :data:`CLASSIFY_TILE` (``DASK_SPOC_XR__CLASSIFY_TILE``).
+CLASSIFY_TILE_CONFIG_KEY = "spoc_xr.classify-tile"
+
+
+def classification_chunks(chunks: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Classification tiles along one axis: runs of consecutive ``chunks`` merged while they fit
+    the tile side (:data:`CLASSIFY_TILE`; a larger chunk stays whole), none shorter than ``depth``.
+
+    Examples
+    --------
+    >>> classification_chunks((1024,) * 10 + (740,), 124)
+    (2048, 2048, 2048, 2048, 2048, 740)
+    """
+    side = dask.config.get(CLASSIFY_TILE_CONFIG_KEY, CLASSIFY_TILE)
+    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+        raise ParameterError(
+            f"{CLASSIFY_TILE_CONFIG_KEY} = {side!r} must be a whole number of pixels >= 1, "
+            f"e.g. {CLASSIFY_TILE}"
+        )
+    tiles: list[int] = []
+    for size in chunks:
+        if tiles and tiles[-1] + size <= side:
+            tiles[-1] += size
+        else:
+            tiles.append(size)
+    # A tile shorter than the halo joins its shorter neighbour: tiles stay unions of whole
+    # chunks, so windows of tiles are windows of chunks too.
+    while len(tiles) > 1 and min(tiles) < depth:
+        short = tiles.index(min(tiles))
+        if short == 0 or (short < len(tiles) - 1 and tiles[short + 1] < tiles[short - 1]):
+            tiles[short : short + 2] = [tiles[short] + tiles[short + 1]]
+        else:
+            tiles[short - 1 : short + 1] = [tiles[short - 1] + tiles[short]]
+    return tuple(tiles)
 
 
 def classify(
@@ -706,18 +814,16 @@ def classify(
     """
     stack = stack.transpose("time", "band", "y", "x")
     data = stack.data if isinstance(stack.data, da.Array) else da.from_array(stack.data)
+    data = data.rechunk({0: 1, 1: -1})
     depth = params.depth
-    spatial = [spatial_chunks(data.chunks[axis], depth) for axis in (2, 3)]
-    data = data.rechunk((1, -1, *spatial))
+    spatial = [classification_chunks(data.chunks[axis], depth) for axis in (2, 3)]
 
     def padded(name: str) -> da.Array:
         array = products[name].transpose("band", "y", "x").data
-        return pad_and_overlap(array.rechunk((-1, *spatial)), depth, [1, 2])
+        return pad_and_overlap(array, depth, [1, 2], tiles=spatial)
 
     low, high, noise = padded("low"), padded("high"), padded("noise")
-    scale = pad_and_overlap(
-        products["scale"].transpose("y", "x").data.rechunk(spatial), depth, [0, 1]
-    )
+    scale = pad_and_overlap(products["scale"].transpose("y", "x").data, depth, [0, 1], spatial)
     nodata = stack.attrs.get("nodata")
     settings = {
         "nodata": None if nodata is None else float(nodata),
@@ -725,15 +831,18 @@ def classify(
         "depth": depth,
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
-    # One task per (date, tile) that assembles its padded window from the date's neighbouring
-    # blocks itself: no padded copy of every date waits in memory for its task.
+    # One task per (date, tile) that assembles its padded window from the date's blocks itself:
+    # no padded copy of every date waits in memory for its task.
     name = f"classify-{tokenize(data, low, high, noise, scale, gains32, offsets32, settings)}"
     layer: dict[Any, Any] = {}
+    plans = [window_plans(data.chunks[axis], spatial[axis - 2], depth) for axis in (2, 3)]
     tops, lefts = (np.cumsum((0, *sizes[:-1])) - depth for sizes in spatial)
-    for t, i, j in itertools.product(*(range(n) for n in (data.numblocks[0], *data.numblocks[2:]))):
+    for t, i, j in itertools.product(range(data.numblocks[0]), *(range(len(c)) for c in spatial)):
+        window = [plans[0][i], plans[1][j]]
         layer[(name, t, i, j)] = (
             _classify_window,
-            _neighbour_keys(data, (t, 0, i, j), [2, 3]),
+            _window_keys(data, (t, 0, 0, 0), [2, 3], window),
+            window,
             (low.name, 0, i, j),
             (high.name, 0, i, j),
             (noise.name, 0, i, j),

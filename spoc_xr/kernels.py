@@ -474,6 +474,10 @@ def _foreground(mask: np.ndarray, connectivity: int, caller: str) -> np.ndarray:
     return np.ascontiguousarray(array if array.dtype == np.bool_ else array != 0)
 
 
+# Foreground pixels per tile below which components() skips OpenCV's statistics pass (1 in N).
+SPARSE_COMPONENTS_SHARE = 64
+
+
 def components(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int, np.ndarray]:
     """Connected components in any numbering, with the extent of each one's bounding box.
 
@@ -500,12 +504,30 @@ def components(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, 
     foreground = _foreground(mask, connectivity, "components")
     if foreground.size == 0:
         return np.zeros(foreground.shape, dtype=np.int32), 0, np.zeros(1, dtype=np.int32)
-    total, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+    members = np.flatnonzero(foreground)
+    if members.size * SPARSE_COMPONENTS_SHARE > foreground.size:
+        total, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            foreground.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_BBDT
+        )
+        extents = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
+        extents[0] = 0
+        return np.asarray(labels, dtype=np.int32), int(total) - 1, extents.astype(np.int32)
+    # Sparse masks: OpenCV's statistics pass over every pixel costs more than the labelling;
+    # the bounding boxes from the foreground pixels alone.
+    total, found = cv2.connectedComponentsWithAlgorithm(
         foreground.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_BBDT
     )
-    extents = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
-    extents[0] = 0
-    return np.asarray(labels, dtype=np.int32), int(total) - 1, extents.astype(np.int32)
+    numbered = np.asarray(found, dtype=np.int32)
+    member_labels = numbered.reshape(-1)[members]
+    extents = np.zeros(int(total), dtype=np.int32)
+    for coordinate in np.divmod(members, foreground.shape[1]):
+        lowest = np.full(int(total), np.iinfo(np.intp).max, dtype=np.intp)
+        highest = np.full(int(total), -1, dtype=np.intp)
+        np.minimum.at(lowest, member_labels, coordinate)
+        np.maximum.at(highest, member_labels, coordinate)
+        side = (highest - lowest + 1)[1:]
+        np.maximum(extents[1:], side, out=extents[1:])
+    return numbered, int(total) - 1, extents
 
 
 def label(mask: np.ndarray, *, connectivity: int = 8) -> tuple[np.ndarray, int]:

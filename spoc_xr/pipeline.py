@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from spoc_xr.detect import (
     NOISE_DATES,
     NOISE_FLOOR_SHARE,
     DetectParams,
+    classification_chunks,
     classify,
     noise_floor,
     pad_and_overlap,
@@ -470,33 +472,33 @@ def tile_windows(stack: xr.DataArray, params: DetectParams) -> list[dict[str, sl
 
     Examples
     --------
-    A 10980² Sentinel-2 tile of 4 bands in 1024 px chunks: one window per row of tiles.
+    A 10980² Sentinel-2 tile of 4 bands in 1024 px chunks: classification tiles of 2048 px
+    (:func:`spoc_xr.detect.classification_chunks`), three of them per window.
 
     >>> tile_windows(open_stack("s2_tile.zarr"), DetectParams())  # doctest: +SKIP
-    [{'y': slice(0, 1024, None), 'x': slice(0, 10980, None)}, ...]
+    [{'y': slice(0, 2048, None), 'x': slice(0, 6144, None)}, ...]
     """
     budget = dask.config.get(TILE_GROUP_CONFIG_KEY, TILE_GROUP_BYTES)
     if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
         raise ParameterError(
             f"{TILE_GROUP_CONFIG_KEY} = {budget!r} must be a positive number of bytes, e.g. 2**30"
         )
-    chunks = _output_chunks(stack, time=False)
-    height, width = stack.sizes["y"], stack.sizes["x"]
-    tile_y = height if chunks["y"] == -1 else int(chunks["y"])
-    tile_x = width if chunks["x"] == -1 else int(chunks["x"])
-    padded = (tile_y + 2 * params.depth) * (tile_x + 2 * params.depth)
+    sizes = stack.chunksizes
+    tiles = [
+        classification_chunks(sizes[dim] if sizes else (stack.sizes[dim],), params.depth)
+        for dim in ("y", "x")
+    ]
+    padded = (max(tiles[0]) + 2 * params.depth) * (max(tiles[1]) + 2 * params.depth)
     per_tile = (3 * stack.sizes["band"] + 1) * padded * np.dtype(np.float32).itemsize
     per_window = max(1, int(budget // per_tile))
-    rows = range(0, height, tile_y)
-    columns = list(range(0, width, tile_x))
-    if len(rows) * len(columns) <= per_window:
+    if len(tiles[0]) * len(tiles[1]) <= per_window:
         return [{}]
+    rows, columns = ([int(edge) for edge in np.cumsum((0, *sides))] for sides in tiles)
     windows = []
-    for top in rows:
-        for first in range(0, len(columns), per_window):
-            left = columns[first]
-            right = min(width, left + per_window * tile_x)
-            windows.append({"y": slice(top, min(height, top + tile_y)), "x": slice(left, right)})
+    for top, bottom in itertools.pairwise(rows):
+        for first in range(0, len(columns) - 1, per_window):
+            last = min(first + per_window, len(columns) - 1)
+            windows.append({"y": slice(top, bottom), "x": slice(columns[first], columns[last])})
     return windows
 
 

@@ -10,9 +10,11 @@ import xarray as xr
 
 from spoc_xr import kernels
 from spoc_xr.detect import (
+    CLASSIFY_TILE_CONFIG_KEY,
     LARGE,
     SMALL,
     DetectParams,
+    classification_chunks,
     classify,
     classify_tile,
     parse_threshold,
@@ -151,6 +153,37 @@ def test_annotate_chunked_equals_single_chunk(stack):
     tiled = annotate(stack.chunk({"time": 1, "y": 6, "x": 10}), params=PARAMS).compute()
     for name in ("mask", "valid", "heatmap", "reference", "water"):
         np.testing.assert_array_equal(tiled[name].values, whole[name].values, err_msg=name)
+
+
+def test_classification_tiles_of_merged_chunks_equal_the_whole_image():
+    # Larger than twice the halo (112 px), so that several classification tiles exist.
+    big = make_stack(n_time=3, shape=(270, 250), seed=2)
+    chunked, radiometry, reference, spread = _prepared(big, {"y": 50, "x": 60})
+    products = reference_products(reference, spread, PARAMS)
+    whole = classify(
+        big.chunk({"time": 1}), products, radiometry.gains, radiometry.offsets, PARAMS
+    ).values
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 150}):
+        codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS)
+    # Chunks merged up to 150 px, the 10 px left over joined to its neighbour.
+    assert codes.chunks[1:] == ((150, 120), (120, 130))
+    np.testing.assert_array_equal(codes.values, whole)
+    assert (whole == SMALL).any()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "side", "depth", "tiles"),
+    [
+        ((1024,) * 10 + (740,), 2048, 124, (2048,) * 5 + (740,)),
+        ((1024, 1024, 60), 2048, 124, (2108,)),  # too short for the halo: joins its neighbour
+        ((3000, 3000, 500), 2048, 124, (3000, 3000, 500)),  # larger chunks stay whole
+        ((37, 37, 26), 1, 50, (100,)),
+        ((6, 6, 6, 6, 6), 1, 10, (12, 18)),
+    ],
+)
+def test_classification_chunks_merge_whole_chunks(chunks, side, depth, tiles):
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: side}):
+        assert classification_chunks(chunks, depth) == tiles
 
 
 def test_default_parameters_chunked_equal_single_chunk(stack):

@@ -37,10 +37,11 @@ def write_scene(
     nodata: float | None = None,
     blank: int | None = None,
     nan_box: bool = False,
+    side: int = SIDE,
 ) -> Path:
     """A harbour-like series of GeoTIFFs; date ``blank`` all nodata; NaN box on date 1."""
     folder.mkdir(parents=True, exist_ok=True)
-    stack = make_stack(n_time=n_time, shape=(SIDE, SIDE))
+    stack = make_stack(n_time=n_time, shape=(side, side))
     for t in range(n_time):
         data = stack.values[t].astype(dtype)
         if blank == t:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import cv2
 import hypothesis.extra.numpy as hnp
@@ -297,10 +298,15 @@ def test_label_equals_scipy_exactly(mask: np.ndarray, connectivity: int) -> None
 
 
 @pytest.mark.parametrize("connectivity", [8, 4])
+# Both ways to the extents: OpenCV's statistics (dense) and the foreground pixels (sparse).
+@pytest.mark.parametrize("sparse_share", [1, 2**40])
 @settings(max_examples=150, deadline=None)
 @given(mask=masks())
-def test_components_are_scipys_with_their_extents(mask: np.ndarray, connectivity: int) -> None:
-    labels, count, extents = kernels.components(mask, connectivity=connectivity)
+def test_components_are_scipys_with_their_extents(
+    mask: np.ndarray, connectivity: int, sparse_share: int
+) -> None:
+    with mock.patch.object(kernels, "SPARSE_COMPONENTS_SHARE", sparse_share):
+        labels, count, extents = kernels.components(mask, connectivity=connectivity)
     expected, expected_count = ndi.label(mask, structure=STRUCTURES[connectivity])
     assert count == expected_count
     assert labels.dtype == np.int32 and extents.shape == (count + 1,) and extents[0] == 0

@@ -176,11 +176,17 @@ def test_ingest_killed_mid_write_resumes_to_the_uninterrupted_result(
 
 
 def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
-    scene: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from spoc_xr.detect import CLASSIFY_TILE_CONFIG_KEY, DetectParams
     from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
 
-    stack = open_stack(scene["stack"])
+    # Large enough for several classification tiles at the default halo (124 px).
+    src = write_scene(tmp_path / "src", n_time=4, side=260)
+    assert ingest_store(src, tmp_path / "stack.zarr", chunks=64) == "written"
+    stack = open_stack(tmp_path / "stack.zarr")
+    whole = tmp_path / "whole.zarr"  # one classification tile, one window
+    annotate_store(stack, whole, source=tmp_path / "stack.zarr")
     writes: list[dict[str, slice]] = []
     write_region = st.write_region
 
@@ -190,45 +196,44 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
 
     monkeypatch.setattr(st, "write_region", record)
     out = tmp_path / "out.zarr"
-    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1}):  # one tile per window
-        from spoc_xr.detect import DetectParams
-
+    # Tiles of 2 x 2 chunks (the 4 px left over joins the last), one tile per window.
+    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1, CLASSIFY_TILE_CONFIG_KEY: 128}):
         windows = tile_windows(stack, DetectParams())
-        annotate_store(stack, out, source=scene["stack"])
-    tiles = len(stack.chunks[2]) * len(stack.chunks[3])
-    assert len(windows) == tiles > 1
+        annotate_store(stack, out, source=tmp_path / "stack.zarr")
+    edges = [slice(0, 128), slice(128, 260)]
+    assert windows == [{"y": y, "x": x} for y in edges for x in edges]
     # Each date batch wrote every window once; together they cover the image exactly once.
     date_writes = [region for region in writes if "time" in region and "y" in region]
-    assert len(date_writes) % tiles == 0 and date_writes[:tiles] == [
+    assert len(date_writes) % len(windows) == 0 and date_writes[: len(windows)] == [
         {"time": date_writes[0]["time"], **window} for window in windows
     ]
-    cover = np.zeros((stack.sizes["y"], stack.sizes["x"]), dtype=int)
-    for window in windows:
-        cover[window["y"], window["x"]] += 1
-    assert (cover == 1).all()
-    assert_same_store(out, scene["reference"])
+    assert_same_store(out, whole)
 
 
-def test_tile_windows_follow_rows_and_the_budget() -> None:
-    from spoc_xr.detect import DetectParams
+def test_tile_windows_follow_rows_of_classification_tiles_and_the_budget() -> None:
+    from spoc_xr.detect import CLASSIFY_TILE_CONFIG_KEY, DetectParams
     from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
 
     stack = xr.DataArray(
-        da.zeros((2, 3, 100, 250), chunks=(1, 3, 40, 60), dtype=np.uint16),
+        da.zeros((2, 3, 700, 1300), chunks=(1, 3, 256, 256), dtype=np.uint16),
         dims=("time", "band", "y", "x"),
     )
     params = DetectParams()
-    assert tile_windows(stack, params) == [{}]  # 15 small tiles fit the default budget
-    per_tile = 10 * (40 + 2 * params.depth) * (60 + 2 * params.depth) * 4
-    with dask.config.set({TILE_GROUP_CONFIG_KEY: 2 * per_tile}):
-        windows = tile_windows(stack, params)
-    assert windows[:3] == [
-        {"y": slice(0, 40), "x": slice(0, 120)},
-        {"y": slice(0, 40), "x": slice(120, 240)},
-        {"y": slice(0, 40), "x": slice(240, 250)},
+    assert tile_windows(stack, params) == [{}]  # one 700 x 1300 tile fits the default budget
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 512}):
+        # Tiles 512 + 188 rows, 512 + 512 + 276 columns (the last 20 px join their neighbour).
+        per_tile = 10 * (512 + 2 * params.depth) ** 2 * 4
+        with dask.config.set({TILE_GROUP_CONFIG_KEY: 2 * per_tile}):
+            windows = tile_windows(stack, params)
+    assert windows == [
+        {"y": slice(0, 512), "x": slice(0, 1024)},
+        {"y": slice(0, 512), "x": slice(1024, 1300)},
+        {"y": slice(512, 700), "x": slice(0, 1024)},
+        {"y": slice(512, 700), "x": slice(1024, 1300)},
     ]
-    assert len(windows) == 9 and windows[-1] == {"y": slice(80, 100), "x": slice(240, 250)}
     with dask.config.set({TILE_GROUP_CONFIG_KEY: 0}), pytest.raises(SpocError, match="bytes"):
+        tile_windows(stack, params)
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 0}), pytest.raises(SpocError, match="pixels"):
         tile_windows(stack, params)
 
 
