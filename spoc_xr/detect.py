@@ -30,6 +30,7 @@ padded by the depth the chain needs, so a chunked result equals the unchunked on
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -783,6 +784,39 @@ def classification_chunks(chunks: Sequence[int], depth: int) -> tuple[int, ...]:
     return tuple(tiles)
 
 
+def _split_tiles(tiles: da.Array, chunks: Sequence[tuple[int, ...]]) -> da.Array:
+    """The classification tiles ``(time, y, x)`` cut back into the stack's own ``chunks``.
+
+    Every chunk lies inside one tile (tiles are runs of whole chunks), so each is a view of its
+    tile: a rechunk would copy every chunk once more.
+    """
+    if tuple(tiles.chunks[1:]) == tuple(chunks):
+        return tiles
+    name = f"classify-chunks-{tokenize(tiles, chunks)}"
+    pieces = []
+    for tile_sizes, sizes in zip(tiles.chunks[1:], chunks, strict=True):
+        bounds = np.cumsum((0, *sizes))
+        tile_bounds = np.cumsum((0, *tile_sizes))
+        tile_of = np.searchsorted(tile_bounds, bounds[:-1], side="right") - 1
+        starts = bounds[:-1] - tile_bounds[tile_of]
+        pieces.append(
+            [
+                (int(tile), slice(int(start), int(start + size)))
+                for tile, start, size in zip(tile_of, starts, sizes, strict=True)
+            ]
+        )
+    layer: dict[Any, Any] = {}
+    for t in range(tiles.numblocks[0]):
+        for i, (tile_y, rows) in enumerate(pieces[0]):
+            for j, (tile_x, columns) in enumerate(pieces[1]):
+                layer[(name, t, i, j)] = (
+                    operator.getitem,
+                    (tiles.name, t, tile_y, tile_x),
+                    (slice(None), rows, columns),
+                )
+    return da.Array(_graph(name, layer, tiles), name, (tiles.chunks[0], *chunks), meta=tiles._meta)
+
+
 def classify(
     stack: xr.DataArray,
     products: xr.Dataset,
@@ -852,11 +886,12 @@ def classify(
             (int(tops[i]), int(lefts[j])),
             settings,
         )
-    codes = da.Array(
+    tiles = da.Array(
         _graph(name, layer, data, low, high, noise, scale),
         name,
         (data.chunks[0], *spatial),
         meta=np.empty((0, 0, 0), dtype=np.uint8),
     )
+    codes = _split_tiles(tiles, data.chunks[2:])
     coords = {name: stack.coords[name] for name in ("time", "y", "x")}
     return xr.DataArray(codes, dims=("time", "y", "x"), coords=coords, name="codes")

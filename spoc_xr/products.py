@@ -152,8 +152,13 @@ def uncover_water_values(
     wet = uncovered.mean(axis=0) >= WET_SHARE
     if not wet.any():
         return reference
-    water = nanmedian_first(np.where(uncovered[:, None], samples, np.float32(np.nan)))
-    return np.where(wet[None], water, reference).astype(np.float32)
+    # Berths are few: the median of the water values only where the reference takes it.
+    rows, columns = np.nonzero(wet)
+    picked = samples[:, :, rows, columns]
+    water = nanmedian_first(np.where(uncovered[:, None, rows, columns], picked, np.float32(np.nan)))
+    out = reference.astype(np.float32)
+    out[:, rows, columns] = water
+    return out
 
 
 def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:

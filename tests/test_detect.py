@@ -165,8 +165,12 @@ def test_classification_tiles_of_merged_chunks_equal_the_whole_image():
     ).values
     with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 150}):
         codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS)
-    # Chunks merged up to 150 px, the 10 px left over joined to its neighbour.
-    assert codes.chunks[1:] == ((150, 120), (120, 130))
+    # Chunks merged into tiles up to 150 px (the 10 px left over joined to its neighbour): 2 x 2
+    # tiles per date, cut back into the stack's chunks.
+    layers = codes.data.dask.layers
+    tiles = [name for name in layers if name.startswith("classify-") and "chunks" not in name]
+    assert len(tiles) == 1 and len(layers[tiles[0]]) == 3 * 2 * 2
+    assert codes.chunks[1:] == ((50,) * 5 + (20,), (60,) * 4 + (10,))
     np.testing.assert_array_equal(codes.values, whole)
     assert (whole == SMALL).any()
 
