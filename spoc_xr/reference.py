@@ -11,6 +11,7 @@ temporal median of the radiometrically normalised dates (``median``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -438,10 +439,14 @@ def nanmedian_first(values: np.ndarray) -> np.ndarray:
     ordered = values.astype(np.float32).reshape(n_dates, -1)  # a copy, sorted in place
     median = np.empty(ordered.shape[1], dtype=np.float32)
     network = sorting_network(n_dates)
+    middle = middle_network(n_dates)
     step = max(1, MEDIAN_PIECE_BYTES // (4 * n_dates))
     for start in range(0, ordered.shape[1], step):
         piece = ordered[:, start : start + step]
-        median[start : start + step] = _network_median(piece, network)
+        if np.isnan(piece.sum()):
+            median[start : start + step] = _network_median(piece, network)
+        else:  # no date missing (most pieces): the two middle values are the median
+            median[start : start + step] = _middle_median(piece, middle)
     return median.reshape(values.shape[1:])
 
 
@@ -463,6 +468,33 @@ def _network_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.nda
     median = (low_value + high_value) / np.float32(2)
     median[count == 0] = np.nan
     return median
+
+
+def _middle_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
+    for first, second in network:
+        low = np.minimum(piece[first], piece[second])
+        np.maximum(piece[first], piece[second], out=piece[second])
+        piece[first] = low
+    size = piece.shape[0]
+    median = piece[(size - 1) // 2] + piece[size // 2]
+    median /= np.float32(2)
+    return median
+
+
+@functools.lru_cache(maxsize=NETWORK_MAX_DATES + 1)
+def middle_network(size: int) -> list[tuple[int, int]]:
+    """The comparators of :func:`sorting_network` that the two middle positions depend on.
+
+    Applied in order, they leave at positions ``(size - 1) // 2`` and ``size // 2`` what the
+    whole sort leaves there (19 -> 17 comparators for 8 elements).
+    """
+    needed = {(size - 1) // 2, size // 2}
+    kept: list[tuple[int, int]] = []
+    for first, second in reversed(sorting_network(size)):
+        if first in needed or second in needed:
+            kept.append((first, second))
+            needed |= {first, second}
+    return kept[::-1]
 
 
 def sorting_network(size: int) -> list[tuple[int, int]]:

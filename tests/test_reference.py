@@ -13,7 +13,12 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoc_xr.reference import nanmedian_first, sorting_network, temporal_median
+from spoc_xr.reference import (
+    middle_network,
+    nanmedian_first,
+    sorting_network,
+    temporal_median,
+)
 
 
 @pytest.mark.parametrize("size", range(1, 13))
@@ -43,6 +48,31 @@ def _numpy_nanmedian(values: np.ndarray) -> np.ndarray:
     )
 )
 def test_nanmedian_first_equals_numpy(values):
+    np.testing.assert_array_equal(nanmedian_first(values), _numpy_nanmedian(values))
+
+
+@pytest.mark.parametrize("size", range(1, 13))
+def test_middle_network_places_the_two_middle_values_of_every_zero_one_input(size):
+    network = middle_network(size)
+    assert len(network) <= len(sorting_network(size))
+    middle = [(size - 1) // 2, size // 2]
+    for bits in itertools.product((0, 1), repeat=size):
+        values = list(bits)
+        for first, second in network:
+            if values[first] > values[second]:
+                values[first], values[second] = values[second], values[first]
+        assert [values[i] for i in middle] == [sorted(bits)[i] for i in middle], (size, bits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 24), st.integers(1, 40), st.integers(1, 9)),
+        elements=st.floats(-1e4, 1e4, width=32),
+    )
+)
+def test_nanmedian_first_without_missing_dates_equals_numpy(values):
     np.testing.assert_array_equal(nanmedian_first(values), _numpy_nanmedian(values))
 
 
