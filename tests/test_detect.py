@@ -19,6 +19,7 @@ from spoc_xr.detect import (
     classify_tile,
     parse_threshold,
     reference_products,
+    small_objects,
 )
 from spoc_xr.errors import ParameterError
 from spoc_xr.pipeline import annotate, build_annotations, reference_and_spread
@@ -397,3 +398,20 @@ def test_excess_spread_equals_numpy(stack, chunks):
     expected = np.minimum(around, np.maximum(np.fmax(excess, typical), around / 2))
     np.testing.assert_allclose(spread.values, expected, rtol=1e-5)
     assert (spread.values < around - 1e-3).any()  # the range explains part of the spread here
+
+
+def test_a_hull_inside_a_cloud_body_stays_small_a_fading_puff_does_not():
+    threshold = 6.0
+    score = np.zeros((40, 60), dtype=np.float32)
+    background = np.zeros_like(score)
+    background[:, :30] = score[:, :30] = 20.0  # a cloud body, 3.3 thresholds over the left half
+    score[18:21, 10:14] += 30.0  # a hull seen through it: crisp over the cloud's own change
+    score[18:21, 40:44] = 30.0  # a puff on clear water that fades out slowly around it
+    score[16:23, 38:46] = np.maximum(score[16:23, 38:46], 12.0)
+    candidates = score - background > 25.0
+    small = small_objects(candidates, score, background, score - background, threshold)
+    assert small[18:21, 10:14].all()
+    assert not small[:, 30:].any()
+    # The plain ring test alone drops the hull: its ring holds the cloud (20 > 0.15 x 50).
+    clear = small_objects(candidates, score, np.zeros_like(score), score, threshold)
+    assert not clear[18:21, 10:14].any()
