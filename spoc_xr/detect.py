@@ -402,8 +402,9 @@ def reference_products(
     -------
     xarray.Dataset
         ``low``/``high`` (the reference's range over the tolerance window), ``noise`` (per-pixel
-        scale, k×k median of the spread, floored), ``smooth`` (k×k median of the reference) and
-        ``scale`` ``(y, x)`` (the noise scale in units of the band's floor, mean over bands).
+        scale, k×k median of the spread, floored), ``smooth`` (k×k median of the reference),
+        ``scale`` ``(y, x)`` (the noise scale in units of the band's floor, mean over bands) and
+        ``known`` ``(y, x)`` (the range is known in every band).
     """
     half_tol = params.tolerance // 2
     low = filter_spatial(
@@ -424,7 +425,18 @@ def reference_products(
     floor = noise_floor(spread)
     noise = noise.fillna(floor).clip(min=floor).astype(np.float32)
     scale = (noise / floor).mean("band").astype(np.float32)
-    return xr.Dataset({"low": low, "high": high, "noise": noise, "smooth": smooth, "scale": scale})
+    # Where the reference's range is known in every band: the same for every date.
+    known = low.notnull().all("band")
+    return xr.Dataset(
+        {
+            "low": low,
+            "high": high,
+            "noise": noise,
+            "smooth": smooth,
+            "scale": scale,
+            "known": known,
+        }
+    )
 
 
 def noise_floor(spread: xr.DataArray) -> xr.DataArray:
@@ -455,6 +467,7 @@ def change_score(
     offset: np.ndarray,
     *,
     nodata: float | None,
+    known: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel change score (in noise scales), validity and darkening of one date.
 
@@ -486,6 +499,7 @@ def change_score(
             nodata,
             values[:size],
             below[:size],
+            None if known is None else known[rows],
         )
     return score, valid, darker
 
@@ -506,8 +520,9 @@ def _change_score_strip(
     nodata: float | None,
     values: np.ndarray,
     below: np.ndarray,
+    known: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    valid = np.isfinite(low).all(axis=0)
+    valid = np.isfinite(low).all(axis=0) if known is None else known.copy()
     score = np.zeros(date.shape[1:], dtype=np.float32)
     # Sum over bands of the date minus the range's top: negative where the pixel darkened.
     net = np.zeros(date.shape[1:], dtype=np.float32)
@@ -680,6 +695,7 @@ def classify_tile(
     params: DetectParams,
     origin: tuple[int, int] = (0, 0),
     scale: np.ndarray | None = None,
+    known: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mask codes of one date tile: 0 clear, 1 small, 2 large, 255 invalid.
 
@@ -687,9 +703,12 @@ def classify_tile(
     caller crops the padding). ``origin`` is the image ``(y, x)`` of the tile's first pixel
     (negative in the padding), which anchors the background's cells. ``scale`` ``(y, x)`` is the
     noise scale in noise floors (:func:`reference_products`); without it the large class has no
-    magnitude test. Exposed for tests and for the reference implementation.
+    magnitude test. ``known`` ``(y, x)``, where ``low`` is finite in every band, saves working it
+    out for every date. Exposed for tests and for the reference implementation.
     """
-    score, valid, darker = change_score(date, low, high, noise, gain, offset, nodata=nodata)
+    score, valid, darker = change_score(
+        date, low, high, noise, gain, offset, nodata=nodata, known=known
+    )
     threshold = params.effective_threshold
     background, residual, needed = local_background(
         score, params.background_size, origin, spread_factor=CFAR_FACTOR
@@ -744,6 +763,7 @@ def _classify_window(
     high: np.ndarray,
     noise: np.ndarray,
     scale: np.ndarray,
+    known: np.ndarray,
     gain: np.ndarray,
     offset: np.ndarray,
     origin: tuple[int, int],
@@ -762,6 +782,7 @@ def _classify_window(
         params=settings["params"],
         origin=origin,
         scale=scale,
+        known=known,
     )
     core = codes[depth:-depth, depth:-depth] if depth else codes
     return core[None]
@@ -881,7 +902,10 @@ def classify(
         return pad_and_overlap(array, depth, [1, 2], tiles=spatial)
 
     low, high, noise = padded("low"), padded("high"), padded("noise")
-    scale = pad_and_overlap(products["scale"].transpose("y", "x").data, depth, [0, 1], spatial)
+    scale, known = (
+        pad_and_overlap(products[name].transpose("y", "x").data, depth, [0, 1], spatial)
+        for name in ("scale", "known")
+    )
     nodata = stack.attrs.get("nodata")
     settings = {
         "nodata": None if nodata is None else float(nodata),
@@ -891,7 +915,8 @@ def classify(
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
     # One task per (date, tile) that assembles its padded window from the date's blocks itself:
     # no padded copy of every date waits in memory for its task.
-    name = f"classify-{tokenize(data, low, high, noise, scale, gains32, offsets32, settings)}"
+    inputs = (data, low, high, noise, scale, known)
+    name = f"classify-{tokenize(*inputs, gains32, offsets32, settings)}"
     layer: dict[Any, Any] = {}
     plans = [window_plans(data.chunks[axis], spatial[axis - 2], depth) for axis in (2, 3)]
     tops, lefts = (np.cumsum((0, *sizes[:-1])) - depth for sizes in spatial)
@@ -905,13 +930,14 @@ def classify(
             (high.name, 0, i, j),
             (noise.name, 0, i, j),
             (scale.name, i, j),
+            (known.name, i, j),
             gains32[t],
             offsets32[t],
             (int(tops[i]), int(lefts[j])),
             settings,
         )
     tiles = da.Array(
-        _graph(name, layer, data, low, high, noise, scale),
+        _graph(name, layer, *inputs),
         name,
         (data.chunks[0], *spatial),
         meta=np.empty((0, 0, 0), dtype=np.uint8),
