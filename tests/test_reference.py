@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 
 import dask.array as da
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoc_xr.reference import (
+    fit_radiometry,
     middle_network,
     nanmedian_first,
     sorting_network,
@@ -95,3 +97,19 @@ def test_temporal_median_chunked_equals_numpy_and_stays_lazy():
     assert isinstance(median.data, da.Array)
     assert median.dims == ("band", "y", "x")
     np.testing.assert_array_equal(median.values, _numpy_nanmedian(values))
+
+
+def test_fit_radiometry_on_threads_equals_one_fit_at_a_time(monkeypatch):
+    rng = np.random.default_rng(7)
+    target = rng.uniform(200, 3000, size=(3, 40, 40))
+    gains_true = rng.uniform(0.8, 1.25, size=(5, 3))
+    overview = (target[None] - 30.0) / gains_true[:, :, None, None]
+    overview[2, :, :10] *= 3.0  # a cloud over a quarter of date 2: the mode ignores it
+    overview[4, 1, 0, :5] = np.nan
+    gains, offsets = fit_radiometry(overview, target)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    serial = fit_radiometry(overview, target)
+    np.testing.assert_array_equal(gains, serial[0])
+    np.testing.assert_array_equal(offsets, serial[1])
+    np.testing.assert_allclose(gains, gains_true, rtol=1e-6)
+    np.testing.assert_allclose(offsets, 30.0, rtol=1e-4)
