@@ -472,14 +472,19 @@ def nanmedian_first(values: np.ndarray) -> np.ndarray:
 MEDIAN_PIECE_BYTES = 1 << 20
 
 
-def _network_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
-    missing = np.isnan(piece)
-    count = piece.shape[0] - np.count_nonzero(missing, axis=0)
-    piece[missing] = np.inf
+def _compare_exchange(piece: np.ndarray, network: list[tuple[int, int]]) -> None:
+    """Apply ``network``'s comparators to the dates (first axis) of ``piece``, in place."""
     for first, second in network:
         low = np.minimum(piece[first], piece[second])
         np.maximum(piece[first], piece[second], out=piece[second])
         piece[first] = low
+
+
+def _network_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
+    missing = np.isnan(piece)
+    count = piece.shape[0] - np.count_nonzero(missing, axis=0)
+    piece[missing] = np.inf
+    _compare_exchange(piece, network)
     last = piece.shape[0] - 1
     low_value = np.take_along_axis(piece, (np.maximum(count - 1, 0) // 2)[None], axis=0)[0]
     high_value = np.take_along_axis(piece, np.minimum(count // 2, last)[None], axis=0)[0]
@@ -489,10 +494,7 @@ def _network_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.nda
 
 
 def _middle_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
-    for first, second in network:
-        low = np.minimum(piece[first], piece[second])
-        np.maximum(piece[first], piece[second], out=piece[second])
-        piece[first] = low
+    _compare_exchange(piece, network)
     size = piece.shape[0]
     median = piece[(size - 1) // 2] + piece[size // 2]
     median /= np.float32(2)
