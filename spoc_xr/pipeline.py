@@ -273,21 +273,46 @@ def reference_and_spread(
     Memory per task is bounded by NOISE_DATES, whatever the length of the stack. Where the uncover
     test looks at the reference's neighbours, tiles carry REFERENCE_HALO pixels of context, so a
     chunked result equals the unchunked one.
+
+    The two steps are also available apart (:func:`reference_and_raw_spread`,
+    :func:`spread_beyond_range`): :func:`annotate_store` stores the first before it computes the
+    second, so that no step holds the whole image.
     """
+    ref, spread = reference_and_raw_spread(stack, radiometry, tolerance)
+    excess = spread_beyond_range(stack, radiometry, ref, tolerance)
+    return ref, range_consistent_spread(spread, excess)
+
+
+def _noise_samples(
+    stack: xr.DataArray, radiometry: Radiometry, tolerance: int
+) -> tuple[da.Array, list[tuple[int, ...]], list[int], int]:
+    """The raw noise-sample dates ``(date, band, y, x)`` in spatial tiles, the tiles' chunks, the
+    dates' indices and the reference task's halo."""
     stack = stack.transpose(*STACK_DIMS)
     bands = [str(b) for b in stack.band.values]
-    index = choose_water_index(bands)
     indices = noise_sample_indices(radiometry, NOISE_DATES)
-    date_reference = radiometry.reference_index is not None
-    base = build_reference(stack, radiometry).transpose("band", "y", "x")
     if not isinstance(stack.data, da.Array):
         stack = stack.chunk({"time": 1})
     # Only the NDWI side of the uncover test looks at neighbours (see uncover_water_values).
+    index = choose_water_index(bands)
     halo = REFERENCE_HALO if second_index_band(bands, index) is not None else 0
     # Chunks wide enough for the halo of both tasks (the excess task's is the tolerance's reach).
     depth = max(halo, tolerance // 2)
     spatial = [spatial_chunks(chunks, depth) for chunks in stack.data.chunks[2:]]
     samples = stack.data[indices].rechunk((-1, -1, *spatial))
+    return samples, spatial, indices, halo
+
+
+def reference_and_raw_spread(
+    stack: xr.DataArray, radiometry: Radiometry, tolerance: int = DEFAULT_TOLERANCE
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """The lazy reference and the noise dates' spread around it, before
+    :func:`range_consistent_spread` (see :func:`reference_and_spread`)."""
+    stack = stack.transpose(*STACK_DIMS)
+    bands = [str(b) for b in stack.band.values]
+    samples, spatial, indices, halo = _noise_samples(stack, radiometry, tolerance)
+    date_reference = radiometry.reference_index is not None
+    base = build_reference(stack, radiometry).transpose("band", "y", "x")
     base_data = base.data if isinstance(base.data, da.Array) else da.from_array(base.values)
     nodata = stack.attrs.get("nodata")
     both = da.blockwise(
@@ -307,15 +332,31 @@ def reference_and_spread(
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
         scale=radiometry.residual_scale if date_reference else None,
-        index=index,
+        index=choose_water_index(bands),
         bands=bands,
     )
-    ref = base.copy(data=both[0])
-    spread = base.copy(data=both[1])
-    # The spread beyond the reference's tolerance range, from the same sample blocks (the range
-    # needs the reference's neighbours, the dates only their own pixels).
+    return base.copy(data=both[0]), base.copy(data=both[1])
+
+
+def spread_beyond_range(
+    stack: xr.DataArray,
+    radiometry: Radiometry,
+    reference: xr.DataArray,
+    tolerance: int = DEFAULT_TOLERANCE,
+) -> xr.DataArray:
+    """Lazy robust spread of the noise dates beyond the reference's ``tolerance`` range.
+
+    ``reference`` is :func:`reference_and_raw_spread`'s, lazy or read back from a store; the
+    dates are read again from ``stack`` (the range needs the reference's neighbours, the dates
+    only their own pixels).
+    """
+    stack = stack.transpose(*STACK_DIMS)
+    samples, spatial, indices, _ = _noise_samples(stack, radiometry, tolerance)
     reach = tolerance // 2
-    ref_data = ref.data.rechunk((-1, *spatial))
+    ref = reference.transpose("band", "y", "x")
+    ref_data = ref.data if isinstance(ref.data, da.Array) else da.from_array(ref.values)
+    ref_data = ref_data.rechunk((-1, *spatial))
+    nodata = stack.attrs.get("nodata")
     # Blocks pair by position: each tile's dates with its padded reference.
     excess = da.map_blocks(
         _excess_tile,
@@ -330,10 +371,12 @@ def reference_and_spread(
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
     )
-    return ref, range_consistent_spread(spread, base.copy(data=excess))
+    return ref.copy(data=excess)
 
 
-def range_consistent_spread(spread: xr.DataArray, excess: xr.DataArray) -> xr.DataArray:
+def range_consistent_spread(
+    spread: xr.DataArray, excess: xr.DataArray, *, floor: xr.DataArray | None = None
+) -> xr.DataArray:
     """The noise model, lowered where the tolerance range already explains the dates' spread.
 
     A date inside the reference's tolerance range scores 0, so the spread that small shifts put
@@ -342,8 +385,10 @@ def range_consistent_spread(spread: xr.DataArray, excess: xr.DataArray) -> xr.Da
     (``excess``) is lower, the noise model follows it, but never below half the spread around the
     reference nor below the band's typical spread (calm water keeps its scale).
     Measured on the 8 semi-real ports: real-date recall up on 5 (athens 0.771 -> 0.833).
+    ``floor`` is :func:`spoc_xr.detect.noise_floor` of ``spread``, when it is known already.
     """
-    typical = noise_floor(spread) / np.float32(NOISE_FLOOR_SHARE)
+    floor = noise_floor(spread) if floor is None else floor
+    typical = floor / np.float32(NOISE_FLOOR_SHARE)
     share = spread * np.float32(EXCESS_SPREAD_MIN_SHARE)
     lowered = xu.maximum(xu.fmax(excess, typical), share)
     return xu.minimum(spread, lowered).astype(np.float32)
@@ -652,9 +697,50 @@ def _annotate_fresh(
     full = build_annotations(stack, radiometry, params)
     st.create_store(full, out, provenance={"recipe": recipe, "dates": dates})
     st.set_stage(out, "created", dates=dates)
-    st.write_region(full[["reference", "spread", "water"]], out, region={}, progress=progress)
+    _write_reference_pass(stack, radiometry, params, out, progress)
     st.set_stage(out, "reference")
     _annotate_finish(stack, out, params, recipe, dates, progress)
+
+
+def _write_reference_pass(
+    stack: xr.DataArray, radiometry: Radiometry, params: DetectParams, out: Path, progress: bool
+) -> None:
+    """Write the reference, the noise model and the water mask, in two passes over the store.
+
+    The final noise model needs the reference's neighbours and a floor taken over the whole
+    image; computed in one graph with the reference, Dask held the reference tasks' outputs of
+    every tile until then (spilling on 8192² images with 2 GB workers). The reference and the raw
+    spread are stored first; the floor, the spread beyond the range and the water mask then read
+    them back, halos included, with nothing to recompute. A run killed in between starts this
+    pass again (the stage stays ``created``).
+    """
+    from spoc_xr import store as st
+
+    chunks = _output_chunks(stack, time=False)
+    ref, raw = reference_and_raw_spread(stack, radiometry, params.tolerance)
+    first = xr.Dataset(
+        {
+            "reference": ref.astype(np.float32).chunk(chunks),
+            "spread": raw.astype(np.float32).chunk(chunks),
+        }
+    )
+    st.write_region(first, out, region={}, progress=progress)
+    stored = _open_unfinished(out)
+    reference, spread = stored["reference"], stored["spread"]
+    # Computed before the final spread overwrites the raw one, block by block.
+    floor = noise_floor(spread).compute()
+    excess = spread_beyond_range(stack, radiometry, reference, params.tolerance)
+    index = choose_water_index([str(b) for b in stack.band.values])
+    smooth = reference_products(reference, spread, params)["smooth"]
+    second = xr.Dataset(
+        {
+            "spread": range_consistent_spread(spread, excess, floor=floor)
+            .astype(np.float32)
+            .chunk(chunks),
+            "water": water_mask(smooth, index).astype(np.uint8).chunk(chunks),
+        }
+    )
+    st.write_region(second, out, region={}, progress=progress)
 
 
 def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
@@ -700,10 +786,8 @@ def _annotate_finish(
 
     state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
     if state.get("stage") == "created":
-        stored = _open_unfinished(out)
-        radiometry = _stored_radiometry(stored)
-        full = build_annotations(stack, radiometry, params)
-        st.write_region(full[["reference", "spread", "water"]], out, region={}, progress=progress)
+        radiometry = _stored_radiometry(_open_unfinished(out))
+        _write_reference_pass(stack, radiometry, params, out, progress)
         st.set_stage(out, "reference")
     elif state.get("stage") == "append":
         # New dates get gains fitted against the stored reference; old dates keep theirs.

@@ -120,6 +120,32 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "src": src, "stack": stack, "reference": reference}
 
 
+def test_the_store_writer_stores_the_reference_first_and_equals_the_one_graph_dataset(
+    scene: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spoc_xr.pipeline import annotate
+
+    # The one-graph Dataset computes reference, noise model and water in one go; the store writer
+    # in two passes (the second reads the first back): same values, chunks not dividing the shape.
+    stack = open_stack(scene["stack"])
+    expected = annotate(stack).compute()
+    written: list[list[str]] = []
+    write_region = st.write_region
+
+    def record(ds: xr.Dataset, store: Path, *, region: dict[str, slice], **kw: Any) -> None:
+        written.append(sorted(map(str, ds.data_vars)))
+        write_region(ds, store, region=region, **kw)
+
+    monkeypatch.setattr(st, "write_region", record)
+    out = tmp_path / "out.zarr"
+    annotate_store(stack, out, source=scene["stack"])
+    assert written[:2] == [["reference", "spread"], ["spread", "water"]]
+    got = xr.open_zarr(out, consolidated=False, chunks=None)
+    assert stack.chunks is not None and stack.sizes["y"] % stack.chunks[2][0] != 0
+    for name in ("reference", "spread", "water", "mask", "valid", "heatmap"):
+        np.testing.assert_array_equal(got[name].values, expected[name].values, err_msg=name)
+
+
 def test_annotate_killed_at_several_moments_resumes_to_the_uninterrupted_result(
     scene: dict[str, Path], scheduler: str, tmp_path: Path
 ) -> None:
