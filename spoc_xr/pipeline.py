@@ -705,7 +705,7 @@ def _annotate_fresh(
 def _write_reference_pass(
     stack: xr.DataArray, radiometry: Radiometry, params: DetectParams, out: Path, progress: bool
 ) -> None:
-    """Write the reference, the noise model and the water mask, in two passes over the store.
+    """Write the reference, the noise model and the water mask, in three passes over the store.
 
     The final noise model needs the reference's neighbours and a floor taken over the whole
     image; computed in one graph with the reference, Dask held the reference tasks' outputs of
@@ -730,17 +730,13 @@ def _write_reference_pass(
     # Computed before the final spread overwrites the raw one, block by block.
     floor = noise_floor(spread).compute()
     excess = spread_beyond_range(stack, radiometry, reference, params.tolerance)
+    final = range_consistent_spread(spread, excess, floor=floor).astype(np.float32).chunk(chunks)
+    st.write_region(final.to_dataset(name="spread"), out, region={}, progress=progress)
+    # A pass of its own: sharing the reference's blocks with the spread's pass held them.
     index = choose_water_index([str(b) for b in stack.band.values])
     smooth = reference_products(reference, spread, params)["smooth"]
-    second = xr.Dataset(
-        {
-            "spread": range_consistent_spread(spread, excess, floor=floor)
-            .astype(np.float32)
-            .chunk(chunks),
-            "water": water_mask(smooth, index).astype(np.uint8).chunk(chunks),
-        }
-    )
-    st.write_region(second, out, region={}, progress=progress)
+    water = water_mask(smooth, index).astype(np.uint8).chunk(chunks)
+    st.write_region(water.to_dataset(name="water"), out, region={}, progress=progress)
 
 
 def _stored_radiometry(stored: xr.Dataset) -> Radiometry:

@@ -139,7 +139,7 @@ def test_the_store_writer_stores_the_reference_first_and_equals_the_one_graph_da
     monkeypatch.setattr(st, "write_region", record)
     out = tmp_path / "out.zarr"
     annotate_store(stack, out, source=scene["stack"])
-    assert written[:2] == [["reference", "spread"], ["spread", "water"]]
+    assert written[:3] == [["reference", "spread"], ["spread"], ["water"]]
     got = xr.open_zarr(out, consolidated=False, chunks=None)
     assert stack.chunks is not None and stack.sizes["y"] % stack.chunks[2][0] != 0
     for name in ("reference", "spread", "water", "mask", "valid", "heatmap"):
