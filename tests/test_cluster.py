@@ -353,3 +353,28 @@ def test_threaded_writes_shorten_the_gil_interval_and_restore_it(tmp_path: Path)
     write_dataset(xr.Dataset({"v": (("y", "x"), data)}), tmp_path / "out.zarr", overwrite=False)
     assert seen == [pytest.approx(GIL_SWITCH_INTERVAL)] * len(seen) != []
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [(None, 0), (2**60, 0), (1, 1)],
+    ids=["no limit", "far below the limit", "above the share"],
+)
+def test_free_heap_is_given_back_only_when_the_worker_nears_its_limit(
+    limit: int | None, expected: int
+) -> None:
+    from types import SimpleNamespace
+
+    from spoc_xr.cluster import LargeArrayMalloc
+
+    plugin = LargeArrayMalloc()
+    plugin.setup(SimpleNamespace(memory_manager=SimpleNamespace(memory_limit=limit)))
+    if plugin._trim is None:
+        pytest.skip("the C library is not glibc: nothing to trim")
+    calls: list[int] = []
+    plugin._trim = calls.append
+    plugin.transition("a", "waiting", "ready")  # not the end of a task
+    assert calls == []
+    # A trim after every task faulted every temporary of the next task in again.
+    plugin.transition("a", "executing", "memory")
+    assert len(calls) == expected
