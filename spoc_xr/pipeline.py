@@ -201,7 +201,9 @@ def build_annotations(
     else:
         ref, spread = stored_reference, stored_spread
     products = reference_products(ref, spread, params)
-    codes = classify(stack, products, radiometry.gains, radiometry.offsets, params)
+    codes = classify(
+        stack, products, radiometry.gains, radiometry.offsets, params, radiometry.brightness
+    )
     codes = codes.chunk(_output_chunks(stack))
     water = water_mask(products["smooth"], index).chunk(_output_chunks(stack, time=False))
     summary = date_summary(codes)
@@ -251,6 +253,7 @@ def build_annotations(
             "residual_scale": None
             if radiometry.residual_scale is None
             else [float(v) for v in radiometry.residual_scale],
+            "overview_brightness": brightness_attr(radiometry.brightness),
             "dates": [str(t)[:19] for t in stack.time.values],
         }
     }
@@ -752,6 +755,11 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
     valid[: len(known_valid)] = known_valid
     changed[: len(known_changed)] = known_changed
     scale = info.get("residual_scale")
+    # Dates without stored levels (stores written before they were) get no thin haze test.
+    brightness = np.full((n_time, 2), np.nan)
+    for t, pair in enumerate((info.get("overview_brightness") or [])[:n_time]):
+        if pair is not None:
+            brightness[t] = pair
     return Radiometry(
         info["reference"],
         info["reference_index"],
@@ -761,7 +769,18 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
         changed,
         list(info.get("notes", [])),
         None if scale is None else np.asarray(scale, dtype=np.float64),
+        brightness,
     )
+
+
+def brightness_attr(levels: np.ndarray | None) -> list[list[float] | None] | None:
+    """Per-date ``[dark, bright]`` levels as JSON (``None`` for an unknown date)."""
+    if levels is None:
+        return None
+    return [
+        [float(v) for v in pair] if np.isfinite(pair).all() else None
+        for pair in np.asarray(levels, dtype=np.float64)
+    ]
 
 
 def _open_unfinished(out: Path) -> xr.Dataset:
@@ -778,7 +797,7 @@ def _annotate_finish(
 ) -> None:
     from spoc_xr import store as st
     from spoc_xr.detect import INVALID, SMALL
-    from spoc_xr.reference import fit_radiometry
+    from spoc_xr.reference import brightness_levels, fit_radiometry
 
     state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
     if state.get("stage") == "created":
@@ -791,7 +810,12 @@ def _annotate_finish(
         old = stored.sizes["time"] if "done" not in state else len(state["done"])
         new = stack.isel(time=slice(old, None))
         ref_stored = stored["reference"].expand_dims(time=1).transpose(*STACK_DIMS)
-        gains, offsets = fit_radiometry(compute_overview(new), compute_overview(ref_stored)[0])
+        overview = compute_overview(new)
+        gains, offsets = fit_radiometry(overview, compute_overview(ref_stored)[0])
+        info = dict(stored.attrs["spoc_xr"])
+        known = list(info.get("overview_brightness") or [None] * old)[:old]
+        known += brightness_attr(brightness_levels(overview, gains, offsets)) or []
+        st.update_attrs(out, {"spoc_xr": {**info, "overview_brightness": known}})
         st.grow_time(out, stack.time.values)
         group = zarr.open_group(out, mode="r+")
         for name, values in (("gain", gains), ("offset", offsets)):

@@ -71,6 +71,9 @@ class Radiometry:
     change_fraction : numpy.ndarray
         ``(time,)`` share of valid overview pixels that differ from the temporal composite
         (clouds, objects): the cleanliness score used by ``auto``.
+    brightness : numpy.ndarray or None
+        ``(time, 2)`` dark and bright levels of each normalised date (:func:`brightness_levels`),
+        NaN where unknown: how bright the date's clouds are, for the thin haze test.
     """
 
     reference: str
@@ -81,6 +84,7 @@ class Radiometry:
     change_fraction: np.ndarray
     notes: list[str] = field(default_factory=list)
     residual_scale: np.ndarray | None = None
+    brightness: np.ndarray | None = None
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:
@@ -231,6 +235,41 @@ def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
     return gains, offsets
 
 
+# Quantiles (percent) of a normalised date's band mean taken as its dark and bright levels: the
+# bright one is the brightest cloud tops on a cloudy date (a cloud covering 1 % of the date is
+# enough), the brightest surfaces on a clear one.
+DARK_QUANTILE = 1.0
+BRIGHT_QUANTILE = 99.0
+# Fewer valid overview pixels than this leave a date's levels unknown.
+MIN_LEVEL_SAMPLES = 64
+
+
+def brightness_levels(overview: np.ndarray, gains: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Dark and bright levels ``(time, 2)`` of each date's band mean, mapped onto the reference.
+
+    The ``DARK_QUANTILE`` and ``BRIGHT_QUANTILE`` of the normalised band mean over each date's
+    valid overview pixels; NaN for dates with fewer than ``MIN_LEVEL_SAMPLES`` of them. Clouds
+    are far brighter than water and most land, so on a cloudy date the bright level is its
+    clouds' own brightness, which varies from date to date (30-70 % reflectance): the thin haze
+    test of :mod:`spoc_xr.detect` measures a rise as a share of the room up to it.
+
+    Examples
+    --------
+    >>> view = np.stack([np.full((2, 8, 8), 100.0), np.full((2, 8, 8), 50.0)])
+    >>> brightness_levels(view, np.array([[1.0, 1.0], [2.0, 2.0]]), np.zeros((2, 2)))
+    array([[100., 100.],
+           [100., 100.]])
+    """
+    levels = np.full((overview.shape[0], 2), np.nan)
+    for t in range(overview.shape[0]):
+        date = overview[t].astype(np.float64) * gains[t][:, None, None] + offsets[t][:, None, None]
+        mean = date.mean(axis=0)
+        values = mean[np.isfinite(mean)]
+        if values.size >= MIN_LEVEL_SAMPLES:
+            levels[t] = np.percentile(values, [DARK_QUANTILE, BRIGHT_QUANTILE])
+    return levels
+
+
 def change_fractions(
     overview: np.ndarray, target: np.ndarray, gains: np.ndarray, offsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +344,10 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
     changed, scale = change_fractions(overview, composite, gains, offsets)
     notes: list[str] = []
     if reference == "median":
-        return Radiometry("median", None, gains, offsets, valid_fraction, changed, notes, scale)
+        levels = brightness_levels(overview, gains, offsets)
+        return Radiometry(
+            "median", None, gains, offsets, valid_fraction, changed, notes, scale, levels
+        )
     if reference == "auto":
         eligible = valid_fraction >= MIN_VALID_SHARE * valid_fraction.max()
         score = np.where(eligible, changed + (1 - valid_fraction), np.inf)
@@ -323,7 +365,8 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
             )
     gains, offsets = fit_radiometry(overview, overview[index])
     gains[index], offsets[index] = 1.0, 0.0
-    return Radiometry("date", index, gains, offsets, valid_fraction, changed, notes, scale)
+    levels = brightness_levels(overview, gains, offsets)
+    return Radiometry("date", index, gains, offsets, valid_fraction, changed, notes, scale, levels)
 
 
 def normalise(

@@ -70,7 +70,7 @@ class ScipyKernels:
 
 
 def scipy_codes(
-    monkeypatch, date, low, high, noise, gain, offset, nodata, params, scale
+    monkeypatch, date, low, high, noise, gain, offset, nodata, params, scale, levels=None
 ) -> np.ndarray:
     """The whole chain with scipy kernels on the edge-padded whole image, then cropped."""
     d = params.depth
@@ -98,6 +98,7 @@ def scipy_codes(
             params=params,
             origin=(-d, -d),
             scale=scale,
+            levels=levels,
         )
     return codes[d:-d, d:-d]
 
@@ -130,7 +131,10 @@ def test_reference_products_equal_scipy(stack, chunks):
 def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
     chunked, radiometry, reference, spread = _prepared(stack, chunks)
     products = reference_products(reference, spread, PARAMS)
-    codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS).values
+    levels = radiometry.brightness
+    assert levels is not None and np.isfinite(levels).all()
+    codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS, levels)
+    codes = codes.values
     computed = products.compute()
     for t in range(stack.sizes["time"]):
         expected = scipy_codes(
@@ -144,6 +148,7 @@ def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
             0,
             PARAMS,
             computed.scale.values,
+            tuple(levels[t]),
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
@@ -415,3 +420,59 @@ def test_a_hull_inside_a_cloud_body_stays_small_a_fading_puff_does_not():
     # The plain ring test alone drops the hull: its ring holds the cloud (20 > 0.15 x 50).
     clear = small_objects(candidates, score, np.zeros_like(score), score, threshold)
     assert not clear[18:21, 10:14].any()
+
+
+def _flat_scene(shape=(4, 120, 160), water=500.0, noise=10.0, seed=0):
+    """Products of a calm water reference (noisy, as any real date) and another noisy date."""
+    rng = np.random.default_rng(seed)
+    values = water + rng.normal(0, noise, shape).astype(np.float32)
+    reference = xr.DataArray(values, dims=("band", "y", "x"))
+    spread = xr.DataArray(np.full(shape, noise, np.float32), dims=("band", "y", "x"))
+    products = reference_products(reference, spread, DetectParams()).compute()
+    date = water + rng.normal(0, noise, shape).astype(np.float32)
+    return products, date
+
+
+def _tile_codes(products, date, levels=None):
+    n_bands = date.shape[0]
+    return classify_tile(
+        date,
+        products.low.values,
+        products.high.values,
+        products.noise.values,
+        np.ones(n_bands, np.float32),
+        np.zeros(n_bands, np.float32),
+        nodata=None,
+        params=DetectParams(),
+        scale=products.scale.values,
+        levels=levels,
+    )
+
+
+def test_thin_haze_is_no_cloud_but_an_opaque_cloud_is():
+    from spoc_xr.reference import brightness_levels
+
+    products, date = _flat_scene()
+    cloud = 8000.0
+    # A veil of opacity 0.08 over the left half: +600 DN, 60 noise scales of calm water, but 8 %
+    # of the way to the date's own clouds. An opaque cloud (0.9) over a block of the right half.
+    date[:, :, :80] += 0.08 * (cloud - date[:, :, :80])
+    date[:, 30:90, 100:150] += 0.9 * (cloud - date[:, 30:90, 100:150])
+    levels = brightness_levels(date[None], np.ones((1, 4)), np.zeros((1, 4)))[0]
+    assert levels[1] > 0.85 * cloud  # the date's bright level is its cloud
+    codes = _tile_codes(products, date, tuple(levels))
+    assert (codes[40:80, 110:140] == LARGE).all()
+    assert (codes[:, 10:70] != LARGE).all()
+    # Without the date's levels the veil, many noise floors above calm water, is a cloud.
+    assert (_tile_codes(products, date)[:, 10:70] == LARGE).mean() > 0.9
+
+
+def test_one_band_darkened_alone_is_no_shadow_a_shadow_dims_every_band():
+    products, date = _flat_scene(shape=(5, 120, 160))
+    # A radiometric residue of one band (SWIR over water) over the left half: 10 noise scales.
+    date[4, :, :80] -= 100.0
+    # A cloud shadow on the right: every band dimmed by 40 %.
+    date[:, 30:90, 100:150] *= 0.6
+    codes = _tile_codes(products, date)
+    assert (codes[:, 10:70] != LARGE).all()
+    assert (codes[40:80, 110:140] == LARGE).all()

@@ -315,6 +315,10 @@ def test_append_adds_later_dates_and_annotates_only_those(
     np.testing.assert_array_equal(new.heatmap.values, expected.values)
     assert (new.heatmap.values >= old.heatmap.values).all()
     assert new.attrs["spoc_xr"]["dates"][-1].startswith(str(new.time.values[-1])[:19])
+    # The appended dates got their own brightness levels (the thin haze test), the old kept theirs.
+    levels = new.attrs["spoc_xr"]["overview_brightness"]
+    assert len(levels) == N_DATES and all(pair is not None for pair in levels)
+    assert levels[:5] == old.attrs["spoc_xr"]["overview_brightness"]
     assert annotate_store(open_stack(stack_path), out, source=stack_path) == "complete"
 
 
