@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -496,26 +496,72 @@ def change_score(
     *,
     nodata: float | None,
     known: np.ndarray | None = None,
-    levels: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-pixel change score (in noise scales), validity, darkening and thin haze of one date.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel change score (in noise scales) and validity of one date.
 
     The score is the largest, over bands ``(band, y, x)``, excess of the normalised date beyond
     the reference's neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
+    Which way the pixel changed is :func:`change_direction`'s, needed only on dates with a wide
+    change.
+    """
+    height, width = date.shape[1:]
+    score = np.empty((height, width), dtype=np.float32)
+    valid = np.empty((height, width), dtype=bool)
+    for rows, buffers in _strips(height, width):
+        score[rows], valid[rows] = _change_score_strip(
+            date[:, rows],
+            low[:, rows],
+            high[:, rows],
+            noise[:, rows],
+            gain,
+            offset,
+            nodata,
+            *buffers,
+            None if known is None else known[rows],
+        )
+    return score, valid
+
+
+def change_direction(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    *,
+    levels: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where one date darkened (shadows) and where it is only thin haze, per pixel.
+
     ``darker`` tells where the date fell below the top of the range, summed over bands (shadows,
     wet ground), except where the largest excess is a darkening of fewer than ``SHADOW_BANDS``
     bands. ``thin`` tells where a pixel that is not darker rose over the middle of the range by
     less than ``THIN_OPACITY`` of the room up to the date's cloud brightness (band means;
     ``levels`` is the date's ``(dark, bright)`` band-mean levels, see ``THIN_OPACITY``); all False
-    without ``levels``.
+    without ``levels``. A pass of its own: only the large class needs them, on dates with a wide
+    change.
     """
     height, width = date.shape[1:]
-    score = np.empty((height, width), dtype=np.float32)
-    valid = np.empty((height, width), dtype=bool)
     darker = np.empty((height, width), dtype=bool)
     thin = np.zeros((height, width), dtype=bool)
     if levels is not None and not all(np.isfinite(levels)):
         levels = None
+    for rows, buffers in _strips(height, width):
+        darker[rows], thin[rows] = _change_direction_strip(
+            date[:, rows],
+            low[:, rows],
+            high[:, rows],
+            noise[:, rows],
+            gain,
+            offset,
+            *buffers,
+            levels,
+        )
+    return darker, thin
+
+
+def _strips(height: int, width: int) -> Iterator[tuple[slice, tuple[np.ndarray, np.ndarray]]]:
     # Strips of rows whose temporaries stay in the CPU cache: this runs for every date and tile,
     # and memory traffic is what it costs. Every pixel is computed on its own, so strips change
     # nothing but the speed. The strips share two buffers.
@@ -525,20 +571,7 @@ def change_score(
     for top in range(0, height, strip):
         rows = slice(top, min(top + strip, height))
         size = rows.stop - top
-        score[rows], valid[rows], darker[rows], thin[rows] = _change_score_strip(
-            date[:, rows],
-            low[:, rows],
-            high[:, rows],
-            noise[:, rows],
-            gain,
-            offset,
-            nodata,
-            values[:size],
-            below[:size],
-            None if known is None else known[rows],
-            levels,
-        )
-    return score, valid, darker, thin
+        yield rows, (values[:size], below[:size])
 
 
 # Pixels per strip of change_score: ~1 MB per float32 temporary, so that the strip's few
@@ -558,14 +591,61 @@ def _change_score_strip(
     values: np.ndarray,
     below: np.ndarray,
     known: np.ndarray | None,
-    levels: tuple[float, float] | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     valid = np.isfinite(low).all(axis=0) if known is None else known.copy()
+    score = np.zeros(date.shape[1:], dtype=np.float32)
+    for band in range(date.shape[0]):
+        if nodata is not None and not np.isnan(nodata):
+            valid &= date[band] != nodata
+        if date.dtype.kind == "f":
+            valid &= np.isfinite(date[band])
+        _excess(date[band], low[band], high[band], gain[band], offset[band], values, below)
+        np.maximum(values, below, out=values)
+        values /= noise[band]
+        # fmax ignores the NaN of unknown pixels (they are invalid and zeroed below).
+        np.fmax(score, values, out=score)
+    score[~valid] = 0
+    np.maximum(score, 0, out=score)
+    if date.dtype.kind == "f":  # integer dates give finite scores (the noise scale is > 0)
+        np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
+    return score, valid
+
+
+def _excess(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    gain: np.floating | float,
+    offset: np.floating | float,
+    values: np.ndarray,
+    below: np.ndarray,
+) -> None:
+    """One band of a strip: ``values`` = normalised date minus the range's top, ``below`` = the
+    range's bottom minus the normalised date."""
+    # Cast and scale in one pass (float32 throughout, as astype then multiply).
+    np.multiply(date, gain, out=values, dtype=np.float32)
+    values += offset
+    np.subtract(low, values, out=below)
+    values -= high
+
+
+def _change_direction_strip(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    values: np.ndarray,
+    below: np.ndarray,
+    levels: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
     shape = date.shape[1:]
-    score = np.zeros(shape, dtype=np.float32)
     # Sum over bands of the date minus the range's top: negative where the pixel darkened.
     net = np.zeros(shape, dtype=np.float32)
-    # Largest darkening (noise scales) and the bands dimmed by more than one noise scale.
+    # Largest rise and largest darkening (noise scales; their larger one is the score) and the
+    # bands dimmed by more than one noise scale.
+    rise = np.zeros(shape, dtype=np.float32)
     fall = np.zeros(shape, dtype=np.float32)
     dimmed = np.zeros(shape, dtype=np.uint8)
     # Sums over bands of the range's top and bottom (for the thin haze test).
@@ -573,15 +653,7 @@ def _change_score_strip(
         tops = np.zeros(shape, dtype=np.float32)
         bottoms = np.zeros(shape, dtype=np.float32)
     for band in range(date.shape[0]):
-        if nodata is not None and not np.isnan(nodata):
-            valid &= date[band] != nodata
-        if date.dtype.kind == "f":
-            valid &= np.isfinite(date[band])
-        # Cast and scale in one pass (float32 throughout, as astype then multiply).
-        np.multiply(date[band], gain[band], out=values, dtype=np.float32)
-        values += offset[band]
-        np.subtract(low[band], values, out=below)
-        values -= high[band]
+        _excess(date[band], low[band], high[band], gain[band], offset[band], values, below)
         net += values
         if levels is not None:
             tops += high[band]
@@ -590,28 +662,23 @@ def _change_score_strip(
         dimmed += below > 1
         np.fmax(fall, below, out=fall)
         values /= noise[band]
-        np.maximum(values, below, out=values)
-        # fmax ignores the NaN of unknown pixels (they are invalid and zeroed below).
-        np.fmax(score, values, out=score)
-    # A darkening of a band or so is no shadow (SHADOW_BANDS).
+        np.fmax(rise, values, out=rise)
+    # A darkening of a band or so is no shadow (SHADOW_BANDS): the largest excess must be a rise
+    # or the darkening must reach several bands.
     darker = net < 0
-    darker &= (fall < score) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
+    darker &= (fall < rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
     thin = np.zeros(shape, dtype=bool)
     if levels is not None:
         dark, bright = levels
         n_bands = np.float32(date.shape[0])
         # Band means: rise of the date over the middle of the range, room up to the cloud.
         half = np.float32(0.5)
-        rise = (net + half * (tops - bottoms)) / n_bands
+        lift = (net + half * (tops - bottoms)) / n_bands
         room = np.float32(bright) - half * (tops + bottoms) / n_bands
-        thin = rise < np.float32(THIN_OPACITY) * room
+        thin = lift < np.float32(THIN_OPACITY) * room
         thin &= room > np.float32(THIN_ROOM_SHARE * (bright - dark))
         thin &= ~darker
-    score[~valid] = 0
-    np.maximum(score, 0, out=score)
-    if date.dtype.kind == "f":  # integer dates give finite scores (the noise scale is > 0)
-        np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
-    return score, valid, darker, thin
+    return darker, thin
 
 
 def _log_quantise(values: np.ndarray) -> np.ndarray:
@@ -775,9 +842,7 @@ def classify_tile(
     (:func:`spoc_xr.reference.brightness_levels`); without them thin haze is not told from clouds.
     Exposed for tests and for the reference implementation.
     """
-    score, valid, darker, thin = change_score(
-        date, low, high, noise, gain, offset, nodata=nodata, known=known, levels=levels
-    )
+    score, valid = change_score(date, low, high, noise, gain, offset, nodata=nodata, known=known)
     threshold = params.effective_threshold
     background, residual, needed = local_background(
         score, params.background_size, origin, spread_factor=CFAR_FACTOR
@@ -804,10 +869,11 @@ def classify_tile(
     # speckle into a solid object (the pixels that do not pass, inside a dense region, are only
     # bridged: below, only pixels that changed by the same tests stay large).
     wide = (background > threshold) & valid
-    qualifies = ~thin
-    if scale is not None:
-        qualifies &= darker | (background * scale > LARGE_MAGNITUDE)
     if wide.any():
+        darker, thin = change_direction(date, low, high, noise, gain, offset, levels=levels)
+        qualifies = ~thin
+        if scale is not None:
+            qualifies &= darker | (background * scale > LARGE_MAGNITUDE)
         cells = -(-params.background_size // BACKGROUND_CELL) | 1
         share = _cell_median(qualifies.view(np.uint8) * np.float32(DENSITY_STEPS), cells, origin)
         wide &= share > np.float32(LARGE_DENSITY * DENSITY_STEPS)
