@@ -507,17 +507,9 @@ def change_score(
     height, width = date.shape[1:]
     score = np.empty((height, width), dtype=np.float32)
     valid = np.empty((height, width), dtype=bool)
-    for rows, buffers in _strips(height, width):
+    for rows, planes in _strips(date, low, high, noise):
         score[rows], valid[rows] = _change_score_strip(
-            date[:, rows],
-            low[:, rows],
-            high[:, rows],
-            noise[:, rows],
-            gain,
-            offset,
-            nodata,
-            *buffers,
-            None if known is None else known[rows],
+            *planes, gain, offset, nodata, None if known is None else known[rows]
         )
     return score, valid
 
@@ -547,31 +539,31 @@ def change_direction(
     thin = np.zeros((height, width), dtype=bool)
     if levels is not None and not all(np.isfinite(levels)):
         levels = None
-    for rows, buffers in _strips(height, width):
-        darker[rows], thin[rows] = _change_direction_strip(
-            date[:, rows],
-            low[:, rows],
-            high[:, rows],
-            noise[:, rows],
-            gain,
-            offset,
-            *buffers,
-            levels,
-        )
+    for rows, planes in _strips(date, low, high, noise):
+        darker[rows], thin[rows] = _change_direction_strip(*planes, gain, offset, levels)
     return darker, thin
 
 
-def _strips(height: int, width: int) -> Iterator[tuple[slice, tuple[np.ndarray, np.ndarray]]]:
+#: A strip of rows of the date, range and noise ``(band, rows, x)``, and two float32 buffers.
+Strip = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _strips(
+    date: np.ndarray, low: np.ndarray, high: np.ndarray, noise: np.ndarray
+) -> Iterator[tuple[slice, Strip]]:
+    """Strips of rows of a date's planes, each with the same two buffers."""
     # Strips of rows whose temporaries stay in the CPU cache: this runs for every date and tile,
     # and memory traffic is what it costs. Every pixel is computed on its own, so strips change
-    # nothing but the speed. The strips share two buffers.
+    # nothing but the speed.
+    height, width = date.shape[1:]
     strip = max(1, SCORE_STRIP_PIXELS // width)
     values = np.empty((min(height, strip), width), dtype=np.float32)
     below = np.empty_like(values)
     for top in range(0, height, strip):
         rows = slice(top, min(top + strip, height))
         size = rows.stop - top
-        yield rows, (values[:size], below[:size])
+        planes = (date[:, rows], low[:, rows], high[:, rows], noise[:, rows])
+        yield rows, (*planes, values[:size], below[:size])
 
 
 # Pixels per strip of change_score: ~1 MB per float32 temporary, so that the strip's few
@@ -585,11 +577,11 @@ def _change_score_strip(
     low: np.ndarray,
     high: np.ndarray,
     noise: np.ndarray,
+    values: np.ndarray,
+    below: np.ndarray,
     gain: np.ndarray,
     offset: np.ndarray,
     nodata: float | None,
-    values: np.ndarray,
-    below: np.ndarray,
     known: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     valid = np.isfinite(low).all(axis=0) if known is None else known.copy()
@@ -634,10 +626,10 @@ def _change_direction_strip(
     low: np.ndarray,
     high: np.ndarray,
     noise: np.ndarray,
-    gain: np.ndarray,
-    offset: np.ndarray,
     values: np.ndarray,
     below: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
     levels: tuple[float, float] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = date.shape[1:]
