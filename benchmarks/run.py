@@ -47,7 +47,7 @@ import xarray as xr
 import zarr
 
 from spoc_xr import kernels
-from spoc_xr.detect import classify_tile, reference_products
+from spoc_xr.detect import classify_tile, per_date_levels, reference_products
 from spoc_xr.ingest import add_overview, open_stack, read_overview
 from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
 from spoc_xr.store import mark_complete, write_dataset
@@ -576,6 +576,7 @@ def check_identical(
         }
         local["scale"] = _window(products["scale"].transpose("y", "x").data, rows, cols, depth)
         compared = differing = 0
+        levels = per_date_levels(radiometry.brightness, stack.sizes["time"])
         for t in dates:
             date = _window(stack.data[t], rows, cols, depth)
             codes = classify_tile(
@@ -589,6 +590,7 @@ def check_identical(
                 params=params,
                 origin=(rows.start - depth, cols.start - depth),
                 scale=local["scale"],
+                levels=levels[t],
             )[depth:-depth, depth:-depth]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

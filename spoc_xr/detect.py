@@ -999,6 +999,17 @@ def _split_tiles(tiles: da.Array, chunks: Sequence[tuple[int, ...]]) -> da.Array
     return da.Array(_graph(name, layer, tiles), name, (tiles.chunks[0], *chunks), meta=tiles._meta)
 
 
+def per_date_levels(levels: np.ndarray | None, n_dates: int) -> list[tuple[float, float] | None]:
+    """Each date's ``(dark, bright)`` levels as :func:`classify_tile` takes them, None where
+    unknown (``levels`` is :attr:`spoc_xr.reference.Radiometry.brightness`, or None)."""
+    if levels is None:
+        return [None] * n_dates
+    return [
+        (float(dark), float(bright)) if np.isfinite([dark, bright]).all() else None
+        for dark, bright in np.asarray(levels, dtype=np.float64)
+    ]
+
+
 def classify(
     stack: xr.DataArray,
     products: xr.Dataset,
@@ -1055,12 +1066,7 @@ def classify(
         "depth": depth,
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
-    date_levels: list[tuple[float, float] | None] = [None] * len(gains32)
-    if levels is not None:
-        date_levels = [
-            (float(dark), float(bright)) if np.isfinite([dark, bright]).all() else None
-            for dark, bright in np.asarray(levels, dtype=np.float64)
-        ]
+    date_levels = per_date_levels(levels, len(gains32))
     # One task per (date, tile) that assembles its padded window from the date's blocks itself:
     # no padded copy of every date waits in memory for its task.
     inputs = (data, low, high, noise, scale, known)
