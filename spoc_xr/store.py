@@ -31,6 +31,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from dask.delayed import Delayed
+from zarr.codecs import ZstdCodec
 
 import spoc_xr
 from spoc_xr.errors import (
@@ -421,7 +422,13 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
-def _prepare_for_zarr(ds: xr.Dataset) -> xr.Dataset:
+#: Zstandard level of new floating-point arrays (reference, noise model, float stacks): level 1
+#: compresses a 4 x 1024² float32 reference chunk in 63 ms at a ratio of 2.2, Zarr's default
+#: (3) in 124 ms at 2.3; on a 10980² tile the reference pass writes about 5.8 GB of them.
+FLOAT_ZSTD_LEVEL = 1
+
+
+def _prepare_for_zarr(ds: xr.Dataset, *, creating: bool = True) -> xr.Dataset:
     prepared = ds.copy(deep=False)
     # A dataset read from a complete store must not mark its new store complete before it is.
     prepared.attrs.pop(COMPLETE_ATTR, None)
@@ -447,6 +454,10 @@ def _prepare_for_zarr(ds: xr.Dataset) -> xr.Dataset:
         # xarray leaves grid-mapping variables out of `coordinates`; plain open_zarr then drops
         # them from the variable and rioxarray loses the CRS.
         var.encoding["coordinates"] = " ".join(str(name) for name in linked)
+    if creating:
+        for var in prepared.data_vars.values():
+            if var.dtype.kind == "f" and "compressors" not in var.encoding:
+                var.encoding["compressors"] = (ZstdCodec(level=FLOAT_ZSTD_LEVEL),)
     return prepared
 
 
@@ -857,7 +868,7 @@ def write_region(
     data = ds.drop_vars(list(ds.coords))
     dims = {str(dim) for name in data.data_vars for dim in data[name].dims}
     full: dict[str, slice] = {dim: region.get(dim, slice(None)) for dim in dims}
-    data = _prepare_for_zarr(data)
+    data = _prepare_for_zarr(data, creating=False)
     for var in data.data_vars.values():
         var.encoding.pop("coordinates", None)
     data.attrs = {}
