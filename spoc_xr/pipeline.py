@@ -25,6 +25,7 @@ from spoc_xr.detect import (
     classify,
     noise_floor,
     pad_and_overlap,
+    per_date_levels,
     reference_products,
     spatial_chunks,
 )
@@ -777,10 +778,7 @@ def brightness_attr(levels: np.ndarray | None) -> list[list[float] | None] | Non
     """Per-date ``[dark, bright]`` levels as JSON (``None`` for an unknown date)."""
     if levels is None:
         return None
-    return [
-        [float(v) for v in pair] if np.isfinite(pair).all() else None
-        for pair in np.asarray(levels, dtype=np.float64)
-    ]
+    return [None if pair is None else list(pair) for pair in per_date_levels(levels, len(levels))]
 
 
 def _open_unfinished(out: Path) -> xr.Dataset:
