@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import dask
 import numpy as np
@@ -68,3 +69,13 @@ def raise_if_dask_computes(max_computes: int = 0) -> Iterator[None]:
 
     with dask.config.set(scheduler=scheduler):
         yield
+
+
+def worker_addresses(client: Any) -> list[str]:
+    """Addresses of every worker, sorted, asked of the scheduler now.
+
+    ``client.scheduler_info()`` returns a cache that the client's periodic refresh overwrites
+    with a summary that lists no workers, so a test reading it can see none at all.
+    """
+    identity = client.sync(client.scheduler.identity, n_workers=-1)
+    return sorted(identity["workers"])

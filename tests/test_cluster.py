@@ -35,6 +35,7 @@ from spoc_xr.ingest import ingest, open_stack
 from spoc_xr.pipeline import annotate
 from spoc_xr.store import GIL_SWITCH_INTERVAL, open_store, write_dataset
 from spoc_xr.synthetic import make_harbour
+from tests.helpers import worker_addresses
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +236,7 @@ def test_cli_on_scheduler_matches_local_run(
     with Client(cluster.address) as monitor, get_task_stream(monitor) as stream:
         assert main(["ingest", str(harbour), str(stack), "--chunks", str(CHUNKS), *options]) == 0
         assert main(["annotate", str(stack), str(out), "--no-report", *options]) == 0
-        workers = set(monitor.scheduler_info()["workers"])
+        workers = set(worker_addresses(monitor))
     # Both worker processes read GeoTIFFs and wrote chunks: the client funnelled nothing.
     assert {task["worker"] for task in stream.data} == workers
     assert any(task["key"].startswith("read-geotiffs") for task in _keys(stream.data))
@@ -248,7 +249,7 @@ def test_cli_on_scheduler_matches_local_run(
     with Client(cluster.address) as client:
         # Built-in functions pickle by name: the workers cannot import this test module.
         assert client.run(cv2.getNumThreads) == dict.fromkeys(
-            client.scheduler_info()["workers"], OPENCV_THREADS
+            worker_addresses(client), OPENCV_THREADS
         )
 
 
@@ -267,7 +268,7 @@ def test_python_api_uses_the_current_client(
     with Client(cluster.address) as client, get_task_stream(client) as stream:
         stack = open_stack(local_run[0])
         write_dataset(annotate(stack), tmp_path / "api.zarr", overwrite=False)
-        workers = set(client.scheduler_info()["workers"])
+        workers = set(worker_addresses(client))
     assert {task["worker"] for task in stream.data} == workers
     assert_same_store(tmp_path / "api.zarr", local_run[1], required=("mask", "heatmap"))
 

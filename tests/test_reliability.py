@@ -26,7 +26,7 @@ from spoc_xr import store as st
 from spoc_xr.errors import SpocError, StoreError
 from spoc_xr.ingest import ingest_store, open_stack
 from spoc_xr.pipeline import annotate_store
-from tests.helpers import make_stack
+from tests.helpers import make_stack, worker_addresses
 from tests.test_errors import write_scene
 
 REPO = Path(__file__).parents[1]
@@ -431,7 +431,7 @@ def test_a_worker_killed_mid_annotate_changes_nothing(tmp_path: Path) -> None:
         while len(progress_of(out).get("done", [])) < 2 and worker.is_alive():
             assert time.monotonic() < deadline
             time.sleep(0.002)
-        victim = sorted(client.scheduler_info()["workers"])[0]
+        victim = worker_addresses(client)[0]
         pid = client.run(os.getpid, workers=[victim])[victim]
         os.kill(pid, signal.SIGKILL)
         worker.join()
