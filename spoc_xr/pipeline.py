@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from spoc_xr.products import (
     uncover_water_values,
     valid_from_codes,
     water_mask,
+    water_threshold,
 )
 from spoc_xr.reference import (
     MIN_CLEANING_DATES,
@@ -174,7 +176,12 @@ def plan_annotation(
     choice = parse_reference(reference, stack.time)
     if overview is None:
         overview = compute_overview(stack)
-    return stack, plan_radiometry(overview, choice), params
+    radiometry = plan_radiometry(overview, choice)
+    # The clouds and boats of single dates drop out of the temporal median.
+    with np.errstate(all="ignore"):
+        composite = nanmedian_first(overview)
+    cut = water_threshold(composite, [str(b) for b in stack.band.values])
+    return stack, replace(radiometry, water_threshold=cut), params
 
 
 def build_annotations(
@@ -196,7 +203,7 @@ def build_annotations(
         and radiometry.valid_fraction[radiometry.reference_index] == 0
     ):
         raise NoDataError("the reference date holds no valid pixel; pick another reference")
-    index = choose_water_index([str(b) for b in stack.band.values])
+    index = choose_water_index([str(b) for b in stack.band.values], radiometry.water_threshold)
     if stored_reference is None or stored_spread is None:
         ref, spread = reference_and_spread(stack, radiometry, params.tolerance)
     else:
@@ -255,6 +262,7 @@ def build_annotations(
             if radiometry.residual_scale is None
             else [float(v) for v in radiometry.residual_scale],
             "overview_brightness": brightness_attr(radiometry.brightness),
+            "water_threshold": radiometry.water_threshold,
             "dates": [str(t)[:19] for t in stack.time.values],
         }
     }
@@ -737,7 +745,7 @@ def _write_reference_pass(
     final = range_consistent_spread(spread, excess, floor=floor).astype(np.float32).chunk(chunks)
     st.write_region(final.to_dataset(name="spread"), out, region={}, progress=progress)
     # A pass of its own: sharing the reference's blocks with the spread's pass held them.
-    index = choose_water_index([str(b) for b in stack.band.values])
+    index = choose_water_index([str(b) for b in stack.band.values], radiometry.water_threshold)
     smooth = reference_products(reference, spread, params)["smooth"]
     water = water_mask(smooth, index).astype(np.uint8).chunk(chunks)
     st.write_region(water.to_dataset(name="water"), out, region={}, progress=progress)
@@ -771,6 +779,8 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
         list(info.get("notes", [])),
         None if scale is None else np.asarray(scale, dtype=np.float64),
         brightness,
+        # Stores written before the cut was fitted used 0.
+        float(info.get("water_threshold", 0.0)),
     )
 
 

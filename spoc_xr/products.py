@@ -25,6 +25,11 @@ WET_SHARE = 0.25
 # ... and where the index rises by this much above the reference's (water ~0.5, ships < 0).
 WET_INCREASE = 0.2
 MIN_WET_DATES = 3
+# An adaptive water cut may drop at most this share of the pixels with a positive index (quays
+# and roofs are a few percent of a port; more means the cut splits water from water).
+WATER_SPLIT_SHARE = 0.15
+# Fewer pixels with a known index than this give no histogram to cut.
+MIN_THRESHOLD_PIXELS = 256
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,14 @@ class WaterIndex:
         ``"MNDWI"`` (green, SWIR), ``"NDWI"`` (green, NIR) or ``"none"``.
     bands : tuple of str
         The two band names used, empty for ``"none"``.
+    threshold : float
+        Water is where the index exceeds this (0, or the scene's own cut from
+        :func:`water_threshold`).
     """
 
     name: str
     bands: tuple[str, ...]
+    threshold: float = 0.0
 
     @property
     def available(self) -> bool:
@@ -54,7 +63,7 @@ class WaterIndex:
                 "no water index (the bands lack green plus NIR or SWIR): the heatmap counts "
                 "all small objects"
             )
-        return f"{self.name} from bands {self.bands[0]} and {self.bands[1]} > 0"
+        return f"{self.name} from bands {self.bands[0]} and {self.bands[1]} > {self.threshold:.3g}"
 
 
 def _find_band(bands: list[str], names: tuple[str, ...]) -> str | None:
@@ -62,8 +71,10 @@ def _find_band(bands: list[str], names: tuple[str, ...]) -> str | None:
     return next((lowered[name] for name in names if name in lowered), None)
 
 
-def choose_water_index(bands: list[str]) -> WaterIndex:
+def choose_water_index(bands: list[str], threshold: float = 0.0) -> WaterIndex:
     """Pick MNDWI (green, SWIR) where present, else NDWI (green, NIR), else none.
+
+    ``threshold`` is the index value above which a pixel is water (:func:`water_threshold`).
 
     Examples
     --------
@@ -76,10 +87,50 @@ def choose_water_index(bands: list[str]) -> WaterIndex:
     swir = _find_band(bands, SWIR_NAMES)
     nir = _find_band(bands, NIR_NAMES)
     if green and swir:
-        return WaterIndex("MNDWI", (green, swir))
+        return WaterIndex("MNDWI", (green, swir), threshold)
     if green and nir:
-        return WaterIndex("NDWI", (green, nir))
+        return WaterIndex("NDWI", (green, nir), threshold)
     return WaterIndex("none", ())
+
+
+def water_threshold(image: np.ndarray, bands: list[str]) -> float:
+    """The index value above which ``image`` ``(band, y, x)`` is water: 0 or the scene's own cut.
+
+    NDWI and MNDWI are positive on water, but bright concrete, roofs and piers can read slightly
+    positive too (NDWI 0.02-0.09 where harbour water reads 0.5): with a cut at 0 a quay counts
+    as water and whatever changes on it as a boat. Among the pixels with a positive index, the
+    ISODATA cut (scikit-image's ``threshold_isodata``: midway between the means of the two sides,
+    so in the middle of the gap between the structures and the water mode, where Otsu's cut
+    would sit at one edge of it) splits the two, as automatic water mapping splits its index
+    histogram. The cut is kept only when at most ``WATER_SPLIT_SHARE`` of those
+    pixels fall below it: a cut that removes more splits two kinds of water (clear and turbid,
+    or one water mode in halves), not water from what stands in it.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> green = np.r_[rng.normal(900, 20, 600), rng.normal(1500, 20, 30), rng.normal(600, 20, 600)]
+    >>> nir = np.r_[rng.normal(1400, 20, 600), rng.normal(1300, 20, 30), rng.normal(200, 20, 600)]
+    >>> image = np.stack([green, nir])[:, None, :]  # land, bright pier, water
+    >>> 0.07 < water_threshold(image, ["B03", "B08"]) < 0.45
+    True
+    """
+    from skimage.filters import threshold_isodata
+
+    index = choose_water_index(bands)
+    if not index.available:
+        return 0.0
+    ratio = _normalised_difference(
+        image[bands.index(index.bands[0])].astype(np.float64),
+        image[bands.index(index.bands[1])].astype(np.float64),
+    )
+    positive = ratio[np.isfinite(ratio) & (ratio > 0)]
+    if positive.size < MIN_THRESHOLD_PIXELS or positive.min() == positive.max():
+        return 0.0
+    cut = float(threshold_isodata(positive))
+    if (positive <= cut).mean() > WATER_SPLIT_SHARE:
+        return 0.0
+    return cut
 
 
 def _index_ratio(image: xr.DataArray, index: WaterIndex) -> xr.DataArray:
@@ -169,7 +220,7 @@ def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:
     plane = reference.isel(band=0, drop=True)
     if not index.available:
         return xr.ones_like(plane, dtype=bool).rename("water")
-    water = (_index_ratio(reference, index) > 0).astype(np.uint8)
+    water = (_index_ratio(reference, index) > index.threshold).astype(np.uint8)
     widened = filter_spatial(water, kernels.maximum_filter, WATER_MARGIN // 2, size=WATER_MARGIN)
     return widened.astype(bool).rename("water")
 

@@ -74,6 +74,9 @@ class Radiometry:
     brightness : numpy.ndarray or None
         ``(time, 2)`` dark and bright levels of each normalised date (:func:`brightness_levels`),
         NaN where unknown: how bright the date's clouds are, for the thin haze test.
+    water_threshold : float
+        Water index value above which a pixel is water, fitted on the overview's composite
+        (:func:`spoc_xr.products.water_threshold`; set by the pipeline).
     """
 
     reference: str
@@ -85,6 +88,7 @@ class Radiometry:
     notes: list[str] = field(default_factory=list)
     residual_scale: np.ndarray | None = None
     brightness: np.ndarray | None = None
+    water_threshold: float = 0.0
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:

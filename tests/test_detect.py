@@ -23,7 +23,7 @@ from spoc_xr.detect import (
 )
 from spoc_xr.errors import ParameterError
 from spoc_xr.pipeline import annotate, build_annotations, reference_and_spread
-from spoc_xr.products import choose_water_index, uncover_water_values
+from spoc_xr.products import choose_water_index, uncover_water_values, water_threshold
 from spoc_xr.reference import compute_overview, plan_radiometry
 from tests.helpers import make_stack, raise_if_dask_computes
 
@@ -476,3 +476,39 @@ def test_one_band_darkened_alone_is_no_shadow_a_shadow_dims_every_band():
     codes = _tile_codes(products, date)
     assert (codes[:, 10:70] != LARGE).all()
     assert (codes[40:80, 110:140] == LARGE).all()
+
+
+def test_a_bright_pier_that_reads_slightly_wet_is_no_water_so_a_car_on_it_is_no_boat():
+    stack = make_stack(n_time=6, shape=(41, 61)).astype(np.float32)
+    # A pier 7 px wide into the water (left half), a few percent of the scene as in a port:
+    # concrete, green a little above NIR.
+    pier = (slice(8, 24), slice(5, 12))
+    stack.values[:, 1, pier[0], pier[1]] = 1450.0
+    stack.values[:, 3, pier[0], pier[1]] = 1400.0
+    stack.values[:, [0, 2], pier[0], pier[1]] = 1420.0
+    stack.values[4, :, 15:17, 7:9] += 2000.0  # a car on the pier's middle on date 4
+    index_on_pier = (1450.0 - 1400.0) / (1450.0 + 1400.0)
+    assert index_on_pier > 0  # a cut at 0 would take the pier for water
+    result = annotate(stack.astype(np.uint16).chunk({"time": 1, "y": 10, "x": 10})).compute()
+    cut = result.attrs["spoc_xr"]["water_threshold"]
+    assert index_on_pier < cut < 0.5  # between the pier and the water (NDWI 0.5)
+    water = result.water.values.astype(bool)
+    assert not water[15:17, 7:9].any()  # beyond the 2 px margin that quays get
+    assert water[2, 2] and water[28, 2]  # open water stays water
+    assert (result.mask.values[4, 15:17, 7:9] == SMALL).all()  # the car is found...
+    assert result.heatmap.values[15:17, 7:9].max() == 0  # ...but is no boat on water
+
+
+def test_the_water_cut_never_splits_clear_from_turbid_water():
+    rng = np.random.default_rng(1)
+    # Mostly water: clear (NDWI ~0.5), turbid (~0.12) and a little land (~-0.4).
+    green = np.r_[rng.normal(600, 10, 700), rng.normal(560, 10, 500), rng.normal(900, 10, 60)]
+    nir = np.r_[rng.normal(200, 10, 700), rng.normal(440, 10, 500), rng.normal(2100, 10, 60)]
+    image = np.stack([green, nir])[:, None, :]
+    assert water_threshold(image, ["B03", "B08"]) == 0.0
+    assert water_threshold(image, ["B04", "B08"]) == 0.0  # no water index at all
+    # The same scene with bright piers instead of turbid water: the cut rises above the piers.
+    green[700:760], nir[700:760] = 1500.0, 1400.0
+    keep = np.r_[0:760, 1200:1260]
+    cut = water_threshold(np.stack([green[keep], nir[keep]])[:, None, :], ["B03", "B08"])
+    assert (1500.0 - 1400.0) / 2900.0 < cut < 0.45
