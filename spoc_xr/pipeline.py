@@ -60,6 +60,7 @@ from spoc_xr.reference import (
     nanmedian_first,
     noise_sample_indices,
     normalise_values,
+    overview_composite,
     parse_reference,
     plan_radiometry,
 )
@@ -176,10 +177,8 @@ def plan_annotation(
     choice = parse_reference(reference, stack.time)
     if overview is None:
         overview = compute_overview(stack)
-    radiometry = plan_radiometry(overview, choice)
-    # The clouds and boats of single dates drop out of the temporal median.
-    with np.errstate(all="ignore"):
-        composite = nanmedian_first(overview)
+    composite = overview_composite(overview)
+    radiometry = plan_radiometry(overview, choice, composite)
     cut = water_threshold(composite, [str(b) for b in stack.band.values])
     return stack, replace(radiometry, water_threshold=cut), params
 

@@ -324,7 +324,16 @@ def parse_reference(reference: str, times: xr.DataArray) -> str | int:
     return int(exact[0])
 
 
-def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
+def overview_composite(overview: np.ndarray) -> np.ndarray:
+    """The temporal median ``(band, h, w)`` of an overview: single dates' clouds and boats drop
+    out of it."""
+    with np.errstate(all="ignore"):
+        return nanmedian_first(overview)
+
+
+def plan_radiometry(
+    overview: np.ndarray, reference: str | int, composite: np.ndarray | None = None
+) -> Radiometry:
     """Choose the reference date (for ``auto``) and fit every date's radiometry to it.
 
     Parameters
@@ -333,6 +342,8 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
         ``(time, band, h, w)`` float with NaN where invalid, from :func:`compute_overview`.
     reference : {"auto", "median"} or int
         Reference kind, or the index of the reference date.
+    composite : numpy.ndarray, optional
+        The overview's temporal median ``(band, h, w)``, when the caller has it already.
 
     Returns
     -------
@@ -342,8 +353,8 @@ def plan_radiometry(overview: np.ndarray, reference: str | int) -> Radiometry:
     valid_fraction = valid.mean(axis=(1, 2))
     if not valid_fraction.any():
         raise NoDataError("every date of the stack is entirely nodata; check the nodata value")
-    with np.errstate(all="ignore"):
-        composite = nanmedian_first(overview)
+    if composite is None:
+        composite = overview_composite(overview)
     gains, offsets = fit_radiometry(overview, composite)
     changed, scale = change_fractions(overview, composite, gains, offsets)
     notes: list[str] = []
