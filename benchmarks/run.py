@@ -47,7 +47,7 @@ import xarray as xr
 import zarr
 
 from spoc_xr import kernels
-from spoc_xr.detect import classify_tile, per_date_levels, reference_products
+from spoc_xr.detect import classify_tile, per_date_levels, reference_products, visible_bands
 from spoc_xr.ingest import add_overview, open_stack, read_overview
 from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
 from spoc_xr.store import mark_complete, write_dataset
@@ -591,6 +591,7 @@ def check_identical(
                 origin=(rows.start - depth, cols.start - depth),
                 scale=local["scale"],
                 levels=levels[t],
+                visible=visible_bands([str(band) for band in stack.band.values]),
             )[depth:-depth, depth:-depth]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

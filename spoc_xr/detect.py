@@ -114,6 +114,9 @@ DENSITY_STEPS = 64.0
 # excess is a darkening seen in fewer than this many bands (one noise scale below the range) is a
 # radiometric residue of one band (e.g. SWIR over water), not a shadow.
 SHADOW_BANDS = 2
+#: Band names (lower case) of visible light: Sentinel-2's coastal, blue, green and red bands and
+#: plain words. Landsat's numbered bands are left out: "B4" is red on Landsat 8, NIR on Landsat 5/7.
+VISIBLE_NAMES = frozenset({"b01", "b02", "b03", "b04", "coastal", "blue", "green", "red"})
 # An isolated single pixel needs this multiple of the threshold.
 ISOLATED_FACTOR = 2.0
 # Scores are capped here (noise scales) before quantisation; nothing real is above it.
@@ -523,6 +526,7 @@ def change_direction(
     offset: np.ndarray,
     *,
     levels: tuple[float, float] | None = None,
+    visible: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where one date darkened (shadows) and where it is only thin haze, per pixel.
 
@@ -533,6 +537,12 @@ def change_direction(
     ``levels`` is the date's ``(dark, bright)`` band-mean levels, see ``THIN_OPACITY``); all False
     without ``levels``. A pass of its own: only the large class needs them, on dates with a wide
     change.
+
+    A pixel whose bands sum below the range's top while its largest excess is a rise (a cloud
+    over vegetation: the visible bands rise, NIR stays inside its wide range) counts as darker,
+    and so is spared the magnitude and haze tests, only if one of the ``visible`` bands rose by
+    more than a noise scale: a rise of NIR or SWIR alone is the surface changing (vegetation
+    drying, soil laid bare), not a cloud. With ``visible`` unknown (``None``) any rise will do.
     """
     height, width = date.shape[1:]
     darker = np.empty((height, width), dtype=bool)
@@ -540,7 +550,7 @@ def change_direction(
     if levels is not None and not all(np.isfinite(levels)):
         levels = None
     for rows, planes in _strips(date, low, high, noise):
-        darker[rows], thin[rows] = _change_direction_strip(*planes, gain, offset, levels)
+        darker[rows], thin[rows] = _change_direction_strip(*planes, gain, offset, levels, visible)
     return darker, thin
 
 
@@ -631,6 +641,7 @@ def _change_direction_strip(
     gain: np.ndarray,
     offset: np.ndarray,
     levels: tuple[float, float] | None,
+    visible: Sequence[int] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = date.shape[1:]
     # Sum over bands of the date minus the range's top: negative where the pixel darkened.
@@ -640,6 +651,8 @@ def _change_direction_strip(
     rise = np.zeros(shape, dtype=np.float32)
     fall = np.zeros(shape, dtype=np.float32)
     dimmed = np.zeros(shape, dtype=np.uint8)
+    # Where a visible band rose by more than a noise scale (all True when no band is known visible).
+    visible_rise = np.zeros(shape, dtype=bool) if visible else np.ones(shape, dtype=bool)
     # Sums over bands of the range's top and bottom (for the thin haze test).
     if levels is not None:
         tops = np.zeros(shape, dtype=np.float32)
@@ -654,11 +667,13 @@ def _change_direction_strip(
         dimmed += below > 1
         np.fmax(fall, below, out=fall)
         values /= noise[band]
+        if visible and band in visible:
+            visible_rise |= values > 1
         np.fmax(rise, values, out=rise)
     # A darkening of a band or so is no shadow (SHADOW_BANDS): the largest excess must be a rise
-    # or the darkening must reach several bands.
+    # that a visible band shares, or the darkening must reach several bands.
     darker = net < 0
-    darker &= (fall < rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
+    darker &= ((fall < rise) & visible_rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
     thin = np.zeros(shape, dtype=bool)
     if levels is not None:
         dark, bright = levels
@@ -822,6 +837,7 @@ def classify_tile(
     scale: np.ndarray | None = None,
     known: np.ndarray | None = None,
     levels: tuple[float, float] | None = None,
+    visible: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Mask codes of one date tile: 0 clear, 1 small, 2 large, 255 invalid.
 
@@ -832,7 +848,8 @@ def classify_tile(
     magnitude test. ``known`` ``(y, x)``, where ``low`` is finite in every band, saves working it
     out for every date. ``levels`` is the date's ``(dark, bright)`` band-mean levels
     (:func:`spoc_xr.reference.brightness_levels`); without them thin haze is not told from clouds.
-    Exposed for tests and for the reference implementation.
+    ``visible`` indexes the bands of visible light (:func:`visible_bands`; see
+    :func:`change_direction`). Exposed for tests and for the reference implementation.
     """
     score, valid = change_score(date, low, high, noise, gain, offset, nodata=nodata, known=known)
     threshold = params.effective_threshold
@@ -862,7 +879,9 @@ def classify_tile(
     # bridged: below, only pixels that changed by the same tests stay large).
     wide = (background > threshold) & valid
     if wide.any():
-        darker, thin = change_direction(date, low, high, noise, gain, offset, levels=levels)
+        darker, thin = change_direction(
+            date, low, high, noise, gain, offset, levels=levels, visible=visible
+        )
         qualifies = ~thin
         if scale is not None:
             qualifies &= darker | (background * scale > LARGE_MAGNITUDE)
@@ -920,6 +939,7 @@ def _classify_window(
         scale=scale,
         known=known,
         levels=levels,
+        visible=settings["visible"],
     )
     core = codes[depth:-depth, depth:-depth] if depth else codes
     return core[None]
@@ -999,6 +1019,22 @@ def _split_tiles(tiles: da.Array, chunks: Sequence[tuple[int, ...]]) -> da.Array
     return da.Array(_graph(name, layer, tiles), name, (tiles.chunks[0], *chunks), meta=tiles._meta)
 
 
+def visible_bands(bands: Sequence[str]) -> tuple[int, ...] | None:
+    """Indices of the bands of visible light among ``bands``, or ``None`` when none is known.
+
+    Examples
+    --------
+    >>> visible_bands(["B02", "B03", "B04", "B08", "B11"])
+    (0, 1, 2)
+    >>> visible_bands(["red", "nir", "swir1"])
+    (0,)
+    >>> visible_bands(["1", "2"]) is None
+    True
+    """
+    found = tuple(i for i, band in enumerate(bands) if str(band).lower() in VISIBLE_NAMES)
+    return found or None
+
+
 def per_date_levels(levels: np.ndarray | None, n_dates: int) -> list[tuple[float, float] | None]:
     """Each date's ``(dark, bright)`` levels as :func:`classify_tile` takes them, None where
     unknown (``levels`` is :attr:`spoc_xr.reference.Radiometry.brightness`, or None)."""
@@ -1019,6 +1055,8 @@ def classify(
     levels: np.ndarray | None = None,
 ) -> xr.DataArray:
     """Lazy mask codes ``(time, y, x)`` uint8 for every date of ``stack``.
+
+    The bands of visible light are told by ``stack``'s band names (:func:`visible_bands`).
 
     Parameters
     ----------
@@ -1064,6 +1102,7 @@ def classify(
         "nodata": None if nodata is None else float(nodata),
         "params": params,
         "depth": depth,
+        "visible": visible_bands([str(band) for band in stack.band.values]),
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
     date_levels = per_date_levels(levels, len(gains32))

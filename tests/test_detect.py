@@ -20,6 +20,7 @@ from spoc_xr.detect import (
     parse_threshold,
     reference_products,
     small_objects,
+    visible_bands,
 )
 from spoc_xr.errors import ParameterError
 from spoc_xr.pipeline import annotate, build_annotations, reference_and_spread
@@ -70,7 +71,18 @@ class ScipyKernels:
 
 
 def scipy_codes(
-    monkeypatch, date, low, high, noise, gain, offset, nodata, params, scale, levels=None
+    monkeypatch,
+    date,
+    low,
+    high,
+    noise,
+    gain,
+    offset,
+    nodata,
+    params,
+    scale,
+    levels=None,
+    visible=None,
 ) -> np.ndarray:
     """The whole chain with scipy kernels on the edge-padded whole image, then cropped."""
     d = params.depth
@@ -99,6 +111,7 @@ def scipy_codes(
             origin=(-d, -d),
             scale=scale,
             levels=levels,
+            visible=visible,
         )
     return codes[d:-d, d:-d]
 
@@ -149,6 +162,7 @@ def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
             PARAMS,
             computed.scale.values,
             tuple(levels[t]),
+            visible_bands(list(stack.band.values)),
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
@@ -433,7 +447,7 @@ def _flat_scene(shape=(4, 120, 160), water=500.0, noise=10.0, seed=0):
     return products, date
 
 
-def _tile_codes(products, date, levels=None):
+def _tile_codes(products, date, levels=None, visible=None):
     n_bands = date.shape[0]
     return classify_tile(
         date,
@@ -446,6 +460,7 @@ def _tile_codes(products, date, levels=None):
         params=DetectParams(),
         scale=products.scale.values,
         levels=levels,
+        visible=visible,
     )
 
 
@@ -476,6 +491,23 @@ def test_one_band_darkened_alone_is_no_shadow_a_shadow_dims_every_band():
     codes = _tile_codes(products, date)
     assert (codes[:, 10:70] != LARGE).all()
     assert (codes[40:80, 110:140] == LARGE).all()
+
+
+def test_a_rise_of_swir_alone_is_no_cloud_a_rise_of_red_with_nir_down_is_one():
+    bands = ["B02", "B03", "B04", "B08", "B11"]
+    products, date = _flat_scene(shape=(5, 120, 160))
+    # Left: the surface changed (vegetation drying): SWIR up 15 noise scales, NIR down 12, the
+    # visible bands unchanged. Right: a cloud over vegetation: red up as much, NIR down alike.
+    date[4, 20:100, 10:70] += 150.0
+    date[2, 20:100, 90:150] += 150.0
+    date[3, 20:100, 10:70] -= 120.0
+    date[3, 20:100, 90:150] -= 120.0
+    surface, cloud = (slice(40, 80), slice(25, 55)), (slice(40, 80), slice(105, 135))
+    codes = _tile_codes(products, date, visible=visible_bands(bands))
+    assert (codes[surface] != LARGE).all()
+    assert (codes[cloud] == LARGE).all()
+    # Without band names any rise is taken for a cloud's, as before.
+    assert (_tile_codes(products, date)[surface] == LARGE).all()
 
 
 def test_a_bright_pier_that_reads_slightly_wet_is_no_water_so_a_car_on_it_is_no_boat():
