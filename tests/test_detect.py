@@ -70,20 +70,7 @@ class ScipyKernels:
         return labels.astype(np.int32), count
 
 
-def scipy_codes(
-    monkeypatch,
-    date,
-    low,
-    high,
-    noise,
-    gain,
-    offset,
-    nodata,
-    params,
-    scale,
-    levels=None,
-    visible=None,
-) -> np.ndarray:
+def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, *, params, scale, **options):
     """The whole chain with scipy kernels on the edge-padded whole image, then cropped."""
     d = params.depth
     pad3 = ((0, 0), (d, d), (d, d))
@@ -99,20 +86,11 @@ def scipy_codes(
             "label",
         ):
             patch.setattr(kernels, name, getattr(ScipyKernels(), name))
+        # options: nodata, levels, visible, as classify_tile takes them.
         codes = classify_tile(
-            date,
-            low,
-            high,
-            noise,
-            gain,
-            offset,
-            nodata=nodata,
-            params=params,
-            origin=(-d, -d),
-            scale=scale,
-            levels=levels,
-            visible=visible,
-        )
+            date, low, high, noise, gain, offset, params=params, origin=(-d, -d), scale=scale,
+            **options,
+        )  # fmt: skip
     return codes[d:-d, d:-d]
 
 
@@ -158,11 +136,11 @@ def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
             computed.noise.values,
             radiometry.gains[t].astype(np.float32),
             radiometry.offsets[t].astype(np.float32),
-            0,
-            PARAMS,
-            computed.scale.values,
-            tuple(levels[t]),
-            visible_bands(list(stack.band.values)),
+            nodata=0,
+            params=PARAMS,
+            scale=computed.scale.values,
+            levels=tuple(levels[t]),
+            visible=visible_bands(list(stack.band.values)),
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
