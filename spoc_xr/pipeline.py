@@ -57,6 +57,7 @@ from spoc_xr.reference import (
     clean_date_values,
     compute_overview,
     deviation_values,
+    fit_radiometry,
     nanmedian_first,
     noise_sample_indices,
     normalise_values,
@@ -180,7 +181,13 @@ def plan_annotation(
     composite = overview_composite(overview)
     radiometry = plan_radiometry(overview, choice, composite)
     cut = water_threshold(composite, [str(b) for b in stack.band.values])
-    return stack, replace(radiometry, water_threshold=cut), params
+    mapping = None
+    if radiometry.reference_index is not None:
+        # A single date's band gains move a ratio index by up to ~0.2 (water near 0 then reads as
+        # land): the water index is read in the radiometry of the temporal median instead.
+        gain, offset = fit_radiometry(overview[radiometry.reference_index][None], composite)
+        mapping = (gain[0], offset[0])
+    return stack, replace(radiometry, water_threshold=cut, water_mapping=mapping), params
 
 
 def build_annotations(
@@ -212,7 +219,7 @@ def build_annotations(
         stack, products, radiometry.gains, radiometry.offsets, params, radiometry.brightness
     )
     codes = codes.chunk(_output_chunks(stack))
-    water = water_mask(products["smooth"], index).chunk(_output_chunks(stack, time=False))
+    water = _water(products["smooth"], radiometry, index).chunk(_output_chunks(stack, time=False))
     summary = date_summary(codes)
     result = xr.Dataset(
         {
@@ -262,6 +269,9 @@ def build_annotations(
             else [float(v) for v in radiometry.residual_scale],
             "overview_brightness": brightness_attr(radiometry.brightness),
             "water_threshold": radiometry.water_threshold,
+            "water_mapping": None
+            if radiometry.water_mapping is None
+            else [[float(v) for v in part] for part in radiometry.water_mapping],
             "dates": [str(t)[:19] for t in stack.time.values],
         }
     }
@@ -746,7 +756,7 @@ def _write_reference_pass(
     # A pass of its own: sharing the reference's blocks with the spread's pass held them.
     index = choose_water_index([str(b) for b in stack.band.values], radiometry.water_threshold)
     smooth = reference_products(reference, spread, params)["smooth"]
-    water = water_mask(smooth, index).astype(np.uint8).chunk(chunks)
+    water = _water(smooth, radiometry, index).astype(np.uint8).chunk(chunks)
     st.write_region(water.to_dataset(name="water"), out, region={}, progress=progress)
 
 
@@ -763,6 +773,7 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
     valid[: len(known_valid)] = known_valid
     changed[: len(known_changed)] = known_changed
     scale = info.get("residual_scale")
+    mapping = info.get("water_mapping")
     # Dates without stored levels (stores written before they were) get no thin haze test.
     brightness = np.full((n_time, 2), np.nan)
     for t, pair in enumerate((info.get("overview_brightness") or [])[:n_time]):
@@ -778,9 +789,22 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
         list(info.get("notes", [])),
         None if scale is None else np.asarray(scale, dtype=np.float64),
         brightness,
-        # Stores written before the cut was fitted used 0.
+        # Stores written before the cut was fitted used 0, and the reference as it is.
         float(info.get("water_threshold", 0.0)),
+        None if mapping is None else (np.asarray(mapping[0]), np.asarray(mapping[1])),
     )
+
+
+def _water(smooth: xr.DataArray, radiometry: Radiometry, index: WaterIndex) -> xr.DataArray:
+    """The lazy water mask of the smoothed reference, read in the radiometry of the overview's
+    temporal median (:attr:`Radiometry.water_mapping`)."""
+    if radiometry.water_mapping is not None:
+        gain, offset = (
+            xr.DataArray(part.astype(np.float32), dims="band", coords={"band": smooth.band})
+            for part in radiometry.water_mapping
+        )
+        smooth = smooth * gain + offset
+    return water_mask(smooth, index)
 
 
 def brightness_attr(levels: np.ndarray | None) -> list[list[float] | None] | None:
@@ -804,7 +828,7 @@ def _annotate_finish(
 ) -> None:
     from spoc_xr import store as st
     from spoc_xr.detect import INVALID, SMALL
-    from spoc_xr.reference import brightness_levels, fit_radiometry
+    from spoc_xr.reference import brightness_levels
 
     state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
     if state.get("stage") == "created":

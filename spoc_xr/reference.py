@@ -77,6 +77,10 @@ class Radiometry:
     water_threshold : float
         Water index value above which a pixel is water, fitted on the overview's composite
         (:func:`spoc_xr.products.water_threshold`; set by the pipeline).
+    water_mapping : tuple of numpy.ndarray or None
+        ``(gain, offset)`` per band that map a reference date onto the overview's temporal
+        median, where the water index is read (set by the pipeline; ``None`` for a median
+        reference, which is in that radiometry already).
     """
 
     reference: str
@@ -89,6 +93,7 @@ class Radiometry:
     residual_scale: np.ndarray | None = None
     brightness: np.ndarray | None = None
     water_threshold: float = 0.0
+    water_mapping: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:

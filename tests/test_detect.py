@@ -509,6 +509,24 @@ def test_a_bright_pier_that_reads_slightly_wet_is_no_water_so_a_car_on_it_is_no_
     assert result.heatmap.values[15:17, 7:9].max() == 0  # ...but is no boat on water
 
 
+def test_water_is_read_in_the_stacks_radiometry_not_in_the_reference_dates():
+    stack = make_stack(n_time=6, shape=(31, 37)).astype(np.float32)
+    # Water whose NDWI is low (0.09, as offsets and turbidity give real water)...
+    stack.values[:, 1, :, :18] = 1.2 * stack.values[:, 3, :, :18]
+    # ...and a reference date whose own band gains push it below 0.
+    stack.values[1, 1] *= 0.8
+    stack.values[1, 3] *= 1.15
+    assert (stack.values[1, 1, :, :18] < stack.values[1, 3, :, :18]).mean() > 0.9
+    date = str(stack.time.values[1])[:10]
+    result = annotate(stack.astype(np.uint16).chunk({"time": 1}), reference=date).compute()
+    assert result.attrs["spoc_xr"]["reference_index"] == 1
+    water = result.water.values.astype(bool)
+    assert water[:, :18].all()  # the water half is water...
+    assert not water[:, 21:].any()  # ...and the land half land
+    gain, _ = result.attrs["spoc_xr"]["water_mapping"]
+    assert gain[1] > 1.1 and gain[3] < 0.95  # the date's gains undone
+
+
 def test_the_water_cut_never_splits_clear_from_turbid_water():
     rng = np.random.default_rng(1)
     # Mostly water: clear (NDWI ~0.5), turbid (~0.12) and a little land (~-0.4).
