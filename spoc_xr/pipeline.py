@@ -57,7 +57,6 @@ from spoc_xr.reference import (
     clean_date_values,
     compute_overview,
     deviation_values,
-    fit_radiometry,
     nanmedian_first,
     noise_sample_indices,
     normalise_values,
@@ -181,13 +180,7 @@ def plan_annotation(
     composite = overview_composite(overview)
     radiometry = plan_radiometry(overview, choice, composite)
     cut = water_threshold(composite, [str(b) for b in stack.band.values])
-    mapping = None
-    if radiometry.reference_index is not None:
-        # A single date's band gains move a ratio index by up to ~0.2 (water near 0 then reads as
-        # land): the water index is read in the radiometry of the temporal median instead.
-        gain, offset = fit_radiometry(overview[radiometry.reference_index][None], composite)
-        mapping = (gain[0], offset[0])
-    return stack, replace(radiometry, water_threshold=cut, water_mapping=mapping), params
+    return stack, replace(radiometry, water_threshold=cut), params
 
 
 def build_annotations(
@@ -828,7 +821,7 @@ def _annotate_finish(
 ) -> None:
     from spoc_xr import store as st
     from spoc_xr.detect import INVALID, SMALL
-    from spoc_xr.reference import brightness_levels
+    from spoc_xr.reference import brightness_levels, fit_radiometry
 
     state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
     if state.get("stage") == "created":

@@ -79,8 +79,8 @@ class Radiometry:
         (:func:`spoc_xr.products.water_threshold`; set by the pipeline).
     water_mapping : tuple of numpy.ndarray or None
         ``(gain, offset)`` per band that map a reference date onto the overview's temporal
-        median, where the water index is read (set by the pipeline; ``None`` for a median
-        reference, which is in that radiometry already).
+        median, where the water index is read (``None`` for a median reference, which is in that
+        radiometry already).
     """
 
     reference: str
@@ -383,10 +383,24 @@ def plan_radiometry(
                 f"the reference date (index {index}) is entirely nodata; pick another date, "
                 "'auto' or 'median'"
             )
+    # The fit onto the composite maps the reference date into the radiometry where the water
+    # index is read: a single date's band gains move a ratio index by up to ~0.2.
+    water_mapping = (gains[index].copy(), offsets[index].copy())
     gains, offsets = fit_radiometry(overview, overview[index])
     gains[index], offsets[index] = 1.0, 0.0
     levels = brightness_levels(overview, gains, offsets)
-    return Radiometry("date", index, gains, offsets, valid_fraction, changed, notes, scale, levels)
+    return Radiometry(
+        "date",
+        index,
+        gains,
+        offsets,
+        valid_fraction,
+        changed,
+        notes,
+        scale,
+        levels,
+        water_mapping=water_mapping,
+    )
 
 
 def normalise(
