@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import dask
@@ -79,3 +83,19 @@ def worker_addresses(client: Any) -> list[str]:
     """
     identity = client.sync(client.scheduler.identity, n_workers=-1)
     return sorted(identity["workers"])
+
+
+#: The benchmark scripts, which tests import by path (benchmarks/ is no package).
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(script: str) -> ModuleType:
+    """Import ``benchmarks/<script>.py`` as module ``spoc_benchmark_<script>``."""
+    spec = importlib.util.spec_from_file_location(
+        f"spoc_benchmark_{script}", BENCHMARKS / f"{script}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -14,8 +14,6 @@ The ports and Landsat need the shared data and are skipped with a reason without
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,8 +22,8 @@ import dask
 import pytest
 
 from spoc_xr.ports import port_dirs, shared_data_dir
+from tests.helpers import load_benchmark
 
-QUALITY_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 TARGET_PORTS = ("busan", "klang")
 PORT_CROP = 512
 PORT_DATES = 12
@@ -37,12 +35,7 @@ DEMO_IOU_FLOOR = 0.78
 
 @pytest.fixture(scope="module")
 def quality() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("spoc_benchmark_quality", QUALITY_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def _args(workdir: Path) -> argparse.Namespace:
