@@ -36,7 +36,7 @@ from spoc_xr import kernels
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import InputError
 
-# A small component is a boat when at least this share of its pixels lies on (widened) water.
+# A small component is a boat when at least this share of its pixels lies on water.
 ON_WATER_SHARE = 0.5
 
 

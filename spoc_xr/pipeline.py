@@ -226,7 +226,7 @@ def build_annotations(
         }
     )
     result["heatmap"].attrs["water_index"] = index.describe()
-    result["water"].attrs = {"long_name": "water (widened by 2 px for quays)", "index": index.name}
+    result["water"].attrs = {"long_name": "water, from the smoothed reference", "index": index.name}
     result["reference"].attrs = {
         "long_name": "clean image every date was compared with (reference radiometry)",
         "method": radiometry.reference,

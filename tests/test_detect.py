@@ -503,7 +503,7 @@ def test_a_bright_pier_that_reads_slightly_wet_is_no_water_so_a_car_on_it_is_no_
     cut = result.attrs["spoc_xr"]["water_threshold"]
     assert index_on_pier < cut < 0.5  # between the pier and the water (NDWI 0.5)
     water = result.water.values.astype(bool)
-    assert not water[15:17, 7:9].any()  # beyond the 2 px margin that quays get
+    assert not water[9:23, 6:11].any()  # the whole pier, edges included, is dry
     assert water[2, 2] and water[28, 2]  # open water stays water
     assert (result.mask.values[4, 15:17, 7:9] == SMALL).all()  # the car is found...
     assert result.heatmap.values[15:17, 7:9].max() == 0  # ...but is no boat on water
