@@ -36,7 +36,9 @@ from spoc_xr import kernels
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import InputError
 
-# A small component is a boat when at least this share of its pixels lies on water.
+# A small component is a boat when more than this share of its pixels lies on water (a 2 px
+# component half on a pier edge is no boat: demo seeds 0-3 F1 0.859/0.866/0.892/0.805 with "at
+# least half", 0.868/0.875/0.894/0.811 with "more than half", ports within 0.001).
 ON_WATER_SHARE = 0.5
 
 
@@ -100,7 +102,7 @@ def boat_components(
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     wet = np.bincount(labels.ravel(), weights=water.ravel().astype(np.float64), minlength=count + 1)
     share = wet / np.maximum(sizes, 1)
-    return labels, count, share >= ON_WATER_SHARE
+    return labels, count, share > ON_WATER_SHARE
 
 
 def score_date(

@@ -22,7 +22,7 @@ first pixel, large objects follow (n_small + 1 ..).
 What a row says it is
 ---------------------
 ``class`` is the mask class ("small": boat-sized change; "large": cloud, shadow or other large
-change). ``on_water`` is True when at least half of the object's pixels lie on the store's
+change). ``on_water`` is True when more than half of the object's pixels lie on the store's
 ``water`` layer (the rule of :func:`spoc_xr.evaluate.boat_components`, reused here), where water
 comes from the reference's water index named in ``water_index`` ("NDWI", "MNDWI"); with
 ``water_index == "none"`` (no band allows one) every object counts as on water, as the evaluation

@@ -10,7 +10,7 @@ import xarray as xr
 
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import InputError
-from spoc_xr.evaluate import evaluate, json_safe, score_date, write_scores
+from spoc_xr.evaluate import boat_components, evaluate, json_safe, score_date, write_scores
 
 SHAPE = (20, 30)
 
@@ -49,6 +49,18 @@ def test_small_objects_on_land_are_not_boats() -> None:
     empty = np.zeros(SHAPE, dtype=np.int32)
     row = score_date("d", mask, np.ones(SHAPE, bool), empty, np.zeros(SHAPE, np.uint8), water)
     assert row.predicted_boats == 1
+
+
+def test_a_boat_lies_on_water_by_more_than_half_of_its_pixels() -> None:
+    water = np.zeros(SHAPE, dtype=bool)
+    water[:, :15] = True
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[5, 14:16] = SMALL  # half on a pier's edge: no boat
+    mask[10, 13:16] = SMALL  # two of three pixels on water: a boat
+    labels, count, is_boat = boat_components(mask == SMALL, water)
+    assert count == 2
+    assert not is_boat[labels[5, 14]]
+    assert is_boat[labels[10, 13]]
 
 
 def test_cloud_iou_over_valid_pixels() -> None:
