@@ -47,7 +47,13 @@ import xarray as xr
 import zarr
 
 from spoc_xr import kernels
-from spoc_xr.detect import classify_tile, per_date_levels, reference_products, visible_bands
+from spoc_xr.detect import (
+    classify_tile,
+    nir_band,
+    per_date_levels,
+    reference_products,
+    visible_bands,
+)
 from spoc_xr.ingest import add_overview, open_stack, read_overview
 from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
 from spoc_xr.store import mark_complete, write_dataset
@@ -577,6 +583,7 @@ def check_identical(
         local["scale"] = _window(products["scale"].transpose("y", "x").data, rows, cols, depth)
         compared = differing = 0
         levels = per_date_levels(radiometry.brightness, stack.sizes["time"])
+        band_names = [str(band) for band in stack.band.values]
         for t in dates:
             date = _window(stack.data[t], rows, cols, depth)
             codes = classify_tile(
@@ -591,7 +598,8 @@ def check_identical(
                 origin=(rows.start - depth, cols.start - depth),
                 scale=local["scale"],
                 levels=levels[t],
-                visible=visible_bands([str(band) for band in stack.band.values]),
+                visible=visible_bands(band_names),
+                nir=nir_band(band_names),
             )[depth:-depth, depth:-depth]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

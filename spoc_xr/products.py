@@ -8,12 +8,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from spoc_xr.detect import CLEAR, INVALID, LARGE, SMALL
+from spoc_xr.detect import CLEAR, INVALID, LARGE, NIR_NAMES, SMALL
 from spoc_xr.reference import nanmedian_first
 
 # Band names that carry each spectral role, Sentinel-2 and Landsat style and plain words.
 GREEN_NAMES = ("b03", "green", "b3", "g")
-NIR_NAMES = ("b08", "b8a", "nir", "nir08", "b8", "b5_nir", "nir1")
 SWIR_NAMES = ("b11", "swir1", "swir", "swir16", "b6", "swir_1")
 # A pixel whose water shows on this share of the clean dates is water (see uncover_water),
 # given at least MIN_WET_DATES such dates.

@@ -17,6 +17,7 @@ from spoc_xr.detect import (
     classification_chunks,
     classify,
     classify_tile,
+    nir_band,
     parse_threshold,
     reference_products,
     small_objects,
@@ -141,6 +142,7 @@ def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
             scale=computed.scale.values,
             levels=tuple(levels[t]),
             visible=visible_bands(list(stack.band.values)),
+            nir=nir_band(list(stack.band.values)),
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
@@ -425,7 +427,7 @@ def _flat_scene(shape=(4, 120, 160), water=500.0, noise=10.0, seed=0):
     return products, date
 
 
-def _tile_codes(products, date, levels=None, visible=None):
+def _tile_codes(products, date, levels=None, visible=None, nir=None):
     n_bands = date.shape[0]
     return classify_tile(
         date,
@@ -439,7 +441,25 @@ def _tile_codes(products, date, levels=None, visible=None):
         scale=products.scale.values,
         levels=levels,
         visible=visible,
+        nir=nir,
     )
+
+
+def test_near_haze_a_hull_coloured_rise_is_spared_the_haze_factor_a_grey_puff_is_not():
+    bands = ["B02", "B03", "B04", "B08"]
+    water = np.array([650.0, 680.0, 380.0, 200.0], np.float32)[:, None, None]
+    products, date = _flat_scene(water=water)
+    date[:, :, :50] += 60.0  # haze over the left: 4-5 noise scales, above half the threshold
+    # 30 px from the haze, two objects 18-19 noise scales strong (3 thresholds, less than the
+    # haze factor's 5): a hull that rises in NIR over water, a grey puff that rises alike in all.
+    hull, puff = (slice(30, 33), slice(80, 86)), (slice(80, 83), slice(80, 86))
+    date[(slice(None), *hull)] += np.array([10.0, 10.0, 20.0, 200.0])[:, None, None]
+    date[(slice(None), *puff)] += np.array([200.0, 200.0, 190.0, 200.0])[:, None, None]
+    codes = _tile_codes(products, date, visible=visible_bands(bands), nir=nir_band(bands))
+    assert (codes[hull] == SMALL).all()
+    assert not (codes[puff] == SMALL).any()
+    # Without a NIR band to tell them apart both are held to the haze factor.
+    assert not (_tile_codes(products, date, visible=visible_bands(bands)) == SMALL).any()
 
 
 def test_thin_haze_is_no_cloud_but_an_opaque_cloud_is():
