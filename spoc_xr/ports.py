@@ -5,8 +5,9 @@ The shared ``sen2ships`` data set holds one real acquisition per port, five sing
 stack with exact truth, written exactly as ``spoc-xr ingest`` reads it:
 
 1. **Clean background**: every labelled ship, dilated by :data:`REMOVAL_DILATION_PX`, is filled
-   from the surrounding pixels (OpenCV Telea inpainting per band) plus noise of the scene's own
-   level, giving a ship-free scene.
+   with the median of the nearest water (within :data:`WATER_RING_PX`, doubled up to three
+   times), or where no water is that near from the surrounding pixels (OpenCV Telea inpainting
+   per band), plus noise of the scene's own level, giving a ship-free scene.
 2. **The real date**: the real scene itself, unchanged, with its real labels as truth, at a random
    position (never the first) of the series; :attr:`PortScene.real_index` says which.
 3. **Other dates**: the clean background with a per-band illumination gain and offset, sensor
@@ -118,8 +119,11 @@ BOATS_PER_WATER_512 = (10.0, 40.0)
 WATER_AREA_UNIT_PX = 512 * 512
 MIN_BOATS_PER_DATE = 2
 # Holes left by removed ships are filled from the water within this many pixels, when at
-# least MIN_WATER_RING such pixels exist.
+# least MIN_WATER_RING such pixels exist; else from the water within twice, four and eight
+# times that reach (ships packed side by side in a dock see their water only beyond the ships
+# beside them: Algiers). Only with no water that near is the hole inpainted from its border.
 WATER_RING_PX = 6
+WATER_RING_STEPS = 4
 MIN_WATER_RING = 10
 # A ship is moored when land lies this many pixels beyond its halo.
 MOORED_REACH_PX = 2
@@ -612,13 +616,16 @@ def clean_background(
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         if box is None:
             continue
-        window = tuple(slice(max(b.start - WATER_RING_PX, 0), b.stop + WATER_RING_PX) for b in box)
-        inside = components[window] == index
-        ring = ndimage.binary_dilation(inside, iterations=WATER_RING_PX) & water[window]
-        if ring.sum() >= MIN_WATER_RING:
-            for b in range(out.shape[0]):
-                band = out[b][window]
-                band[inside] = np.median(band[ring])
+        for step in range(WATER_RING_STEPS):
+            reach = WATER_RING_PX * 2**step
+            window = tuple(slice(max(b.start - reach, 0), b.stop + reach) for b in box)
+            inside = components[window] == index
+            ring = ndimage.binary_dilation(inside, iterations=reach) & water[window]
+            if ring.sum() >= MIN_WATER_RING:
+                for b in range(out.shape[0]):
+                    band = out[b][window]
+                    band[inside] = np.median(band[ring])
+                break
     if rng is not None:
         sigma = _noise_sigma(out, water_from_mndwi(out) & ~hole)
         n = int(hole.sum())

@@ -287,3 +287,18 @@ def test_a_ship_moored_at_a_quay_is_replaced_by_water_not_quay() -> None:
     clean = clean_background(image, labels)
     np.testing.assert_allclose(clean[:, 13, 16], water)
     np.testing.assert_allclose(clean[:, 13, 25], quay)
+
+
+def test_a_ship_whose_water_lies_beyond_the_first_ring_is_replaced_by_that_water() -> None:
+    # A ship in a slip too narrow to read as water (the water map's opening drops it) lies 9 px
+    # from the open water (columns 0-19), with quay all around in between.
+    water = np.array([800.0, 700.0, 400.0, 200.0, 100.0])
+    quay = np.array([2000.0, 2100.0, 2200.0, 2300.0, 2600.0])
+    image = np.where(np.arange(60)[None, None, :] < 20, water[:, None, None], quay[:, None, None])
+    image = np.repeat(image, 40, axis=1).astype(np.float32)
+    labels = np.zeros((40, 60), dtype=int)
+    labels[15:20, 30:37] = 1
+    image[:, labels > 0] = 6000.0
+    clean = clean_background(image, labels)
+    np.testing.assert_allclose(clean[:, 17, 33], water)  # not the quay the inpainting would give
+    np.testing.assert_allclose(clean[:, 17, 45], quay)
