@@ -275,30 +275,33 @@ def test_cli_synth_reports_bad_input_as_one_line(
     assert (tmp_path / "h" / "truth.zarr").is_dir()
 
 
-def test_a_ship_moored_at_a_quay_is_replaced_by_water_not_quay() -> None:
-    # Bands B02 B03 B04 B08 B11: water (MNDWI > 0) left, bright quay (MNDWI < 0) right.
-    water = np.array([800.0, 700.0, 400.0, 200.0, 100.0])
-    quay = np.array([2000.0, 2100.0, 2200.0, 2300.0, 2600.0])
-    image = np.where(np.arange(40)[None, None, :] < 20, water[:, None, None], quay[:, None, None])
-    image = np.repeat(image, 30, axis=1).astype(np.float32)
-    labels = np.zeros((30, 40), dtype=int)
-    labels[12:16, 14:20] = 1  # the ship touches the quay at column 20
+# Bands B02 B03 B04 B08 B11: water (MNDWI > 0), bright quay (MNDWI < 0).
+WATER = np.array([800.0, 700.0, 400.0, 200.0, 100.0])
+QUAY = np.array([2000.0, 2100.0, 2200.0, 2300.0, 2600.0])
+
+
+def _quay_scene(shape: tuple[int, int], ship: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """Water over the first 20 columns, quay beyond, and one bright ship labelled 1."""
+    columns = np.arange(shape[1])[None, None, :]
+    image = np.where(columns < 20, WATER[:, None, None], QUAY[:, None, None])
+    image = np.repeat(image, shape[0], axis=1).astype(np.float32)
+    labels = np.zeros(shape, dtype=int)
+    labels[ship] = 1
     image[:, labels > 0] = 6000.0
+    return image, labels
+
+
+def test_a_ship_moored_at_a_quay_is_replaced_by_water_not_quay() -> None:
+    image, labels = _quay_scene((30, 40), (slice(12, 16), slice(14, 20)))  # touches the quay
     clean = clean_background(image, labels)
-    np.testing.assert_allclose(clean[:, 13, 16], water)
-    np.testing.assert_allclose(clean[:, 13, 25], quay)
+    np.testing.assert_allclose(clean[:, 13, 16], WATER)
+    np.testing.assert_allclose(clean[:, 13, 25], QUAY)
 
 
 def test_a_ship_whose_water_lies_beyond_the_first_ring_is_replaced_by_that_water() -> None:
     # A ship in a slip too narrow to read as water (the water map's opening drops it) lies 9 px
-    # from the open water (columns 0-19), with quay all around in between.
-    water = np.array([800.0, 700.0, 400.0, 200.0, 100.0])
-    quay = np.array([2000.0, 2100.0, 2200.0, 2300.0, 2600.0])
-    image = np.where(np.arange(60)[None, None, :] < 20, water[:, None, None], quay[:, None, None])
-    image = np.repeat(image, 40, axis=1).astype(np.float32)
-    labels = np.zeros((40, 60), dtype=int)
-    labels[15:20, 30:37] = 1
-    image[:, labels > 0] = 6000.0
+    # from the open water, with quay all around in between.
+    image, labels = _quay_scene((40, 60), (slice(15, 20), slice(30, 37)))
     clean = clean_background(image, labels)
-    np.testing.assert_allclose(clean[:, 17, 33], water)  # not the quay the inpainting would give
-    np.testing.assert_allclose(clean[:, 17, 45], quay)
+    np.testing.assert_allclose(clean[:, 17, 33], WATER)  # not the quay the inpainting would give
+    np.testing.assert_allclose(clean[:, 17, 45], QUAY)
