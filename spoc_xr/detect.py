@@ -1078,9 +1078,10 @@ def _hull_coloured(
 ) -> np.ndarray:
     """Which of ``pixels`` (flat indices) rose in NIR by more than ``HULL_NIR_RATIO`` x their
     largest rise in visible light, from the middle of the reference's range."""
-    bands = [nir, *visible]
-    planes = (array.reshape(array.shape[0], -1)[bands][:, pixels] for array in (low, high, date))
-    low_at, high_at, date_at = planes
+    bands = np.array([nir, *visible])
+    # One gather of the pixels' values (indexing the bands first would copy whole planes).
+    where = (bands[:, None], pixels[None])
+    low_at, high_at, date_at = (a.reshape(a.shape[0], -1)[where] for a in (low, high, date))
     rise = date_at.astype(np.float32) * gain[bands, None] + offset[bands, None]
     rise -= (low_at + high_at) / 2
     visible_rise = np.maximum(rise[1:].max(axis=0), 0)
