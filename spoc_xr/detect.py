@@ -1052,6 +1052,12 @@ def visible_bands(bands: Sequence[str]) -> tuple[int, ...] | None:
     return found or None
 
 
+def find_band(bands: Sequence[str], names: Sequence[str]) -> int | None:
+    """Index among ``bands`` of the first of ``names`` (lower case) present, or ``None``."""
+    lowered = [str(band).lower() for band in bands]
+    return next((lowered.index(name) for name in names if name in lowered), None)
+
+
 def nir_band(bands: Sequence[str]) -> int | None:
     """Index of the near-infrared band among ``bands``, or ``None``.
 
@@ -1062,8 +1068,7 @@ def nir_band(bands: Sequence[str]) -> int | None:
     >>> nir_band(["red", "swir1"]) is None
     True
     """
-    lowered = [str(band).lower() for band in bands]
-    return next((lowered.index(name) for name in NIR_NAMES if name in lowered), None)
+    return find_band(bands, NIR_NAMES)
 
 
 def _hull_coloured(
@@ -1151,12 +1156,13 @@ def classify(
         for name in ("scale", "known")
     )
     nodata = stack.attrs.get("nodata")
+    band_names = [str(band) for band in stack.band.values]
     settings = {
         "nodata": None if nodata is None else float(nodata),
         "params": params,
         "depth": depth,
-        "visible": visible_bands([str(band) for band in stack.band.values]),
-        "nir": nir_band([str(band) for band in stack.band.values]),
+        "visible": visible_bands(band_names),
+        "nir": nir_band(band_names),
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
     date_levels = per_date_levels(levels, len(gains32))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from spoc_xr.detect import CLEAR, INVALID, LARGE, NIR_NAMES, SMALL
+from spoc_xr.detect import CLEAR, INVALID, LARGE, NIR_NAMES, SMALL, find_band
 from spoc_xr.reference import nanmedian_first
 
 # Band names that carry each spectral role, Sentinel-2 and Landsat style and plain words.
@@ -62,8 +62,8 @@ class WaterIndex:
 
 
 def _find_band(bands: list[str], names: tuple[str, ...]) -> str | None:
-    lowered = {band.lower(): band for band in bands}
-    return next((lowered[name] for name in names if name in lowered), None)
+    found = find_band(bands, names)
+    return None if found is None else bands[found]
 
 
 def choose_water_index(bands: list[str], threshold: float = 0.0) -> WaterIndex:
