@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
 import xarray as xr
 from dask.array.overlap import ensure_minimum_chunksize
@@ -513,15 +514,27 @@ def change_score(
     The score is the largest, over bands ``(band, y, x)``, excess of the normalised date beyond
     the reference's neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
     Which way the pixel changed is :func:`change_direction`'s, needed only on dates with a wide
-    change.
+    change. ``gain`` and ``offset`` are float32 (the arithmetic is float32 throughout).
     """
-    height, width = date.shape[1:]
-    score = np.empty((height, width), dtype=np.float32)
-    valid = np.empty((height, width), dtype=bool)
-    for rows, planes in _strips(date, low, high, noise):
-        score[rows], valid[rows] = _change_score_strip(
-            *planes, gain, offset, nodata, None if known is None else known[rows]
-        )
+    if known is None:
+        known = np.isfinite(low).all(axis=0)
+    score = np.empty(date.shape[1:], dtype=np.float32)
+    valid = np.empty(date.shape[1:], dtype=bool)
+    check_nodata = nodata is not None and not np.isnan(nodata)
+    _score_rows(  # type: ignore[call-arg]  # numba.Dispatcher is typed without arguments
+        date,
+        low,
+        high,
+        noise,
+        *_float32(gain, offset),
+        _nodata_value(date, nodata),
+        check_nodata,
+        date.dtype.kind == "f",
+        np.float32(SCORE_CEILING),
+        known,
+        score,
+        valid,
+    )
     return score, valid
 
 
@@ -552,148 +565,165 @@ def change_direction(
     more than a noise scale: a rise of NIR or SWIR alone is the surface changing (vegetation
     drying, soil laid bare), not a cloud. With ``visible`` unknown (``None``) any rise will do.
     """
-    height, width = date.shape[1:]
-    darker = np.empty((height, width), dtype=bool)
-    thin = np.zeros((height, width), dtype=bool)
+    darker = np.empty(date.shape[1:], dtype=bool)
+    thin = np.empty(date.shape[1:], dtype=bool)
     if levels is not None and not all(np.isfinite(levels)):
         levels = None
-    for rows, planes in _strips(date, low, high, noise):
-        darker[rows], thin[rows] = _change_direction_strip(*planes, gain, offset, levels, visible)
+    dark, bright = (0.0, 0.0) if levels is None else levels
+    is_visible = np.zeros(date.shape[0], dtype=bool)
+    is_visible[list(visible or ())] = True
+    _direction_rows(  # type: ignore[call-arg]
+        date,
+        low,
+        high,
+        noise,
+        *_float32(gain, offset),
+        is_visible,
+        bool(visible),
+        np.int64(min(SHADOW_BANDS, date.shape[0])),
+        levels is not None,
+        np.float32(bright),
+        np.float32(THIN_OPACITY),
+        np.float32(THIN_ROOM_SHARE * (bright - dark)),
+        darker,
+        thin,
+    )
     return darker, thin
 
 
-#: A strip of rows of the date, range and noise ``(band, rows, x)``, and two float32 buffers.
-Strip = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+def _float32(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(np.ascontiguousarray(a, dtype=np.float32) for a in arrays)
 
 
-def _strips(
-    date: np.ndarray, low: np.ndarray, high: np.ndarray, noise: np.ndarray
-) -> Iterator[tuple[slice, Strip]]:
-    """Strips of rows of a date's planes, each with the same two buffers."""
-    # Strips of rows whose temporaries stay in the CPU cache: this runs for every date and tile,
-    # and memory traffic is what it costs. Every pixel is computed on its own, so strips change
-    # nothing but the speed.
-    height, width = date.shape[1:]
-    strip = max(1, SCORE_STRIP_PIXELS // width)
-    values = np.empty((min(height, strip), width), dtype=np.float32)
-    below = np.empty_like(values)
-    for top in range(0, height, strip):
-        rows = slice(top, min(top + strip, height))
-        size = rows.stop - top
-        planes = (date[:, rows], low[:, rows], high[:, rows], noise[:, rows])
-        yield rows, (*planes, values[:size], below[:size])
+def _nodata_value(date: np.ndarray, nodata: float | None) -> np.generic:
+    """``nodata`` as numpy compares it with the date: in the date's own float type, or as a
+    float64 for integer dates (numpy compares an integer array with a Python float so)."""
+    if nodata is None or np.isnan(nodata):
+        return date.dtype.type(0) if date.dtype.kind == "f" else np.float64(0)
+    return date.dtype.type(nodata) if date.dtype.kind == "f" else np.float64(nodata)
 
 
-# Pixels per strip of change_score: ~1 MB per float32 temporary, so that the strip's few
-# temporaries stay near the 2 MB L2 cache (measured: 114 rows of a 2296 px wide tile 38 ms per
-# date, 256 rows 42-48 ms); much smaller strips pay more in per-call overhead.
-SCORE_STRIP_PIXELS = 2**18
+# The two per-pixel passes over a date, compiled: every pixel's bands are read once and nothing
+# but the outputs is written (as numpy, one band at a time, they made ~10 full-tile temporaries
+# each: 2.5x slower, and memory-bound, so two workers slowed each other down). The arithmetic is
+# numpy's float32 arithmetic, in the same order, so the results are identical, NaN included
+# (tests/test_detect.py checks them against the plain numpy expressions).
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _score_rows(  # pragma: no cover - compiled
+    date,
+    low,
+    high,
+    noise,
+    gain,
+    offset,
+    nodata,
+    check_nodata,
+    is_float,
+    ceiling,
+    known,
+    score,
+    valid,
+):
+    zero = np.float32(0.0)
+    for y in range(date.shape[1]):
+        row_score = score[y]
+        row_valid = valid[y]
+        row_score[:] = zero
+        row_valid[:] = known[y]
+        for band in range(date.shape[0]):
+            values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
+            g, o = gain[band], offset[band]
+            for x in range(values.shape[0]):
+                value = values[x]
+                if check_nodata and value == nodata:
+                    row_valid[x] = False
+                if is_float and not np.isfinite(value):
+                    row_valid[x] = False
+                normalised = np.float32(value) * g + o
+                above = normalised - highs[x]
+                below = lows[x] - normalised
+                # np.maximum: NaN wins; then np.fmax into the score: NaN loses.
+                excess = above if (above >= below or above != above) else below
+                excess = excess / noises[x]
+                if excess > row_score[x]:
+                    row_score[x] = excess
+        for x in range(row_score.shape[0]):
+            if not row_valid[x]:
+                row_score[x] = zero
+            elif is_float and row_score[x] == np.inf:
+                row_score[x] = ceiling
 
 
-def _change_score_strip(
-    date: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    noise: np.ndarray,
-    values: np.ndarray,
-    below: np.ndarray,
-    gain: np.ndarray,
-    offset: np.ndarray,
-    nodata: float | None,
-    known: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    valid = np.isfinite(low).all(axis=0) if known is None else known.copy()
-    score = np.zeros(date.shape[1:], dtype=np.float32)
-    for band in range(date.shape[0]):
-        if nodata is not None and not np.isnan(nodata):
-            valid &= date[band] != nodata
-        if date.dtype.kind == "f":
-            valid &= np.isfinite(date[band])
-        _excess(date[band], low[band], high[band], gain[band], offset[band], values, below)
-        np.maximum(values, below, out=values)
-        values /= noise[band]
-        # fmax ignores the NaN of unknown pixels (they are invalid and zeroed below).
-        np.fmax(score, values, out=score)
-    score[~valid] = 0
-    np.maximum(score, 0, out=score)
-    if date.dtype.kind == "f":  # integer dates give finite scores (the noise scale is > 0)
-        np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
-    return score, valid
-
-
-def _excess(
-    date: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    gain: np.floating | float,
-    offset: np.floating | float,
-    values: np.ndarray,
-    below: np.ndarray,
-) -> None:
-    """One band of a strip: ``values`` = normalised date minus the range's top, ``below`` = the
-    range's bottom minus the normalised date."""
-    # Cast and scale in one pass (float32 throughout, as astype then multiply).
-    np.multiply(date, gain, out=values, dtype=np.float32)
-    values += offset
-    np.subtract(low, values, out=below)
-    values -= high
-
-
-def _change_direction_strip(
-    date: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    noise: np.ndarray,
-    values: np.ndarray,
-    below: np.ndarray,
-    gain: np.ndarray,
-    offset: np.ndarray,
-    levels: tuple[float, float] | None,
-    visible: Sequence[int] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    shape = date.shape[1:]
-    # Sum over bands of the date minus the range's top: negative where the pixel darkened.
-    net = np.zeros(shape, dtype=np.float32)
-    # Largest rise and largest darkening (noise scales; their larger one is the score) and the
-    # bands dimmed by more than one noise scale.
-    rise = np.zeros(shape, dtype=np.float32)
-    fall = np.zeros(shape, dtype=np.float32)
-    dimmed = np.zeros(shape, dtype=np.uint8)
-    # Where a visible band rose by more than a noise scale (all True when no band is known visible).
-    visible_rise = np.zeros(shape, dtype=bool) if visible else np.ones(shape, dtype=bool)
-    # Sums over bands of the range's top and bottom (for the thin haze test).
-    if levels is not None:
-        tops = np.zeros(shape, dtype=np.float32)
-        bottoms = np.zeros(shape, dtype=np.float32)
-    for band in range(date.shape[0]):
-        _excess(date[band], low[band], high[band], gain[band], offset[band], values, below)
-        net += values
-        if levels is not None:
-            tops += high[band]
-            bottoms += low[band]
-        below /= noise[band]
-        dimmed += below > 1
-        np.fmax(fall, below, out=fall)
-        values /= noise[band]
-        if visible and band in visible:
-            visible_rise |= values > 1
-        np.fmax(rise, values, out=rise)
-    # A darkening of a band or so is no shadow (SHADOW_BANDS): the largest excess must be a rise
-    # that a visible band shares, or the darkening must reach several bands.
-    darker = net < 0
-    darker &= ((fall < rise) & visible_rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
-    thin = np.zeros(shape, dtype=bool)
-    if levels is not None:
-        dark, bright = levels
-        n_bands = np.float32(date.shape[0])
-        # Band means: rise of the date over the middle of the range, room up to the cloud.
-        half = np.float32(0.5)
-        lift = (net + half * (tops - bottoms)) / n_bands
-        room = np.float32(bright) - half * (tops + bottoms) / n_bands
-        thin = lift < np.float32(THIN_OPACITY) * room
-        thin &= room > np.float32(THIN_ROOM_SHARE * (bright - dark))
-        thin &= ~darker
-    return darker, thin
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _direction_rows(  # pragma: no cover - compiled
+    date,
+    low,
+    high,
+    noise,
+    gain,
+    offset,
+    is_visible,
+    any_visible,
+    shadow_bands,
+    has_levels,
+    bright,
+    thin_opacity,
+    thin_room,
+    darker,
+    thin,
+):
+    width = date.shape[2]
+    n_bands = np.float32(date.shape[0])
+    half = np.float32(0.5)
+    # Per row: sum over bands of the date minus the range's top (negative where it darkened), the
+    # largest rise and darkening in noise scales, the bands dimmed by more than a noise scale,
+    # whether a visible band rose by more than one, and the range's top and bottom band sums.
+    net = np.empty(width, dtype=np.float32)
+    rise = np.empty(width, dtype=np.float32)
+    fall = np.empty(width, dtype=np.float32)
+    dimmed = np.empty(width, dtype=np.int64)
+    visible_rise = np.empty(width, dtype=np.bool_)
+    tops = np.empty(width, dtype=np.float32)
+    bottoms = np.empty(width, dtype=np.float32)
+    for y in range(date.shape[1]):
+        net[:] = 0
+        rise[:] = 0
+        fall[:] = 0
+        dimmed[:] = 0
+        visible_rise[:] = not any_visible
+        tops[:] = 0
+        bottoms[:] = 0
+        for band in range(date.shape[0]):
+            values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
+            g, o, seen = gain[band], offset[band], is_visible[band]
+            for x in range(width):
+                normalised = np.float32(values[x]) * g + o
+                above = normalised - highs[x]
+                below = lows[x] - normalised
+                net[x] += above
+                tops[x] += highs[x]
+                bottoms[x] += lows[x]
+                below = below / noises[x]
+                if below > 1:
+                    dimmed[x] += 1
+                if below > fall[x]:  # np.fmax: NaN loses
+                    fall[x] = below
+                above = above / noises[x]
+                if seen and above > 1:
+                    visible_rise[x] = True
+                if above > rise[x]:
+                    rise[x] = above
+        for x in range(width):
+            is_darker = net[x] < 0 and (
+                (fall[x] < rise[x] and visible_rise[x]) or dimmed[x] >= shadow_bands
+            )
+            darker[y, x] = is_darker
+            is_thin = False
+            if has_levels and not is_darker:
+                lift = (net[x] + half * (tops[x] - bottoms[x])) / n_bands
+                room = bright - half * (tops[x] + bottoms[x]) / n_bands
+                is_thin = lift < thin_opacity * room and room > thin_room
+            thin[y, x] = is_thin
 
 
 def _log_quantise(values: np.ndarray) -> np.ndarray:

@@ -54,7 +54,13 @@ from spoc_xr.errors import (
     StoreError,
 )
 from spoc_xr.reference import OVERVIEW_NAME, overview_of
-from spoc_xr.store import check_output_path, open_store, remove_store, write_dataset
+from spoc_xr.store import (
+    ZARR_WRITE_OPTIONS,
+    check_output_path,
+    open_store,
+    remove_store,
+    write_dataset,
+)
 
 __all__ = [
     "DEFAULT_CHUNKS",
@@ -420,7 +426,7 @@ def add_overview(store: PathLike) -> None:
     dataset = open_store(path, kind="stack")
     overview = overview_of(dataset[STACK_NAME]).drop_vars(["time", "band"]).to_dataset()
     attrs = dict(zarr.open_group(path, mode="r").attrs)
-    overview.to_zarr(path, mode="a", zarr_format=3, consolidated=False)
+    overview.to_zarr(path, mode="a", **ZARR_WRITE_OPTIONS)
     # xarray rewrites the group's attributes on append; the completion marker must survive.
     zarr.open_group(path, mode="r+").attrs.update(attrs)
 

@@ -1,0 +1,168 @@
+"""The compiled per-pixel passes (change score, change direction) against plain numpy.
+
+The numpy expressions below are the passes as they were written before they were compiled, one
+band at a time over whole planes; the compiled passes must give the same values bit for bit,
+NaN (unknown reference pixels), infinities, nodata and every input dtype included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from spoc_xr.detect import (
+    SCORE_CEILING,
+    SHADOW_BANDS,
+    THIN_OPACITY,
+    THIN_ROOM_SHARE,
+    change_direction,
+    change_score,
+)
+
+SHAPE = (4, 37, 53)
+
+
+def numpy_score(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    nodata: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    valid = np.isfinite(low).all(axis=0)
+    score = np.zeros(date.shape[1:], dtype=np.float32)
+    for band in range(date.shape[0]):
+        if nodata is not None and not np.isnan(nodata):
+            valid &= date[band] != nodata
+        if date.dtype.kind == "f":
+            valid &= np.isfinite(date[band])
+        values = np.multiply(date[band], gain[band], dtype=np.float32) + offset[band]
+        excess = np.maximum(values - high[band], low[band] - values) / noise[band]
+        np.fmax(score, excess, out=score)
+    score[~valid] = 0
+    np.maximum(score, 0, out=score)
+    if date.dtype.kind == "f":
+        np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
+    return score, valid
+
+
+def numpy_direction(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    levels: tuple[float, float] | None,
+    visible: Sequence[int] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    shape = date.shape[1:]
+    net, rise, fall = (np.zeros(shape, dtype=np.float32) for _ in range(3))
+    tops, bottoms = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    dimmed = np.zeros(shape, dtype=np.uint8)
+    visible_rise = np.zeros(shape, dtype=bool) if visible else np.ones(shape, dtype=bool)
+    for band in range(date.shape[0]):
+        values = np.multiply(date[band], gain[band], dtype=np.float32) + offset[band]
+        above, below = values - high[band], low[band] - values
+        net += above
+        tops += high[band]
+        bottoms += low[band]
+        below /= noise[band]
+        dimmed += below > 1
+        np.fmax(fall, below, out=fall)
+        above /= noise[band]
+        if visible and band in visible:
+            visible_rise |= above > 1
+        np.fmax(rise, above, out=rise)
+    darker = net < 0
+    darker &= ((fall < rise) & visible_rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
+    thin = np.zeros(shape, dtype=bool)
+    if levels is not None:
+        dark, bright = levels
+        n_bands, half = np.float32(date.shape[0]), np.float32(0.5)
+        lift = (net + half * (tops - bottoms)) / n_bands
+        room = np.float32(bright) - half * (tops + bottoms) / n_bands
+        thin = lift < np.float32(THIN_OPACITY) * room
+        thin &= room > np.float32(THIN_ROOM_SHARE * (bright - dark))
+        thin &= ~darker
+    return darker, thin
+
+
+def random_inputs(
+    dtype: type[np.generic], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A date with nodata, NaN and infinite pixels (float dtypes), a reference range with
+    unknown (NaN) pixels and noise scales with a few zeros."""
+    rng = np.random.default_rng(seed)
+    low = rng.uniform(0, 3000, SHAPE).astype(np.float32)
+    high = low + rng.exponential(200, SHAPE).astype(np.float32)
+    unknown = rng.random(SHAPE[1:]) < 0.05
+    low[:, unknown] = np.nan
+    high[:, unknown] = np.nan
+    noise = rng.uniform(0.5, 80, SHAPE).astype(np.float32)
+    noise[rng.random(SHAPE) < 0.01] = 0
+    values = rng.uniform(-500, 4000, SHAPE)
+    if np.dtype(dtype).kind in "ui":
+        info = np.iinfo(dtype)
+        values = np.clip(np.round(values), info.min, info.max)
+    date = values.astype(dtype)
+    date[rng.random(SHAPE) < 0.03] = 0  # the nodata value
+    if np.dtype(dtype).kind == "f":
+        date[rng.random(SHAPE) < 0.02] = np.nan
+        date[rng.random(SHAPE) < 0.01] = np.inf
+    gain = rng.uniform(0.7, 1.3, SHAPE[0]).astype(np.float32)
+    offset = rng.uniform(-40, 40, SHAPE[0]).astype(np.float32)
+    return date, low, high, noise, gain, offset
+
+
+DTYPES = [np.uint16, np.int16, np.uint8, np.int32, np.float32, np.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nodata", [None, 0.0, float("nan")])
+def test_the_compiled_score_equals_numpy_bit_for_bit(
+    dtype: type[np.generic], nodata: float | None
+) -> None:
+    date, low, high, noise, gain, offset = random_inputs(dtype, seed=len(str(dtype)))
+    score, valid = change_score(date, low, high, noise, gain, offset, nodata=nodata)
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero noise scales
+        expected_score, expected_valid = numpy_score(date, low, high, noise, gain, offset, nodata)
+    np.testing.assert_array_equal(valid, expected_valid)
+    assert score.dtype == np.float32
+    # Bit for bit: array_equal would let -0.0 equal 0.0.
+    np.testing.assert_array_equal(score.view(np.uint32), expected_score.view(np.uint32))
+    assert 0 < valid.mean() < 1 and score.max() > 0  # the inputs exercise both sides
+
+
+def test_the_score_counts_known_pixels_from_the_caller_when_given() -> None:
+    date, low, high, noise, gain, offset = random_inputs(np.uint16, seed=3)
+    known = np.isfinite(low).all(axis=0)
+    known[:5] = False
+    score, valid = change_score(date, low, high, noise, gain, offset, nodata=None, known=known)
+    assert not valid[:5].any() and not score[:5].any()
+    np.testing.assert_array_equal(valid[5:], known[5:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("levels", [None, (400.0, 2600.0), (400.0, float("nan"))])
+@pytest.mark.parametrize("visible", [None, (), (0, 2), (1,)])
+def test_the_compiled_direction_equals_numpy(
+    dtype: type[np.generic],
+    levels: tuple[float, float] | None,
+    visible: tuple[int, ...] | None,
+) -> None:
+    date, low, high, noise, gain, offset = random_inputs(dtype, seed=7)
+    darker, thin = change_direction(
+        date, low, high, noise, gain, offset, levels=levels, visible=visible
+    )
+    usable = levels if levels is not None and np.isfinite(levels).all() else None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = numpy_direction(date, low, high, noise, gain, offset, usable, visible)
+    np.testing.assert_array_equal(darker, expected[0])
+    np.testing.assert_array_equal(thin, expected[1])
+    assert 0 < darker.mean() < 1
+    assert (0 < thin.mean() < 1) if usable is not None else not thin.any()
