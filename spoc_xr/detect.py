@@ -902,18 +902,16 @@ def classify_tile(
     # Near haze or a cloud body, puffs and fringes look like small objects: there a small object
     # must stand out HAZE_FACTOR times more.
     # Both tests at once: the residual must exceed the larger of the two levels.
-    np.maximum(needed, np.float32(threshold), out=needed)
-    hazy_seed = background > HAZE_LEVEL * threshold
+    candidates, hazy_seed, wide = _plain_tests(residual, needed, background, valid, threshold)
     if hazy_seed.any():  # most dates have no haze: skip the wide dilation
         hazy = kernels.binary_dilation(hazy_seed, HAZE_WINDOW)
+        # Only candidates can be held back: few, so taken by index.
+        tested = np.flatnonzero(hazy & candidates)
+        level = np.maximum(needed.reshape(-1)[tested], np.float32(HAZE_FACTOR * threshold))
+        held = ~(residual.reshape(-1)[tested] > level)
         if nir is not None and visible is not None:
-            # Only pixels that pass the plain test can be spared: few, so taken by index.
-            tested = np.flatnonzero(hazy & (residual > needed))
-            hull = _hull_coloured(date, low, high, gain, offset, tested, nir, visible)
-            hazy.reshape(-1)[tested[hull]] = False
-        np.maximum(needed, np.float32(HAZE_FACTOR * threshold), out=needed, where=hazy)
-    candidates = residual > needed
-    candidates &= valid
+            held &= ~_hull_coloured(date, low, high, gain, offset, tested, nir, visible)
+        candidates.reshape(-1)[tested[held]] = False
     small = small_objects(candidates, score, background, residual, threshold)
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
     # opening removes everything narrower than open_size, so no boat can be large.
@@ -923,21 +921,15 @@ def classify_tile(
     # be dense in pixels that pass (LARGE_DENSITY), so that the closing does not turn a sparse
     # speckle into a solid object (the pixels that do not pass, inside a dense region, are only
     # bridged: below, only pixels that changed by the same tests stay large).
-    wide = (background > threshold) & valid
     if wide.any():
         darker, thin = change_direction(
             date, low, high, noise, gain, offset, levels=levels, visible=visible
         )
-        qualifies = ~thin
-        if scale is not None:
-            qualifies &= darker | (background * scale > LARGE_MAGNITUDE)
+        qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
         cells = -(-params.background_size // BACKGROUND_CELL) | 1
         share = _cell_median(qualifies.view(np.uint8) * np.float32(DENSITY_STEPS), cells, origin)
         wide &= share > np.float32(LARGE_DENSITY * DENSITY_STEPS)
     if wide.any():
-        changed = (score > threshold) & valid & ~thin
-        if scale is not None:
-            changed &= darker | (score * scale > LARGE_MAGNITUDE)
         closed = kernels.binary_closing(wide, params.close_size)
         large = kernels.binary_opening(closed, params.open_size)
         # The median rounds corners and lags behind soft edges: changed pixels next to the
@@ -954,6 +946,102 @@ def classify_tile(
     np.copyto(codes, np.uint8(SMALL), where=small)
     np.copyto(codes, np.uint8(INVALID), where=~valid)
     return codes
+
+
+def _plain_tests(
+    residual: np.ndarray,
+    needed: np.ndarray,
+    background: np.ndarray,
+    valid: np.ndarray,
+    threshold: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Small-object candidates before the haze test (the residual above both the threshold and
+    the CFAR level ``needed``), where haze begins (``HAZE_LEVEL``) and the wide change, in one
+    pass."""
+    candidates, hazy_seed, wide = (np.empty(residual.shape, dtype=bool) for _ in range(3))
+    _plain_rows(
+        residual,
+        needed,
+        background,
+        valid,
+        np.float32(threshold),
+        np.float32(HAZE_LEVEL * threshold),
+        candidates,
+        hazy_seed,
+        wide,
+    )
+    return candidates, hazy_seed, wide
+
+
+def _large_tests(
+    darker: np.ndarray,
+    thin: np.ndarray,
+    score: np.ndarray,
+    valid: np.ndarray,
+    background: np.ndarray,
+    scale: np.ndarray | None,
+    threshold: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which pixels qualify the wide change as large (not thin haze; darker, or large in noise
+    floors, by the local background) and which changed by the large class's own tests (the
+    same, by the pixel's score, and above the threshold), in one pass."""
+    qualifies, changed = np.empty(score.shape, dtype=bool), np.empty(score.shape, dtype=bool)
+    _large_rows(
+        darker,
+        thin,
+        score,
+        valid,
+        background,
+        score if scale is None else scale,
+        scale is not None,
+        np.float32(threshold),
+        np.float32(LARGE_MAGNITUDE),
+        qualifies,
+        changed,
+    )
+    return qualifies, changed
+
+
+@numba.njit(cache=True, nogil=True)
+def _plain_rows(  # pragma: no cover - compiled
+    residual, needed, background, valid, threshold, haze_level, candidates, hazy_seed, wide
+):
+    for y in range(residual.shape[0]):
+        for x in range(residual.shape[1]):
+            level = needed[y, x]
+            if not (level >= threshold or level != level):  # np.maximum: NaN wins
+                level = threshold
+            candidates[y, x] = residual[y, x] > level and valid[y, x]
+            hazy_seed[y, x] = background[y, x] > haze_level
+            wide[y, x] = background[y, x] > threshold and valid[y, x]
+
+
+@numba.njit(cache=True, nogil=True)
+def _large_rows(  # pragma: no cover - compiled
+    darker,
+    thin,
+    score,
+    valid,
+    background,
+    scale,
+    has_scale,
+    threshold,
+    magnitude,
+    qualifies,
+    changed,
+):
+    for y in range(score.shape[0]):
+        for x in range(score.shape[1]):
+            passes = not thin[y, x]
+            qualifies[y, x] = passes and (
+                not has_scale or darker[y, x] or background[y, x] * scale[y, x] > magnitude
+            )
+            changed[y, x] = (
+                passes
+                and valid[y, x]
+                and score[y, x] > threshold
+                and (not has_scale or darker[y, x] or score[y, x] * scale[y, x] > magnitude)
+            )
 
 
 def _classify_window(

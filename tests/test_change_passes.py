@@ -1,4 +1,4 @@
-"""The compiled per-pixel passes (change score, change direction) against plain numpy.
+"""The compiled per-pixel passes of detection against plain numpy.
 
 The numpy expressions below are the passes as they were written before they were compiled, one
 band at a time over whole planes; the compiled passes must give the same values bit for bit,
@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 
 from spoc_xr.detect import (
+    HAZE_LEVEL,
+    LARGE_MAGNITUDE,
     SCORE_CEILING,
     SHADOW_BANDS,
     THIN_OPACITY,
     THIN_ROOM_SHARE,
+    _large_tests,
+    _plain_tests,
     change_direction,
     change_score,
 )
@@ -166,3 +170,42 @@ def test_the_compiled_direction_equals_numpy(
     np.testing.assert_array_equal(thin, expected[1])
     assert 0 < darker.mean() < 1
     assert (0 < thin.mean() < 1) if usable is not None else not thin.any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_compiled_plain_tests_equal_numpy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = SHAPE[1:]
+    residual = rng.normal(0, 8, shape).astype(np.float32)
+    needed = rng.exponential(6, shape).astype(np.float32)
+    needed[rng.random(shape) < 0.05] = np.nan
+    background = rng.exponential(4, shape).astype(np.float32)
+    valid = rng.random(shape) > 0.1
+    threshold = 6.0
+    candidates, hazy_seed, wide = _plain_tests(residual, needed, background, valid, threshold)
+    np.testing.assert_array_equal(
+        candidates, (residual > np.maximum(needed, np.float32(threshold))) & valid
+    )
+    np.testing.assert_array_equal(hazy_seed, background > HAZE_LEVEL * threshold)
+    np.testing.assert_array_equal(wide, (background > threshold) & valid)
+    assert 0 < candidates.mean() < 1 and 0 < wide.mean() < 1
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_the_compiled_large_tests_equal_numpy(with_scale: bool) -> None:
+    rng = np.random.default_rng(5)
+    shape = SHAPE[1:]
+    darker, thin, valid = (rng.random(shape) < share for share in (0.3, 0.3, 0.9))
+    score = rng.exponential(6, shape).astype(np.float32)
+    background = rng.exponential(5, shape).astype(np.float32)
+    scale = rng.uniform(0, 12, shape).astype(np.float32) if with_scale else None
+    threshold = 6.0
+    qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
+    expected_qualifies = ~thin
+    expected_changed = (score > threshold) & valid & ~thin
+    if scale is not None:
+        expected_qualifies &= darker | (background * scale > LARGE_MAGNITUDE)
+        expected_changed &= darker | (score * scale > LARGE_MAGNITUDE)
+    np.testing.assert_array_equal(qualifies, expected_qualifies)
+    np.testing.assert_array_equal(changed, expected_changed)
+    assert 0 < qualifies.mean() < 1 and 0 < changed.mean() < 1
