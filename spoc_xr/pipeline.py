@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 import xarray.ufuncs as xu
 import zarr
+from dask.graph_manipulation import clone
 
 from spoc_xr import __version__, kernels
 from spoc_xr.detect import (
@@ -313,7 +314,11 @@ def _noise_samples(
     # Chunks wide enough for the halo of both tasks (the excess task's is the tolerance's reach).
     depth = max(halo, tolerance // 2)
     spatial = [spatial_chunks(chunks, depth) for chunks in stack.data.chunks[2:]]
-    samples = stack.data[indices].rechunk((-1, -1, *spatial))
+    # The noise dates are read under keys of their own (one clone, shared by both reference
+    # tasks): reads shared with the classification would keep those dates in memory from the
+    # reference pass until each is classified (measured: 270 MB per worker at 2048², 40 dates).
+    source = clone(stack.data, seed=("noise-samples", stack.data.name))
+    samples = source[indices].rechunk((-1, -1, *spatial))
     return samples, spatial, indices, halo
 
 
