@@ -529,23 +529,6 @@ def test_a_bright_pier_that_reads_slightly_wet_is_no_water_so_a_car_on_it_is_no_
     assert result.heatmap.values[15:17, 7:9].max() == 0  # ...but is no boat on water
 
 
-def test_a_jetty_one_pixel_wide_is_no_water_so_a_car_on_it_is_no_boat():
-    stack = make_stack(n_time=6, shape=(41, 61)).astype(np.float32)
-    # A jetty 1 px wide and 16 px long into the water (left half): the 5x5 median of the
-    # reference reads it as the water on both sides.
-    jetty = (slice(8, 24), 8)
-    stack.values[:, 1, jetty[0], jetty[1]] = 1200.0
-    stack.values[:, 3, jetty[0], jetty[1]] = 2400.0
-    stack.values[:, [0, 2], jetty[0], jetty[1]] = 1300.0
-    stack.values[4, :, 15, 8] += 2500.0  # a car on the jetty on date 4
-    result = annotate(stack.astype(np.uint16).chunk({"time": 1, "y": 10, "x": 10})).compute()
-    water = result.water.values.astype(bool)
-    assert not water[8:24, 8].any()  # the jetty is dry...
-    assert water[8:24, 6].all() and water[8:24, 10].all()  # ...the water beside it wet
-    assert result.mask.values[4, 15, 8] == SMALL  # the car is found...
-    assert result.heatmap.values[15, 8] == 0  # ...but is no boat on water
-
-
 def test_water_is_read_in_the_stacks_radiometry_not_in_the_reference_dates():
     stack = make_stack(n_time=6, shape=(31, 37)).astype(np.float32)
     # Water whose NDWI is low (0.09, as offsets and turbidity give real water)...
