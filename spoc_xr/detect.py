@@ -521,13 +521,14 @@ def change_score(
     score = np.empty(date.shape[1:], dtype=np.float32)
     valid = np.empty(date.shape[1:], dtype=bool)
     check_nodata = nodata is not None and not np.isnan(nodata)
+    nodata_value = _nodata_value(date, nodata)
     _score_rows(  # type: ignore[call-arg]  # numba.Dispatcher is typed without arguments
-        date,
+        _compiled_date(date),
         low,
         high,
         noise,
         *_float32(gain, offset),
-        _nodata_value(date, nodata),
+        np.float32(nodata_value) if date.dtype == np.float16 else nodata_value,
         check_nodata,
         date.dtype.kind == "f",
         np.float32(SCORE_CEILING),
@@ -573,7 +574,7 @@ def change_direction(
     is_visible = np.zeros(date.shape[0], dtype=bool)
     is_visible[list(visible or ())] = True
     _direction_rows(  # type: ignore[call-arg]
-        date,
+        _compiled_date(date),
         low,
         high,
         noise,
@@ -593,6 +594,12 @@ def change_direction(
 
 def _float32(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.ascontiguousarray(a, dtype=np.float32) for a in arrays)
+
+
+def _compiled_date(date: np.ndarray) -> np.ndarray:
+    # numba has no float16 arithmetic; float32 holds every float16 exactly, and numpy casts the
+    # date to float32 before it scales it anyway.
+    return date.astype(np.float32) if date.dtype == np.float16 else date
 
 
 def _nodata_value(date: np.ndarray, nodata: float | None) -> np.generic:

@@ -123,7 +123,7 @@ def random_inputs(
     return date, low, high, noise, gain, offset
 
 
-DTYPES = [np.uint16, np.int16, np.uint8, np.int32, np.float32, np.float64]
+DTYPES = [np.uint16, np.int16, np.uint8, np.int32, np.float16, np.float32, np.float64]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
