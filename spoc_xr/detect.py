@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -522,7 +522,7 @@ def change_score(
     valid = np.empty(date.shape[1:], dtype=bool)
     check_nodata = nodata is not None and not np.isnan(nodata)
     nodata_value = _nodata_value(date, nodata)
-    _score_rows(  # type: ignore[call-arg]  # numba.Dispatcher is typed without arguments
+    _score_rows(
         _compiled_date(date),
         low,
         high,
@@ -573,7 +573,7 @@ def change_direction(
     dark, bright = (0.0, 0.0) if levels is None else levels
     is_visible = np.zeros(date.shape[0], dtype=bool)
     is_visible[list(visible or ())] = True
-    _direction_rows(  # type: ignore[call-arg]
+    _direction_rows(
         _compiled_date(date),
         low,
         high,
@@ -610,12 +610,24 @@ def _nodata_value(date: np.ndarray, nodata: float | None) -> np.generic:
     return date.dtype.type(nodata) if date.dtype.kind == "f" else np.float64(nodata)
 
 
+def _compiled(function: Callable[..., None]) -> Any:
+    """``function`` compiled by numba, releasing the GIL, with numpy's float semantics (a division
+    by zero gives inf or NaN). The machine code is cached beside the package, or under
+    ``NUMBA_CACHE_DIR``; where neither is writable (a read-only install) it is compiled once per
+    process instead."""
+    options: dict[str, Any] = {"nogil": True, "error_model": "numpy"}
+    try:
+        return numba.njit(cache=True, **options)(function)
+    except RuntimeError:  # numba found no writable cache location
+        return numba.njit(**options)(function)
+
+
 # The two per-pixel passes over a date, compiled: every pixel's bands are read once and nothing
 # but the outputs is written (as numpy, one band at a time, they made ~10 full-tile temporaries
 # each: 2.5x slower, and memory-bound, so two workers slowed each other down). The arithmetic is
 # numpy's float32 arithmetic, in the same order, so the results are identical, NaN included
 # (tests/test_detect.py checks them against the plain numpy expressions).
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@_compiled
 def _score_rows(  # pragma: no cover - compiled
     date,
     low,
@@ -661,7 +673,7 @@ def _score_rows(  # pragma: no cover - compiled
                 row_score[x] = ceiling
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+@_compiled
 def _direction_rows(  # pragma: no cover - compiled
     date,
     low,
@@ -1009,7 +1021,7 @@ def _large_tests(
     return qualifies, changed
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def _plain_rows(  # pragma: no cover - compiled
     residual, needed, background, valid, threshold, haze_level, candidates, hazy_seed, wide
 ):
@@ -1023,7 +1035,7 @@ def _plain_rows(  # pragma: no cover - compiled
             wide[y, x] = background[y, x] > threshold and valid[y, x]
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled
 def _large_rows(  # pragma: no cover - compiled
     darker,
     thin,
@@ -1094,18 +1106,47 @@ def _classify_window(
 CLASSIFY_TILE = 2048
 #: Dask configuration key overriding :data:`CLASSIFY_TILE` (``DASK_SPOC_XR__CLASSIFY_TILE``).
 CLASSIFY_TILE_CONFIG_KEY = "spoc_xr.classify-tile"
+#: Workers of the current distributed client with a memory limit below this classify tiles of
+#: :data:`SMALL_WORKER_TILE` px instead: a 2048 px tile's task holds ~210 MB of temporaries and
+#: its reference products ~280 MB, which beside Python, the libraries and the compiled kernels
+#: (~450 MB) leave a 1 GB worker no room (measured, 40 dates of 2048²: 2 x 1 GB workers were
+#: killed; with 1024 px tiles the run completed in 29.8 s, peak 883 MB, spilling).
+SMALL_WORKER_BYTES = 1.5e9
+SMALL_WORKER_TILE = 1024
+
+
+def default_tile_side() -> int:
+    """:data:`CLASSIFY_TILE`, or :data:`SMALL_WORKER_TILE` when a worker of the current
+    distributed client has less memory than :data:`SMALL_WORKER_BYTES` (tiling never changes
+    the masks, only memory and speed)."""
+    from spoc_xr.store import active_client
+
+    client = active_client()
+    if client is None:
+        return CLASSIFY_TILE
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except Exception:  # a scheduler that cannot answer leaves the default
+        return CLASSIFY_TILE
+    limits = [w.get("memory_limit") or 0 for w in workers]
+    if any(0 < limit < SMALL_WORKER_BYTES for limit in limits):
+        return SMALL_WORKER_TILE
+    return CLASSIFY_TILE
 
 
 def classification_chunks(chunks: Sequence[int], depth: int) -> tuple[int, ...]:
     """Classification tiles along one axis: runs of consecutive ``chunks`` merged while they fit
-    the tile side (:data:`CLASSIFY_TILE`; a larger chunk stays whole), none shorter than ``depth``.
+    the tile side (:func:`default_tile_side`, or the ``spoc_xr.classify-tile`` Dask setting; a
+    larger chunk stays whole), none shorter than ``depth``.
 
     Examples
     --------
     >>> classification_chunks((1024,) * 10 + (740,), 124)
     (2048, 2048, 2048, 2048, 2048, 740)
     """
-    side = dask.config.get(CLASSIFY_TILE_CONFIG_KEY, CLASSIFY_TILE)
+    side = dask.config.get(CLASSIFY_TILE_CONFIG_KEY, None)
+    if side is None:
+        side = default_tile_side()
     if isinstance(side, bool) or not isinstance(side, int) or side < 1:
         raise ParameterError(
             f"{CLASSIFY_TILE_CONFIG_KEY} = {side!r} must be a whole number of pixels >= 1, "

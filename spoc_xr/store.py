@@ -467,7 +467,8 @@ def _prepare_for_zarr(ds: xr.Dataset, *, creating: bool = True) -> xr.Dataset:
     return prepared
 
 
-def _active_client() -> Any:
+def active_client() -> Any:
+    """The current ``distributed`` client, or None (Dask's local schedulers)."""
     # distributed is only imported when the caller already did: no client can exist otherwise.
     if "distributed" not in sys.modules:
         return None
@@ -500,7 +501,7 @@ def quick_gil_handoff() -> Iterator[None]:
 
 
 def _compute_with_progress(pending: Delayed) -> None:
-    client = _active_client()
+    client = active_client()
     if client is None:
         from dask.diagnostics import ProgressBar
 

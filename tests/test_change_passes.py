@@ -209,3 +209,29 @@ def test_the_compiled_large_tests_equal_numpy(with_scale: bool) -> None:
     np.testing.assert_array_equal(qualifies, expected_qualifies)
     np.testing.assert_array_equal(changed, expected_changed)
     assert 0 < qualifies.mean() < 1 and 0 < changed.mean() < 1
+
+
+def test_without_a_writable_cache_the_passes_compile_per_process(monkeypatch):
+    import numba
+
+    from spoc_xr import detect
+
+    original, asked = numba.njit, []
+
+    def no_locator(*args, cache=False, **options):
+        asked.append(cache)
+        if cache:  # what numba raises when no cache folder is writable
+            raise RuntimeError("cannot cache function: no locator available")
+        return original(*args, **options)
+
+    monkeypatch.setattr(numba, "njit", no_locator)
+
+    def double(values, out):
+        for i in range(values.shape[0]):
+            out[i] = values[i] * 2
+
+    compiled = detect._compiled(double)
+    out = np.zeros(3)
+    compiled(np.arange(3.0), out)
+    np.testing.assert_array_equal(out, [0.0, 2.0, 4.0])
+    assert asked == [True, False]  # tried the cache, then compiled without it

@@ -190,6 +190,33 @@ def test_classification_chunks_merge_whole_chunks(chunks, side, depth, tiles):
         assert classification_chunks(chunks, depth) == tiles
 
 
+class _FakeClient:
+    def __init__(self, limits: list[float]) -> None:
+        self.limits = limits
+
+    def scheduler_info(self, n_workers: int = -1) -> dict:
+        return {"workers": {f"w{i}": {"memory_limit": v} for i, v in enumerate(self.limits)}}
+
+
+@pytest.mark.parametrize(
+    ("limits", "side"),
+    [
+        (None, 2048),  # no distributed client: Dask's local schedulers
+        ([2e9, 2e9], 2048),
+        ([0, 0], 2048),  # workers without a limit
+        ([2e9, 1e9], 1024),  # one small worker is enough
+    ],
+)
+def test_workers_with_little_memory_classify_smaller_tiles(monkeypatch, limits, side):
+    from spoc_xr import store
+
+    monkeypatch.setattr(store, "active_client", lambda: limits and _FakeClient(limits))
+    chunks = (1024,) * 4
+    assert classification_chunks(chunks, 124) == (side,) * (4096 // side)
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 4096}):  # the setting wins
+        assert classification_chunks(chunks, 124) == (4096,)
+
+
 def test_default_parameters_chunked_equal_single_chunk(stack):
     # Default windows (15 px) are larger than these chunks: depth handling must still be exact.
     whole = annotate(stack.chunk({"time": 1, "y": -1, "x": -1})).compute()
