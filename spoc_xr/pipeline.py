@@ -46,6 +46,7 @@ from spoc_xr.products import (
     heatmap,
     mask_from_codes,
     second_index_band,
+    stored_date_summary,
     uncover_water_values,
     valid_from_codes,
     water_mask,
@@ -825,7 +826,7 @@ def _annotate_finish(
     progress: bool,
 ) -> None:
     from spoc_xr import store as st
-    from spoc_xr.detect import INVALID, SMALL
+    from spoc_xr.detect import SMALL
     from spoc_xr.reference import brightness_levels, fit_radiometry
 
     state = (st.read_attrs(out) or {}).get(st.PROGRESS_ATTR) or {}
@@ -869,8 +870,8 @@ def _annotate_finish(
     st.write_region(counts.to_dataset(name="heatmap"), out, region={}, progress=progress)
     # A pass of its own: sharing the mask blocks with the heatmap's sum over time held them
     # (458 MB per worker at the end of 358 dates of 2048²).
-    codes = stored["mask"].where(stored["valid"] == 1, INVALID)
-    st.write_region(date_summary(codes), out, region={}, progress=progress)
+    summary = stored_date_summary(stored["mask"], stored["valid"])
+    st.write_region(summary, out, region={}, progress=progress)
     info = dict(stored.attrs["spoc_xr"])
     info["dates"] = [str(t)[:19] for t in stack.time.values]
     st.update_attrs(out, {st.PROVENANCE_ATTR: {"recipe": recipe, "dates": dates}, "spoc_xr": info})

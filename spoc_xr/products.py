@@ -261,14 +261,28 @@ def heatmap(codes: xr.DataArray, water: xr.DataArray) -> xr.DataArray:
 
 def date_summary(codes: xr.DataArray) -> xr.Dataset:
     """Per-date pixel shares of valid data, small objects and large objects (lazy)."""
-    valid = codes != INVALID
+    return _summary(codes != INVALID, codes == SMALL, codes == LARGE)
+
+
+def stored_date_summary(mask: xr.DataArray, valid: xr.DataArray) -> xr.Dataset:
+    """:func:`date_summary` from an annotation store's ``mask`` and ``valid`` (lazy).
+
+    The mask is clear where no data was valid, so its classes need no masking: equal to the
+    summary of the codes, without rebuilding them (a whole-cube ``where`` per date).
+    """
+    return _summary(valid == 1, mask == SMALL, mask == LARGE)
+
+
+def _summary(valid: xr.DataArray, small: xr.DataArray, large: xr.DataArray) -> xr.Dataset:
+    # A store's variables carry flag attributes that do not describe a share.
+    valid, small, large = (part.drop_attrs() for part in (valid, small, large))
     n_valid = valid.sum(("y", "x"))
-    total = codes.sizes["y"] * codes.sizes["x"]
+    total = valid.sizes["y"] * valid.sizes["x"]
     safe = n_valid.where(n_valid > 0)
     return xr.Dataset(
         {
             "valid_fraction": (n_valid / total).astype(np.float32),
-            "small_fraction": ((codes == SMALL).sum(("y", "x")) / safe).astype(np.float32),
-            "large_fraction": ((codes == LARGE).sum(("y", "x")) / safe).astype(np.float32),
+            "small_fraction": (small.sum(("y", "x")) / safe).astype(np.float32),
+            "large_fraction": (large.sum(("y", "x")) / safe).astype(np.float32),
         }
     )

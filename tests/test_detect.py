@@ -587,3 +587,23 @@ def test_the_water_cut_never_splits_clear_from_turbid_water():
     keep = np.r_[0:760, 1200:1260]
     cut = water_threshold(np.stack([green[keep], nir[keep]])[:, None, :], ["B03", "B08"])
     assert (1500.0 - 1400.0) / 2900.0 < cut < 0.45
+
+
+def test_the_summary_of_a_stored_mask_equals_that_of_the_codes():
+    from spoc_xr.products import (
+        date_summary,
+        mask_from_codes,
+        stored_date_summary,
+        valid_from_codes,
+    )
+
+    rng = np.random.default_rng(4)
+    codes = rng.choice(
+        np.array([0, 1, 2, 255], dtype=np.uint8), (3, 17, 23), p=[0.6, 0.1, 0.2, 0.1]
+    )
+    codes[1] = 255  # a date without any valid pixel
+    codes = xr.DataArray(codes, dims=("time", "y", "x")).chunk({"time": 1, "y": 7})
+    expected = date_summary(codes).compute()
+    stored = stored_date_summary(mask_from_codes(codes), valid_from_codes(codes)).compute()
+    xr.testing.assert_identical(stored, expected)
+    assert np.isnan(stored.small_fraction[1]) and stored.valid_fraction[0] > 0.8
