@@ -626,7 +626,7 @@ def _compiled(function: Callable[..., None]) -> Any:
 # but the outputs is written (as numpy, one band at a time, they made ~10 full-tile temporaries
 # each: 2.5x slower, and memory-bound, so two workers slowed each other down). The arithmetic is
 # numpy's float32 arithmetic, in the same order, so the results are identical, NaN included
-# (tests/test_detect.py checks them against the plain numpy expressions).
+# (tests/test_change_passes.py checks them against the plain numpy expressions).
 @_compiled
 def _score_rows(  # pragma: no cover - compiled
     date,
