@@ -521,14 +521,13 @@ def change_score(
     score = np.empty(date.shape[1:], dtype=np.float32)
     valid = np.empty(date.shape[1:], dtype=bool)
     check_nodata = nodata is not None and not np.isnan(nodata)
-    nodata_value = _nodata_value(date, nodata)
     _score_rows(
         _compiled_date(date),
         low,
         high,
         noise,
         *_float32(gain, offset),
-        np.float32(nodata_value) if date.dtype == np.float16 else nodata_value,
+        _nodata_value(date, nodata),
         check_nodata,
         date.dtype.kind == "f",
         np.float32(SCORE_CEILING),
@@ -604,10 +603,13 @@ def _compiled_date(date: np.ndarray) -> np.ndarray:
 
 def _nodata_value(date: np.ndarray, nodata: float | None) -> np.generic:
     """``nodata`` as numpy compares it with the date: in the date's own float type, or as a
-    float64 for integer dates (numpy compares an integer array with a Python float so)."""
-    if nodata is None or np.isnan(nodata):
-        return date.dtype.type(0) if date.dtype.kind == "f" else np.float64(0)
-    return date.dtype.type(nodata) if date.dtype.kind == "f" else np.float64(nodata)
+    float64 for integer dates (numpy compares an integer array with a Python float so); a
+    float16 value as the float32 that :func:`_compiled_date` compares it with (exact)."""
+    value = 0.0 if nodata is None or np.isnan(nodata) else nodata
+    if date.dtype.kind != "f":
+        return np.float64(value)
+    exact = date.dtype.type(value)
+    return np.float32(exact) if date.dtype == np.float16 else exact
 
 
 def _compiled(function: Callable[..., None]) -> Any:
