@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spoc_xr.detect import (
     HAZE_LEVEL,
@@ -23,6 +26,7 @@ from spoc_xr.detect import (
     _plain_tests,
     change_direction,
     change_score,
+    object_rings,
 )
 
 SHAPE = (4, 37, 53)
@@ -235,3 +239,42 @@ def test_without_a_writable_cache_the_passes_compile_per_process(monkeypatch):
     compiled(np.arange(3.0), out)
     np.testing.assert_array_equal(out, [0.0, 2.0, 4.0])
     assert asked == [True, False]  # tried the cache, then compiled without it
+
+
+def dense_rings(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ring as whole-tile filters computed it before: scipy's maximum filter of the labels
+    and binary dilation of the objects."""
+    outer = ndi.maximum_filter(labels, size=5, mode="nearest")
+    near = ndi.binary_dilation(labels > 0, structure=np.ones((3, 3), bool))
+    ring = np.flatnonzero((outer > 0) & ~near)
+    return ring, outer.reshape(-1)[ring]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.tuples(st.integers(1, 23), st.integers(1, 31)),
+    share=st.floats(0.0, 0.6),
+)
+def test_object_rings_equal_the_whole_tile_filters(
+    seed: int, shape: tuple[int, int], share: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    objects = rng.random(shape) < share
+    # Any numbering: a ring pixel between two objects belongs to the larger label.
+    labels = ndi.label(objects, structure=np.ones((3, 3), bool))[0].astype(np.int32)
+    labels[labels > 0] = (rng.permutation(labels.max()) + 1)[labels[labels > 0] - 1]
+    ring, owners = object_rings(labels, np.flatnonzero(labels))
+    expected_ring, expected_owners = dense_rings(labels)
+    np.testing.assert_array_equal(ring, expected_ring)
+    np.testing.assert_array_equal(owners, expected_owners)
+
+
+def test_object_rings_of_two_objects_at_a_corner() -> None:
+    labels = np.zeros((6, 7), dtype=np.int32)
+    labels[0, 0] = 3
+    labels[5, 6] = 1
+    ring, owners = object_rings(labels, np.flatnonzero(labels))
+    # Clipped at the border: the corner pixel's ring is the 5 px at distance 2 inside the image.
+    assert ring.tolist() == [2, 9, 14, 15, 16, 25, 26, 27, 32, 39]
+    assert owners.tolist() == [3, 3, 3, 3, 3, 1, 1, 1, 1, 1]
