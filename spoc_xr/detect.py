@@ -781,33 +781,79 @@ def local_background(
     """
     cells = -(-size // BACKGROUND_CELL) | 1
     background = _cell_median(score, cells, origin)
-    residual = score - background
+    # The residual and the cell means of its absolute value in one pass: as whole-tile numpy
+    # steps they were two more tile-sized temporaries and an edge-padded copy.
+    residual = np.empty_like(background)
+    top, left, grid = _cell_grid(score.shape, origin)
+    cell_means = np.empty(grid, dtype=np.float32)
+    _residual_cells(score, background, top, left, BACKGROUND_CELL, residual, cell_means)
     # The mean of |x| is sqrt(2/pi) sigma for Gaussian x (cells average |residual|); scaled on
     # the cells, before they are brought back to full resolution.
-    spread = _cell_median(
-        np.abs(residual), cells, origin, factor=np.float32(MEAN_ABS_TO_SIGMA * spread_factor)
+    spread = _cells_to_median(
+        cell_means, cells, score.shape, top, left, np.float32(MEAN_ABS_TO_SIGMA * spread_factor)
     )
     return background, residual, spread
+
+
+def _cell_grid(shape: tuple[int, ...], origin: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+    """Where the image grid's cells start in a tile (rows and columns of the first, partial
+    cell before the tile) and how many cells cover it."""
+    cell = BACKGROUND_CELL
+    top, left = origin[0] % cell, origin[1] % cell
+    return top, left, (-(-(shape[0] + top) // cell), -(-(shape[1] + left) // cell))
 
 
 def _cell_median(
     values: np.ndarray, cells: int, origin: tuple[int, int], factor: np.float32 | None = None
 ) -> np.ndarray:
     """Median over ``cells`` x ``cells`` grid cells of the cell means (times ``factor``), back
-    at full resolution."""
+    at full resolution. Partial cells at the tile's edges are completed by edge replication."""
     cell = BACKGROUND_CELL
     height, width = values.shape
-    top, left = origin[0] % cell, origin[1] % cell
-    bottom, right = -(height + top) % cell, -(width + left) % cell
+    top, left, grid = _cell_grid(values.shape, origin)
+    bottom, right = grid[0] * cell - height - top, grid[1] * cell - width - left
     padding = ((top, bottom), (left, right))
     if top or bottom or left or right:
         values = np.pad(values, padding, mode="edge")
     means = kernels.block_mean(values, cell)
+    return _cells_to_median(means, cells, (height, width), top, left, factor)
+
+
+def _cells_to_median(
+    means: np.ndarray,
+    cells: int,
+    shape: tuple[int, ...],
+    top: int,
+    left: int,
+    factor: np.float32 | None,
+) -> np.ndarray:
     median = _log_restore(kernels.median_filter(_log_quantise(means), cells))
     if factor is not None:
         median *= factor
-    full = kernels.upsample_linear(median, cell)
-    return full[top : top + height, left : left + width]
+    full = kernels.upsample_linear(median, BACKGROUND_CELL)
+    return full[top : top + shape[0], left : left + shape[1]]
+
+
+@_compiled
+def _residual_cells(score, background, top, left, cell, residual, means):  # pragma: no cover
+    # Cell means as cv2.resize(INTER_AREA) sums them at an integer factor (each row of a cell
+    # left to right, then the rows top to bottom), over the tile edge-replicated to whole cells.
+    height, width = score.shape
+    for y in range(height):
+        for x in range(width):
+            residual[y, x] = score[y, x] - background[y, x]
+    scale = np.float32(1.0) / np.float32(cell * cell)
+    for cy in range(means.shape[0]):
+        for cx in range(means.shape[1]):
+            total = np.float32(0.0)
+            for dy in range(cell):
+                y = min(max(cy * cell + dy - top, 0), height - 1)
+                row = np.float32(0.0)
+                for dx in range(cell):
+                    x = min(max(cx * cell + dx - left, 0), width - 1)
+                    row += abs(residual[y, x])
+                total = row if dy == 0 else total + row
+            means[cy, cx] = total * scale
 
 
 def small_objects(

@@ -15,17 +15,24 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spoc_xr import kernels
 from spoc_xr.detect import (
+    BACKGROUND_CELL,
     HAZE_LEVEL,
     LARGE_MAGNITUDE,
+    MEAN_ABS_TO_SIGMA,
     SCORE_CEILING,
     SHADOW_BANDS,
     THIN_OPACITY,
     THIN_ROOM_SHARE,
+    _cell_grid,
+    _cell_median,
     _large_tests,
     _plain_tests,
+    _residual_cells,
     change_direction,
     change_score,
+    local_background,
     object_rings,
 )
 
@@ -278,3 +285,32 @@ def test_object_rings_of_two_objects_at_a_corner() -> None:
     # Clipped at the border: the corner pixel's ring is the 5 px at distance 2 inside the image.
     assert ring.tolist() == [2, 9, 14, 15, 16, 25, 26, 27, 32, 39]
     assert owners.tolist() == [3, 3, 3, 3, 3, 1, 1, 1, 1, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    origin=st.tuples(st.integers(-9, 9), st.integers(-9, 9)),
+    share=st.floats(0.0, 1.0),
+)
+def test_the_fused_residual_pass_equals_the_numpy_steps(
+    seed: int, shape: tuple[int, int], origin: tuple[int, int], share: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    score = (rng.gamma(0.5, 3.0, shape) * (rng.random(shape) < share)).astype(np.float32)
+    background, residual, spread = local_background(score, 31, origin, spread_factor=6.0)
+    # The steps as whole-tile numpy: the residual, its absolute value, the cell median.
+    expected_residual = score - _cell_median(score, 9, origin)
+    factor = np.float32(MEAN_ABS_TO_SIGMA * 6.0)
+    expected_spread = _cell_median(np.abs(expected_residual), 9, origin, factor=factor)
+    np.testing.assert_array_equal(residual, expected_residual)
+    np.testing.assert_array_equal(spread, expected_spread)
+    # The cell means before their quantised median (which would hide a last-bit difference).
+    top, left, grid = _cell_grid(shape, origin)
+    means = np.empty(grid, dtype=np.float32)
+    _residual_cells(score, background, top, left, BACKGROUND_CELL, np.empty_like(score), means)
+    bottom = grid[0] * BACKGROUND_CELL - shape[0] - top
+    right = grid[1] * BACKGROUND_CELL - shape[1] - left
+    padded = np.pad(np.abs(expected_residual), ((top, bottom), (left, right)), mode="edge")
+    np.testing.assert_array_equal(means, kernels.block_mean(padded, BACKGROUND_CELL))
