@@ -856,6 +856,36 @@ def _residual_cells(score, background, top, left, cell, residual, means):  # pra
             means[cy, cx] = total * scale
 
 
+def density(mask: np.ndarray, cells: int, origin: tuple[int, int]) -> np.ndarray:
+    """Local share of ``mask``, in ``DENSITY_STEPS`` steps: the median over ``cells`` x ``cells``
+    grid cells of each cell's share, back at full resolution (see :func:`local_background`).
+
+    The same as the cell median of ``mask * DENSITY_STEPS`` as float32. Counted per cell in one
+    pass: the cell means of such an image are exact in any order of summation, so no tile-sized
+    float copy is needed.
+    """
+    top, left, grid = _cell_grid(mask.shape, origin)
+    means = np.empty(grid, dtype=np.float32)
+    _cell_shares(mask, top, left, BACKGROUND_CELL, np.float32(DENSITY_STEPS), means)
+    return _cells_to_median(means, cells, mask.shape, top, left, None)
+
+
+@_compiled
+def _cell_shares(mask, top, left, cell, steps, means):  # pragma: no cover - compiled
+    height, width = mask.shape
+    step = steps / np.float32(cell * cell)
+    for cy in range(means.shape[0]):
+        for cx in range(means.shape[1]):
+            count = 0
+            for dy in range(cell):
+                y = min(max(cy * cell + dy - top, 0), height - 1)
+                for dx in range(cell):
+                    x = min(max(cx * cell + dx - left, 0), width - 1)
+                    if mask[y, x]:
+                        count += 1
+            means[cy, cx] = np.float32(count) * step
+
+
 def small_objects(
     candidates: np.ndarray,
     score: np.ndarray,
@@ -1053,7 +1083,7 @@ def classify_tile(
         )
         qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
         cells = -(-params.background_size // BACKGROUND_CELL) | 1
-        share = _cell_median(qualifies.view(np.uint8) * np.float32(DENSITY_STEPS), cells, origin)
+        share = density(qualifies, cells, origin)
         wide &= share > np.float32(LARGE_DENSITY * DENSITY_STEPS)
     if wide.any():
         closed = kernels.binary_closing(wide, params.close_size)

@@ -14,7 +14,10 @@ import numpy as np
 import xarray as xr
 import xarray.ufuncs as xu
 import zarr
-from dask.graph_manipulation import clone
+from dask._task_spec import convert_legacy_graph, cull
+from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 
 from spoc_xr import __version__, kernels
 from spoc_xr.detect import (
@@ -315,12 +318,37 @@ def _noise_samples(
     # Chunks wide enough for the halo of both tasks (the excess task's is the tolerance's reach).
     depth = max(halo, tolerance // 2)
     spatial = [spatial_chunks(chunks, depth) for chunks in stack.data.chunks[2:]]
-    # The noise dates are read under keys of their own (one clone, shared by both reference
+    # The noise dates are read under keys of their own (the same for both reference
     # tasks): reads shared with the classification would keep those dates in memory from the
     # reference pass until each is classified (measured: 270 MB per worker at 2048², 40 dates).
-    source = clone(stack.data, seed=("noise-samples", stack.data.name))
-    samples = source[indices].rechunk((-1, -1, *spatial))
+    source = read_apart(stack.data[indices], seed="noise-samples")
+    samples = source.rechunk((-1, -1, *spatial))
     return samples, spatial, indices, halo
+
+
+def read_apart(array: da.Array, *, seed: str) -> da.Array:
+    """``array`` computed by tasks of its own: its graph (culled to it) under new keys.
+
+    Dask keeps a task's result in memory until every task that needs it has run; reads shared by
+    two passes over a stack stay in memory from the first pass to the second. A copy under other
+    keys reads again instead. ``dask.graph_manipulation.clone`` would do this, but leaves the keys
+    inside the graph's ``Task``/``Alias`` nodes unchanged (dask issue 12455: a sliced stack's
+    copy then pointed at the original reads, and computing part of a result could fail with
+    "Missing dependency").
+    """
+    keys = set(flatten(array.__dask_keys__()))
+    graph = array.__dask_graph__()
+    if isinstance(graph, HighLevelGraph):  # culled by layer: the rest is never materialised
+        graph = graph.cull(keys)
+    tasks = cull(convert_legacy_graph(dict(graph)), keys)
+    suffix = tokenize(seed, array.name)
+
+    def renamed(key: Any) -> Any:
+        return (f"{key[0]}-{suffix}", *key[1:]) if isinstance(key, tuple) else f"{key}-{suffix}"
+
+    names = {key: renamed(key) for key in tasks}
+    copied = {names[key]: node.substitute(names, key=names[key]) for key, node in tasks.items()}
+    return da.Array(copied, renamed(array.name), chunks=array.chunks, meta=array._meta)
 
 
 def reference_and_raw_spread(

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from spoc_xr import kernels
 from spoc_xr.detect import (
     BACKGROUND_CELL,
+    DENSITY_STEPS,
     HAZE_LEVEL,
     LARGE_MAGNITUDE,
     MEAN_ABS_TO_SIGMA,
@@ -32,6 +33,7 @@ from spoc_xr.detect import (
     _residual_cells,
     change_direction,
     change_score,
+    density,
     local_background,
     object_rings,
 )
@@ -314,3 +316,18 @@ def test_the_fused_residual_pass_equals_the_numpy_steps(
     right = grid[1] * BACKGROUND_CELL - shape[1] - left
     padded = np.pad(np.abs(expected_residual), ((top, bottom), (left, right)), mode="edge")
     np.testing.assert_array_equal(means, kernels.block_mean(padded, BACKGROUND_CELL))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    origin=st.tuples(st.integers(-9, 9), st.integers(-9, 9)),
+    share=st.floats(0.0, 1.0),
+)
+def test_the_counted_density_equals_the_cell_median_of_the_float_mask(
+    seed: int, shape: tuple[int, int], origin: tuple[int, int], share: float
+) -> None:
+    mask = np.random.default_rng(seed).random(shape) < share
+    expected = _cell_median(mask.view(np.uint8) * np.float32(DENSITY_STEPS), 9, origin)
+    np.testing.assert_array_equal(density(mask, 9, origin), expected)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import xarray as xr
+from dask._task_spec import convert_legacy_graph
 
 from spoc_xr import kernels
 from spoc_xr.detect import (
@@ -24,7 +26,7 @@ from spoc_xr.detect import (
     visible_bands,
 )
 from spoc_xr.errors import ParameterError
-from spoc_xr.pipeline import annotate, build_annotations, reference_and_spread
+from spoc_xr.pipeline import annotate, build_annotations, read_apart, reference_and_spread
 from spoc_xr.products import choose_water_index, uncover_water_values, water_threshold
 from spoc_xr.reference import compute_overview, plan_radiometry
 from tests.helpers import make_stack, raise_if_dask_computes
@@ -607,3 +609,28 @@ def test_the_summary_of_a_stored_mask_equals_that_of_the_codes():
     stored = stored_date_summary(mask_from_codes(codes), valid_from_codes(codes)).compute()
     xr.testing.assert_identical(stored, expected)
     assert np.isnan(stored.small_fraction[1]) and stored.valid_fraction[0] > 0.8
+
+
+def test_read_apart_computes_the_same_values_under_keys_of_its_own() -> None:
+    data = np.arange(6 * 2 * 10 * 12).reshape(6, 2, 10, 12)
+    # A slice: dask's getitem then aliases whole chunks (Alias nodes, which dask's own clone
+    # leaves pointing at the original keys: its copy misses them and cannot be computed).
+    array = da.from_array(data, chunks=(1, 2, 4, 5))[:5][[1, 3]]
+    apart = read_apart(array, seed="noise-samples")
+    tasks = convert_legacy_graph(dict(apart.__dask_graph__()))
+    assert all(node.dependencies <= set(tasks) for node in tasks.values())
+    assert not set(tasks) & set(dict(array.__dask_graph__()))
+    np.testing.assert_array_equal(apart.compute(), data[:5][[1, 3]])
+    # The same keys every time: both reference tasks share one read of each date.
+    assert read_apart(array, seed="noise-samples").name == apart.name
+
+
+def test_part_of_an_annotation_computes_on_its_own(stack) -> None:
+    # Computing part of a result culls the graph to what it needs: every key a task names must
+    # survive that (the noise dates' copy once named the stack's own reads).
+    annotations = annotate(stack.chunk({"time": 1, "y": 16, "x": 16}).isel(time=slice(0, 4)))
+    reference = annotations["reference"][:, :8, :8].compute()
+    mask = annotations["mask"][2, 20:, 20:].compute()
+    full = annotations.compute()
+    np.testing.assert_array_equal(reference, full["reference"][:, :8, :8])
+    np.testing.assert_array_equal(mask, full["mask"][2, 20:, 20:])
