@@ -289,13 +289,17 @@ def test_object_rings_of_two_objects_at_a_corner() -> None:
     assert owners.tolist() == [3, 3, 3, 3, 3, 1, 1, 1, 1, 1]
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+# Tiles of any size at any offset from the background's cell grid, from empty to full.
+cell_tiles = given(
     seed=st.integers(0, 2**32 - 1),
     shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
     origin=st.tuples(st.integers(-9, 9), st.integers(-9, 9)),
     share=st.floats(0.0, 1.0),
 )
+
+
+@settings(max_examples=40, deadline=None)
+@cell_tiles
 def test_the_fused_residual_pass_equals_the_numpy_steps(
     seed: int, shape: tuple[int, int], origin: tuple[int, int], share: float
 ) -> None:
@@ -319,12 +323,7 @@ def test_the_fused_residual_pass_equals_the_numpy_steps(
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
-    origin=st.tuples(st.integers(-9, 9), st.integers(-9, 9)),
-    share=st.floats(0.0, 1.0),
-)
+@cell_tiles
 def test_the_counted_density_equals_the_cell_median_of_the_float_mask(
     seed: int, shape: tuple[int, int], origin: tuple[int, int], share: float
 ) -> None:
