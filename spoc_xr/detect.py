@@ -513,27 +513,11 @@ def change_score(
 
     The score is the largest, over bands ``(band, y, x)``, excess of the normalised date beyond
     the reference's neighbourhood range, divided by the pixel's noise scale; 0 inside the range.
-    Which way the pixel changed is :func:`change_direction`'s, needed only on dates with a wide
-    change. ``gain`` and ``offset`` are float32 (the arithmetic is float32 throughout).
+    Which way the pixel changed is :func:`change_direction`'s (:func:`change_passes` computes
+    both in one pass). ``gain`` and ``offset`` are float32 (the arithmetic is float32 throughout).
     """
-    if known is None:
-        known = np.isfinite(low).all(axis=0)
-    score = np.empty(date.shape[1:], dtype=np.float32)
-    valid = np.empty(date.shape[1:], dtype=bool)
-    check_nodata = nodata is not None and not np.isnan(nodata)
-    _score_rows(
-        _compiled_date(date),
-        low,
-        high,
-        noise,
-        *_float32(gain, offset),
-        _nodata_value(date, nodata),
-        check_nodata,
-        date.dtype.kind == "f",
-        np.float32(SCORE_CEILING),
-        known,
-        score,
-        valid,
+    score, valid, _, _ = change_passes(
+        date, low, high, noise, gain, offset, nodata=nodata, known=known, direction=False
     )
     return score, valid
 
@@ -556,8 +540,7 @@ def change_direction(
     bands. ``thin`` tells where a pixel that is not darker rose over the middle of the range by
     less than ``THIN_OPACITY`` of the room up to the date's cloud brightness (band means;
     ``levels`` is the date's ``(dark, bright)`` band-mean levels, see ``THIN_OPACITY``); all False
-    without ``levels``. A pass of its own: only the large class needs them, on dates with a wide
-    change.
+    without ``levels``. Only the large class needs them, on dates with a wide change.
 
     A pixel whose bands sum below the range's top while its largest excess is a rise (a cloud
     over vegetation: the visible bands rise, NIR stays inside its wide range) counts as darker,
@@ -565,19 +548,67 @@ def change_direction(
     more than a noise scale: a rise of NIR or SWIR alone is the surface changing (vegetation
     drying, soil laid bare), not a cloud. With ``visible`` unknown (``None``) any rise will do.
     """
-    darker = np.empty(date.shape[1:], dtype=bool)
-    thin = np.empty(date.shape[1:], dtype=bool)
+    _, _, darker, thin = change_passes(
+        date, low, high, noise, gain, offset, levels=levels, visible=visible, score=False
+    )
+    return darker, thin
+
+
+def change_passes(
+    date: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    noise: np.ndarray,
+    gain: np.ndarray,
+    offset: np.ndarray,
+    *,
+    nodata: float | None = None,
+    known: np.ndarray | None = None,
+    levels: tuple[float, float] | None = None,
+    visible: Sequence[int] | None = None,
+    score: bool = True,
+    direction: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`change_score` and :func:`change_direction` of one date in one compiled pass.
+
+    Both read every band of the date, the range and the noise scale at every pixel; the pass is
+    bound by that reading, so doing both costs little more than either. ``score`` or
+    ``direction`` False skips one (its outputs are then empty).
+
+    Returns
+    -------
+    score, valid, darker, thin : numpy.ndarray
+        float32 and bool ``(y, x)``.
+    """
+    height, width = date.shape[1:]
+    shape = (height, width)
+    empty = (height, 0)
+    if score and known is None:
+        known = np.isfinite(low).all(axis=0)
     if levels is not None and not all(np.isfinite(levels)):
         levels = None
     dark, bright = (0.0, 0.0) if levels is None else levels
     is_visible = np.zeros(date.shape[0], dtype=bool)
     is_visible[list(visible or ())] = True
-    _direction_rows(
+    outputs = (
+        np.empty(shape if score else empty, dtype=np.float32),
+        np.empty(shape if score else empty, dtype=bool),
+        np.empty(shape if direction else empty, dtype=bool),
+        np.empty(shape if direction else empty, dtype=bool),
+    )
+    _change_rows(
         _compiled_date(date),
         low,
         high,
         noise,
         *_float32(gain, offset),
+        score,
+        _nodata_value(date, nodata),
+        nodata is not None and not np.isnan(nodata),
+        date.dtype.kind == "f",
+        np.float32(SCORE_CEILING),
+        known if score else np.empty(empty, dtype=bool),
+        direction,
         is_visible,
         bool(visible),
         np.int64(min(SHADOW_BANDS, date.shape[0])),
@@ -585,10 +616,9 @@ def change_direction(
         np.float32(bright),
         np.float32(THIN_OPACITY),
         np.float32(THIN_ROOM_SHARE * (bright - dark)),
-        darker,
-        thin,
+        *outputs,
     )
-    return darker, thin
+    return outputs
 
 
 def _float32(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -624,65 +654,27 @@ def _compiled(function: Callable[..., None]) -> Any:
         return numba.njit(**options)(function)
 
 
-# The two per-pixel passes over a date, compiled: every pixel's bands are read once and nothing
-# but the outputs is written (as numpy, one band at a time, they made ~10 full-tile temporaries
-# each: 2.5x slower, and memory-bound, so two workers slowed each other down). The arithmetic is
-# numpy's float32 arithmetic, in the same order, so the results are identical, NaN included
-# (tests/test_change_passes.py checks them against the plain numpy expressions).
+# The per-pixel pass over a date, compiled: every pixel's bands are read once and nothing but the
+# outputs is written (as numpy, one band at a time, the score and the direction made ~10
+# full-tile temporaries each: 2.5x slower, and memory-bound, so two workers slowed each other
+# down). The arithmetic is numpy's float32 arithmetic, in the same order, so the results are
+# identical, NaN included (tests/test_change_passes.py checks them against the plain numpy
+# expressions).
 @_compiled
-def _score_rows(  # pragma: no cover - compiled
+def _change_rows(  # pragma: no cover - compiled
     date,
     low,
     high,
     noise,
     gain,
     offset,
+    with_score,
     nodata,
     check_nodata,
     is_float,
     ceiling,
     known,
-    score,
-    valid,
-):
-    zero = np.float32(0.0)
-    for y in range(date.shape[1]):
-        row_score = score[y]
-        row_valid = valid[y]
-        row_score[:] = zero
-        row_valid[:] = known[y]
-        for band in range(date.shape[0]):
-            values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
-            g, o = gain[band], offset[band]
-            for x in range(values.shape[0]):
-                value = values[x]
-                if check_nodata and value == nodata:
-                    row_valid[x] = False
-                if is_float and not np.isfinite(value):
-                    row_valid[x] = False
-                normalised = np.float32(value) * g + o
-                above = normalised - highs[x]
-                below = lows[x] - normalised
-                # np.maximum: NaN wins; then np.fmax into the score: NaN loses.
-                excess = above if (above >= below or above != above) else below
-                excess = excess / noises[x]
-                if excess > row_score[x]:
-                    row_score[x] = excess
-        for x in range(row_score.shape[0]):
-            if not row_valid[x]:
-                row_score[x] = zero
-            elif is_float and row_score[x] == np.inf:
-                row_score[x] = ceiling
-
-
-@_compiled
-def _direction_rows(  # pragma: no cover - compiled
-    date,
-    low,
-    high,
-    noise,
-    gain,
-    offset,
+    with_direction,
     is_visible,
     any_visible,
     shadow_bands,
@@ -690,15 +682,19 @@ def _direction_rows(  # pragma: no cover - compiled
     bright,
     thin_opacity,
     thin_room,
+    score,
+    valid,
     darker,
     thin,
 ):
     width = date.shape[2]
     n_bands = np.float32(date.shape[0])
     half = np.float32(0.5)
-    # Per row: sum over bands of the date minus the range's top (negative where it darkened), the
-    # largest rise and darkening in noise scales, the bands dimmed by more than a noise scale,
-    # whether a visible band rose by more than one, and the range's top and bottom band sums.
+    zero = np.float32(0.0)
+    # Per row, for the direction: sum over bands of the date minus the range's top (negative
+    # where it darkened), the largest rise and darkening in noise scales, the bands dimmed by
+    # more than a noise scale, whether a visible band rose by more than one, and the range's top
+    # and bottom band sums.
     net = np.empty(width, dtype=np.float32)
     rise = np.empty(width, dtype=np.float32)
     fall = np.empty(width, dtype=np.float32)
@@ -707,44 +703,72 @@ def _direction_rows(  # pragma: no cover - compiled
     tops = np.empty(width, dtype=np.float32)
     bottoms = np.empty(width, dtype=np.float32)
     for y in range(date.shape[1]):
-        net[:] = 0
-        rise[:] = 0
-        fall[:] = 0
-        dimmed[:] = 0
-        visible_rise[:] = not any_visible
-        tops[:] = 0
-        bottoms[:] = 0
+        row_score = score[y]
+        row_valid = valid[y]
+        if with_score:
+            row_score[:] = zero
+            row_valid[:] = known[y]
+        if with_direction:
+            net[:] = 0
+            rise[:] = 0
+            fall[:] = 0
+            dimmed[:] = 0
+            visible_rise[:] = not any_visible
+            tops[:] = 0
+            bottoms[:] = 0
         for band in range(date.shape[0]):
             values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
             g, o, seen = gain[band], offset[band], is_visible[band]
             for x in range(width):
-                normalised = np.float32(values[x]) * g + o
+                value = values[x]
+                normalised = np.float32(value) * g + o
                 above = normalised - highs[x]
                 below = lows[x] - normalised
-                net[x] += above
-                tops[x] += highs[x]
-                bottoms[x] += lows[x]
-                below = below / noises[x]
-                if below > 1:
-                    dimmed[x] += 1
-                if below > fall[x]:  # np.fmax: NaN loses
-                    fall[x] = below
-                above = above / noises[x]
-                if seen and above > 1:
-                    visible_rise[x] = True
-                if above > rise[x]:
-                    rise[x] = above
-        for x in range(width):
-            is_darker = net[x] < 0 and (
-                (fall[x] < rise[x] and visible_rise[x]) or dimmed[x] >= shadow_bands
-            )
-            darker[y, x] = is_darker
-            is_thin = False
-            if has_levels and not is_darker:
-                lift = (net[x] + half * (tops[x] - bottoms[x])) / n_bands
-                room = bright - half * (tops[x] + bottoms[x]) / n_bands
-                is_thin = lift < thin_opacity * room and room > thin_room
-            thin[y, x] = is_thin
+                # np.maximum: NaN wins (then np.fmax into the score: NaN loses).
+                rose = above >= below or above != above
+                if with_direction:
+                    # The score's excess in noise scales is one of these two quotients.
+                    risen = above / noises[x]
+                    fallen = below / noises[x]
+                    net[x] += above
+                    tops[x] += highs[x]
+                    bottoms[x] += lows[x]
+                    if fallen > 1:
+                        dimmed[x] += 1
+                    if fallen > fall[x]:  # np.fmax: NaN loses
+                        fall[x] = fallen
+                    if seen and risen > 1:
+                        visible_rise[x] = True
+                    if risen > rise[x]:
+                        rise[x] = risen
+                    excess = risen if rose else fallen
+                else:
+                    excess = (above if rose else below) / noises[x]
+                if with_score:
+                    if check_nodata and value == nodata:
+                        row_valid[x] = False
+                    if is_float and not np.isfinite(value):
+                        row_valid[x] = False
+                    if excess > row_score[x]:
+                        row_score[x] = excess
+        if with_score:
+            for x in range(width):
+                if not row_valid[x]:
+                    row_score[x] = zero
+                elif is_float and row_score[x] == np.inf:
+                    row_score[x] = ceiling
+        if with_direction:
+            for x in range(width):
+                is_darker = net[x] < 0 and (
+                    (fall[x] < rise[x] and visible_rise[x]) or dimmed[x] >= shadow_bands
+                )
+                darker[y, x] = is_darker
+                is_thin = False
+                if has_levels and not is_darker:
+                    lift = (net[x] + half * (tops[x] - bottoms[x])) / n_bands
+                    room = bright - half * (tops[x] + bottoms[x]) / n_bands
+                    is_thin = lift < thin_opacity * room and room > thin_room
+                thin[y, x] = is_thin
 
 
 def _log_quantise(values: np.ndarray) -> np.ndarray:
@@ -842,18 +866,30 @@ def _residual_cells(score, background, top, left, cell, residual, means):  # pra
     for y in range(height):
         for x in range(width):
             residual[y, x] = score[y, x] - background[y, x]
+    columns = _replicated_indices(means.shape[1] * cell, left, width)
     scale = np.float32(1.0) / np.float32(cell * cell)
     for cy in range(means.shape[0]):
-        for cx in range(means.shape[1]):
-            total = np.float32(0.0)
-            for dy in range(cell):
-                y = min(max(cy * cell + dy - top, 0), height - 1)
-                row = np.float32(0.0)
-                for dx in range(cell):
-                    x = min(max(cx * cell + dx - left, 0), width - 1)
-                    row += abs(residual[y, x])
-                total = row if dy == 0 else total + row
-            means[cy, cx] = total * scale
+        totals = means[cy]
+        for dy in range(cell):
+            row = residual[min(max(cy * cell + dy - top, 0), height - 1)]
+            for cx in range(totals.shape[0]):
+                first = cx * cell
+                part = abs(row[columns[first]])
+                for dx in range(1, cell):
+                    part += abs(row[columns[first + dx]])
+                totals[cx] = part if dy == 0 else totals[cx] + part
+        for cx in range(totals.shape[0]):
+            totals[cx] *= scale
+
+
+@_compiled
+def _replicated_indices(size, before, length):  # pragma: no cover - compiled
+    # Index into an axis of ``length`` for each of ``size`` positions starting ``before`` ahead
+    # of it, edges replicated.
+    indices = np.empty(size, dtype=np.int64)
+    for i in range(size):
+        indices[i] = min(max(i - before, 0), length - 1)
+    return indices
 
 
 def density(mask: np.ndarray, cells: int, origin: tuple[int, int]) -> np.ndarray:
@@ -873,17 +909,18 @@ def density(mask: np.ndarray, cells: int, origin: tuple[int, int]) -> np.ndarray
 @_compiled
 def _cell_shares(mask, top, left, cell, steps, means):  # pragma: no cover - compiled
     height, width = mask.shape
+    columns = _replicated_indices(means.shape[1] * cell, left, width)
+    counts = np.empty(means.shape[1], dtype=np.int64)
     step = steps / np.float32(cell * cell)
     for cy in range(means.shape[0]):
-        for cx in range(means.shape[1]):
-            count = 0
-            for dy in range(cell):
-                y = min(max(cy * cell + dy - top, 0), height - 1)
-                for dx in range(cell):
-                    x = min(max(cx * cell + dx - left, 0), width - 1)
-                    if mask[y, x]:
-                        count += 1
-            means[cy, cx] = np.float32(count) * step
+        counts[:] = 0
+        for dy in range(cell):
+            row = mask[min(max(cy * cell + dy - top, 0), height - 1)]
+            for i in range(columns.shape[0]):
+                if row[columns[i]]:
+                    counts[i // cell] += 1
+        for cx in range(counts.shape[0]):
+            means[cy, cx] = np.float32(counts[cx]) * step
 
 
 def small_objects(
@@ -1048,7 +1085,20 @@ def classify_tile(
     a pixel near haze whose rise is a hull's colour, not a veil's, is spared the haze factor
     (``HULL_NIR_RATIO``). Exposed for tests and for the reference implementation.
     """
-    score, valid = change_score(date, low, high, noise, gain, offset, nodata=nodata, known=known)
+    # The direction is needed only on dates with a wide change (most, on large tiles); read in
+    # the score's pass, it costs less than a pass of its own.
+    score, valid, darker, thin = change_passes(
+        date,
+        low,
+        high,
+        noise,
+        gain,
+        offset,
+        nodata=nodata,
+        known=known,
+        levels=levels,
+        visible=visible,
+    )
     threshold = params.effective_threshold
     background, residual, needed = local_background(
         score, params.background_size, origin, spread_factor=CFAR_FACTOR
@@ -1078,9 +1128,6 @@ def classify_tile(
     # speckle into a solid object (the pixels that do not pass, inside a dense region, are only
     # bridged: below, only pixels that changed by the same tests stay large).
     if wide.any():
-        darker, thin = change_direction(
-            date, low, high, noise, gain, offset, levels=levels, visible=visible
-        )
         qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
         cells = -(-params.background_size // BACKGROUND_CELL) | 1
         share = density(qualifies, cells, origin)
