@@ -84,6 +84,11 @@ CLOUD_BODY_SHARPNESS = 0.1
 # bodies look like boats. 91 px (~450 m each way at 10 m) was measured best among 31, 61, 91,
 # 121 on the demo and four semi-real ports (precision up, recall nearly unchanged).
 HAZE_LEVEL = 0.5
+#: A surface change, not a cloud or shadow: a band rose while one whose range's top is this many
+#: times lower fell (see :func:`change_direction`). Above 1 so that bands alike in the reference
+#: (where the order is the noise's) never make one; soil to vegetation in the demo harbour is 1.5,
+#: vegetation's NIR to red 3-8.
+SURFACE_BAND_RATIO = 1.2
 HAZE_FACTOR = 5.0
 HAZE_WINDOW = 91
 # ... unless the pixel rose in NIR by more than HULL_NIR_RATIO x its largest rise in visible light:
@@ -542,11 +547,15 @@ def change_direction(
     ``levels`` is the date's ``(dark, bright)`` band-mean levels, see ``THIN_OPACITY``); all False
     without ``levels``. Only the large class needs them, on dates with a wide change.
 
-    A pixel whose bands sum below the range's top while its largest excess is a rise (a cloud
-    over vegetation: the visible bands rise, NIR stays inside its wide range) counts as darker,
-    and so is spared the magnitude and haze tests, only if one of the ``visible`` bands rose by
-    more than a noise scale: a rise of NIR or SWIR alone is the surface changing (vegetation
-    drying, soil laid bare), not a cloud. With ``visible`` unknown (``None``) any rise will do.
+    A surface change is neither: where a band rose while a band ``SURFACE_BAND_RATIO`` times
+    darker in the reference (by the range's top) fell, each by more than a noise scale (the
+    largest rise and fall), the pixel is not darker and counts as ``thin``, so the large class
+    leaves it out. Vegetation greening (NIR up, red down) does that; a veil adds about the same
+    light to every band and a shadow takes the same share of each, so together they change a
+    darker band up, or less down, than a brighter one, never the other way round. Measured on the
+    demo harbour, seeds 0-3: cloud IoU 0.793 / 0.680 / 0.737 / 0.685 -> 0.802 / 0.683 / 0.741 /
+    0.716 (fields greening between dates), boats unchanged; the 8 ports (seeds 0 and 1) and
+    Landsat unchanged.
     """
     _, _, darker, thin = change_passes(
         date, low, high, noise, gain, offset, levels=levels, visible=visible, score=False
@@ -616,6 +625,7 @@ def change_passes(
         np.float32(bright),
         np.float32(THIN_OPACITY),
         np.float32(THIN_ROOM_SHARE * (bright - dark)),
+        np.float32(SURFACE_BAND_RATIO),
         *outputs,
     )
     return outputs
@@ -682,6 +692,7 @@ def _change_rows(  # pragma: no cover - compiled
     bright,
     thin_opacity,
     thin_room,
+    surface_ratio,
     score,
     valid,
     darker,
@@ -694,7 +705,7 @@ def _change_rows(  # pragma: no cover - compiled
     # Per row, for the direction: sum over bands of the date minus the range's top (negative
     # where it darkened), the largest rise and darkening in noise scales, the bands dimmed by
     # more than a noise scale, whether a visible band rose by more than one, and the range's top
-    # and bottom band sums.
+    # and bottom band sums; the range's top in the bands that rose and fell most.
     net = np.empty(width, dtype=np.float32)
     rise = np.empty(width, dtype=np.float32)
     fall = np.empty(width, dtype=np.float32)
@@ -702,6 +713,8 @@ def _change_rows(  # pragma: no cover - compiled
     visible_rise = np.empty(width, dtype=np.bool_)
     tops = np.empty(width, dtype=np.float32)
     bottoms = np.empty(width, dtype=np.float32)
+    rise_top = np.empty(width, dtype=np.float32)
+    fall_top = np.empty(width, dtype=np.float32)
     for y in range(date.shape[1]):
         row_score = score[y]
         row_valid = valid[y]
@@ -716,6 +729,8 @@ def _change_rows(  # pragma: no cover - compiled
             visible_rise[:] = not any_visible
             tops[:] = 0
             bottoms[:] = 0
+            rise_top[:] = 0
+            fall_top[:] = 0
         for band in range(date.shape[0]):
             values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
             g, o, seen = gain[band], offset[band], is_visible[band]
@@ -737,10 +752,12 @@ def _change_rows(  # pragma: no cover - compiled
                         dimmed[x] += 1
                     if fallen > fall[x]:  # np.fmax: NaN loses
                         fall[x] = fallen
+                        fall_top[x] = highs[x]
                     if seen and risen > 1:
                         visible_rise[x] = True
                     if risen > rise[x]:
                         rise[x] = risen
+                        rise_top[x] = highs[x]
                     excess = risen if rose else fallen
                 else:
                     excess = (above if rose else below) / noises[x]
@@ -759,12 +776,16 @@ def _change_rows(  # pragma: no cover - compiled
                     row_score[x] = ceiling
         if with_direction:
             for x in range(width):
-                is_darker = net[x] < 0 and (
-                    (fall[x] < rise[x] and visible_rise[x]) or dimmed[x] >= shadow_bands
+                # A band rose while a band darker in the reference fell: see change_direction.
+                surface = rise[x] > 1 and fall[x] > 1 and rise_top[x] > surface_ratio * fall_top[x]
+                is_darker = (
+                    (not surface)
+                    and net[x] < 0
+                    and ((fall[x] < rise[x] and visible_rise[x]) or dimmed[x] >= shadow_bands)
                 )
                 darker[y, x] = is_darker
-                is_thin = False
-                if has_levels and not is_darker:
+                is_thin = surface
+                if has_levels and not is_darker and not surface:
                     lift = (net[x] + half * (tops[x] - bottoms[x])) / n_bands
                     room = bright - half * (tops[x] + bottoms[x]) / n_bands
                     is_thin = lift < thin_opacity * room and room > thin_room

@@ -24,6 +24,7 @@ from spoc_xr.detect import (
     MEAN_ABS_TO_SIGMA,
     SCORE_CEILING,
     SHADOW_BANDS,
+    SURFACE_BAND_RATIO,
     THIN_OPACITY,
     THIN_ROOM_SHARE,
     _cell_grid,
@@ -80,6 +81,7 @@ def numpy_direction(
     shape = date.shape[1:]
     net, rise, fall = (np.zeros(shape, dtype=np.float32) for _ in range(3))
     tops, bottoms = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    rise_top, fall_top = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     dimmed = np.zeros(shape, dtype=np.uint8)
     visible_rise = np.zeros(shape, dtype=bool) if visible else np.ones(shape, dtype=bool)
     for band in range(date.shape[0]):
@@ -90,22 +92,25 @@ def numpy_direction(
         bottoms += low[band]
         below /= noise[band]
         dimmed += below > 1
+        fall_top = np.where(below > fall, high[band], fall_top)
         np.fmax(fall, below, out=fall)
         above /= noise[band]
         if visible and band in visible:
             visible_rise |= above > 1
+        rise_top = np.where(above > rise, high[band], rise_top)
         np.fmax(rise, above, out=rise)
-    darker = net < 0
+    surface = (rise > 1) & (fall > 1) & (rise_top > np.float32(SURFACE_BAND_RATIO) * fall_top)
+    darker = (net < 0) & ~surface
     darker &= ((fall < rise) & visible_rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
-    thin = np.zeros(shape, dtype=bool)
+    thin = surface.copy()
     if levels is not None:
         dark, bright = levels
         n_bands, half = np.float32(date.shape[0]), np.float32(0.5)
         lift = (net + half * (tops - bottoms)) / n_bands
         room = np.float32(bright) - half * (tops + bottoms) / n_bands
-        thin = lift < np.float32(THIN_OPACITY) * room
-        thin &= room > np.float32(THIN_ROOM_SHARE * (bright - dark))
-        thin &= ~darker
+        haze = lift < np.float32(THIN_OPACITY) * room
+        haze &= room > np.float32(THIN_ROOM_SHARE * (bright - dark))
+        thin |= haze & ~darker
     return darker, thin
 
 
@@ -182,7 +187,34 @@ def test_the_compiled_direction_equals_numpy(
     np.testing.assert_array_equal(darker, expected[0])
     np.testing.assert_array_equal(thin, expected[1])
     assert 0 < darker.mean() < 1
-    assert (0 < thin.mean() < 1) if usable is not None else not thin.any()
+    # Without levels only surface changes are thin (a band rose while a darker one fell).
+    assert thin.mean() < 1
+    assert (thin.mean() > 0) if usable is not None or dtype != np.uint8 else not thin.any()
+    assert not (thin & darker).any()
+
+
+def test_a_surface_change_is_neither_darker_nor_a_cloud() -> None:
+    # Bands blue, green, red, NIR over vegetation (NIR brightest), reference range +-20, noise 10.
+    reference = np.array([400.0, 600.0, 500.0, 3000.0], dtype=np.float32)
+    pixels = {
+        # Visible down, NIR up, summing to a fall in three bands: darker by the sum alone.
+        "greening": [330.0, 520.0, 380.0, 3300.0],
+        "shadow": [300.0, 420.0, 350.0, 1800.0],  # every band down
+        "veiled shadow": [520.0, 650.0, 560.0, 2100.0],  # visible up, NIR down
+        "cloud": [1800.0, 1900.0, 1850.0, 2950.0],  # visible up, NIR in its range
+    }
+    date = np.array(list(pixels.values()), dtype=np.float32).T[:, None, :]
+    low = np.repeat(reference[:, None, None] - 20, len(pixels), axis=2)
+    high, noise = low + 40, np.full(low.shape, 10.0, dtype=np.float32)
+    unit, zero = np.ones(4, dtype=np.float32), np.zeros(4, dtype=np.float32)
+    darker, thin = change_direction(date, low, high, noise, unit, zero, visible=(0, 1, 2))
+    assert darker[0].tolist() == [False, True, False, False]
+    assert thin[0].tolist() == [True, False, False, False]
+    # Without the surface test the greening would have been darker (a shadow): its bands sum
+    # below the range's top and three of them fell by more than a noise scale.
+    greening = date[:, 0, 0]
+    assert (greening - high[:, 0, 0]).sum() < 0
+    assert ((low[:, 0, 0] - greening) / noise[:, 0, 0] > 1).sum() >= SHADOW_BANDS
 
 
 @pytest.mark.parametrize("seed", [0, 1])
