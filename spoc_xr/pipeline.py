@@ -334,7 +334,8 @@ def read_apart(array: da.Array, *, seed: str) -> da.Array:
     keys reads again instead. ``dask.graph_manipulation.clone`` would do this, but leaves the keys
     inside the graph's ``Task``/``Alias`` nodes unchanged (dask issue 12455: a sliced stack's
     copy then pointed at the original reads, and computing part of a result could fail with
-    "Missing dependency").
+    "Missing dependency"). The renaming uses dask's task nodes (``dask._task_spec``, private in the
+    pinned dask; ``tests/test_detect.py`` checks the copy is whole and apart).
     """
     keys = set(flatten(array.__dask_keys__()))
     graph = array.__dask_graph__()
