@@ -81,8 +81,12 @@ CLOUD_BODY_LEVEL = 3.0
 CLOUD_BODY_SHARPNESS = 0.1
 # Within HAZE_WINDOW px (a square side) of a local background above HAZE_LEVEL x the threshold, a
 # small object needs HAZE_FACTOR x the threshold: scattered cloud puffs around haze and cloud
-# bodies look like boats. 91 px (~450 m each way at 10 m) was measured best among 31, 61, 91,
-# 121 on the demo and four semi-real ports (precision up, recall nearly unchanged).
+# bodies look like boats. 211 px (~1 km each way at 10 m: puffs scatter that far around cumulus
+# and haze). Session 10, from 91 px (the best of 31-121 in session 5, on the demo and four ports):
+# boat F1 at 151 / 181 / 211 / 241 px, demo seed 0 0.885 -> 0.898 / 0.902 / 0.909 / 0.906, seeds
+# 1-3 up to 0.920 / 0.915 / 0.806 from 0.894 / 0.911 / 0.808; at 211 px the 16 port stacks (seeds
+# 0 and 1) gained up to 0.022 (busan seed 1), casablanca lost 0.003-0.005, athens seed 1 0.001,
+# real-date recall unchanged. It widens every tile's halo (124 -> 184 px).
 HAZE_LEVEL = 0.5
 #: A surface change, not a cloud or shadow: a band rose while one whose range's top is this many
 #: times lower fell (see :func:`change_direction`). Above 1 so that bands alike in the reference
@@ -90,7 +94,7 @@ HAZE_LEVEL = 0.5
 #: vegetation's NIR to red 3-8.
 SURFACE_BAND_RATIO = 1.2
 HAZE_FACTOR = 5.0
-HAZE_WINDOW = 91
+HAZE_WINDOW = 211
 # ... unless the pixel rose in NIR by more than HULL_NIR_RATIO x its largest rise in visible light:
 # a veil of cloud or haze adds nearly grey light (or bluish: scattering), so over dark water it
 # rises about as much in visible light as in NIR (ratio ~1.1 for a grey cloud over clear water),
@@ -1305,9 +1309,9 @@ def _classify_window(
 
 
 #: Side (px) up to which classification merges neighbouring chunks into one tile: each tile
-#: computes its halo (:attr:`DetectParams.depth`, 124 px by default) once, a smaller share of a
-#: larger tile (2296² computed per 2048² kept, against 1272² per 1024²). A tile's task holds
-#: about 40 bytes per padded pixel of temporaries (~210 MB at 2296²).
+#: computes its halo (:attr:`DetectParams.depth`, 184 px by default) once, a smaller share of a
+#: larger tile (2416² computed per 2048² kept, against 1392² per 1024²). A tile's task holds
+#: about 40 bytes per padded pixel of temporaries (~235 MB at 2416²).
 CLASSIFY_TILE = 2048
 #: Dask configuration key overriding :data:`CLASSIFY_TILE` (``DASK_SPOC_XR__CLASSIFY_TILE``).
 CLASSIFY_TILE_CONFIG_KEY = "spoc_xr.classify-tile"

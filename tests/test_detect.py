@@ -158,21 +158,22 @@ def test_annotate_chunked_equals_single_chunk(stack):
 
 
 def test_classification_tiles_of_merged_chunks_equal_the_whole_image():
-    # Larger than twice the halo (112 px), so that several classification tiles exist.
-    big = make_stack(n_time=3, shape=(270, 250), seed=2)
-    chunked, radiometry, reference, spread = _prepared(big, {"y": 50, "x": 60})
+    # Larger than twice the halo (PARAMS.depth), so that several classification tiles exist.
+    assert 2 * PARAMS.depth < 410
+    big = make_stack(n_time=3, shape=(430, 410), seed=2)
+    chunked, radiometry, reference, spread = _prepared(big, {"y": 100, "x": 100})
     products = reference_products(reference, spread, PARAMS)
     whole = classify(
         big.chunk({"time": 1}), products, radiometry.gains, radiometry.offsets, PARAMS
     ).values
-    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 150}):
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 200}):
         codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS)
-    # Chunks merged into tiles up to 150 px (the 10 px left over joined to its neighbour): 2 x 2
-    # tiles per date, cut back into the stack's chunks.
+    # Chunks merged into tiles up to 200 px (the 30 and 10 px left over joined to their
+    # neighbours): 2 x 2 tiles per date, cut back into the stack's chunks.
     layers = codes.data.dask.layers
     tiles = [name for name in layers if name.startswith("classify-") and "chunks" not in name]
     assert len(tiles) == 1 and len(layers[tiles[0]]) == 3 * 2 * 2
-    assert codes.chunks[1:] == ((50,) * 5 + (20,), (60,) * 4 + (10,))
+    assert codes.chunks[1:] == ((100,) * 4 + (30,), (100,) * 4 + (10,))
     np.testing.assert_array_equal(codes.values, whole)
     assert (whole == SMALL).any()
 

@@ -207,9 +207,10 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
     from spoc_xr.detect import CLASSIFY_TILE_CONFIG_KEY, DetectParams
     from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
 
-    # Large enough for several classification tiles at the default halo (124 px).
-    src = write_scene(tmp_path / "src", n_time=4, side=260)
-    assert ingest_store(src, tmp_path / "stack.zarr", chunks=64) == "written"
+    # Large enough for several classification tiles at the default halo (184 px).
+    assert 2 * DetectParams().depth < 410
+    src = write_scene(tmp_path / "src", n_time=4, side=410)
+    assert ingest_store(src, tmp_path / "stack.zarr", chunks=100) == "written"
     stack = open_stack(tmp_path / "stack.zarr")
     whole = tmp_path / "whole.zarr"  # one classification tile, one window
     annotate_store(stack, whole, source=tmp_path / "stack.zarr")
@@ -222,11 +223,11 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
 
     monkeypatch.setattr(st, "write_region", record)
     out = tmp_path / "out.zarr"
-    # Tiles of 2 x 2 chunks (the 4 px left over joins the last), one tile per window.
-    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1, CLASSIFY_TILE_CONFIG_KEY: 128}):
+    # Tiles of 2 x 2 chunks (the 10 px left over joins the last), one tile per window.
+    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1, CLASSIFY_TILE_CONFIG_KEY: 200}):
         windows = tile_windows(stack, DetectParams())
         annotate_store(stack, out, source=tmp_path / "stack.zarr")
-    edges = [slice(0, 128), slice(128, 260)]
+    edges = [slice(0, 200), slice(200, 410)]
     assert windows == [{"y": y, "x": x} for y in edges for x in edges]
     # Each date batch wrote every window once; together they cover the image exactly once.
     date_writes = [region for region in writes if "time" in region and "y" in region]
