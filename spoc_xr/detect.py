@@ -891,12 +891,13 @@ def _residual_cells(score, background, top, left, cell, residual, means):  # pra
     for y in range(height):
         for x in range(width):
             residual[y, x] = score[y, x] - background[y, x]
+    rows = _replicated_indices(means.shape[0] * cell, top, height)
     columns = _replicated_indices(means.shape[1] * cell, left, width)
     scale = np.float32(1.0) / np.float32(cell * cell)
     for cy in range(means.shape[0]):
         totals = means[cy]
         for dy in range(cell):
-            row = residual[min(max(cy * cell + dy - top, 0), height - 1)]
+            row = residual[rows[cy * cell + dy]]
             for cx in range(totals.shape[0]):
                 first = cx * cell
                 part = abs(row[columns[first]])
@@ -934,13 +935,14 @@ def density(mask: np.ndarray, cells: int, origin: tuple[int, int]) -> np.ndarray
 @_compiled
 def _cell_shares(mask, top, left, cell, steps, means):  # pragma: no cover - compiled
     height, width = mask.shape
+    rows = _replicated_indices(means.shape[0] * cell, top, height)
     columns = _replicated_indices(means.shape[1] * cell, left, width)
     counts = np.empty(means.shape[1], dtype=np.int64)
     step = steps / np.float32(cell * cell)
     for cy in range(means.shape[0]):
         counts[:] = 0
         for dy in range(cell):
-            row = mask[min(max(cy * cell + dy - top, 0), height - 1)]
+            row = mask[rows[cy * cell + dy]]
             for i in range(columns.shape[0]):
                 if row[columns[i]]:
                     counts[i // cell] += 1
@@ -1316,10 +1318,11 @@ CLASSIFY_TILE = 2048
 #: Dask configuration key overriding :data:`CLASSIFY_TILE` (``DASK_SPOC_XR__CLASSIFY_TILE``).
 CLASSIFY_TILE_CONFIG_KEY = "spoc_xr.classify-tile"
 #: Workers of the current distributed client with a memory limit below this classify tiles of
-#: :data:`SMALL_WORKER_TILE` px instead: a 2048 px tile's task holds ~210 MB of temporaries and
+#: :data:`SMALL_WORKER_TILE` px instead: a 2048 px tile's task holds ~235 MB of temporaries and
 #: its reference products ~280 MB, which beside Python, the libraries and the compiled kernels
 #: (~450 MB) leave a 1 GB worker no room (measured, 40 dates of 2048²: 2 x 1 GB workers were
-#: killed; with 1024 px tiles the run completed in 29.8 s, peak 883 MB, spilling).
+#: killed; with 1024 px tiles the run completed in 29.8 s, peak 883 MB, spilling; with the 184 px
+#: halo of session 10, 47.5 s beside another job, peak 833 MB).
 SMALL_WORKER_BYTES = 1.5e9
 SMALL_WORKER_TILE = 1024
 
