@@ -25,13 +25,16 @@ from spoc_xr.detect import (
     MAD_TO_SIGMA,
     NOISE_DATES,
     NOISE_FLOOR_SHARE,
+    OBJECT_REACH,
     DetectParams,
     classification_chunks,
     classify,
     noise_floor,
+    noise_sample_objects,
     pad_and_overlap,
     per_date_levels,
     reference_products,
+    sample_departures,
     spatial_chunks,
 )
 from spoc_xr.errors import (
@@ -286,12 +289,14 @@ def reference_and_spread(
 
     Per tile, the NOISE_DATES cleanest dates are read once and normalised; a date reference is
     cleaned of its own transient objects with their median, water hidden by ships moored on most
-    dates is put back, and the robust spread of those dates around the result is the noise model.
-    The noise model is then lowered where the reference's ``tolerance`` range explains that
-    spread (:func:`range_consistent_spread`), from a second task per tile over the same dates.
-    Memory per task is bounded by NOISE_DATES, whatever the length of the stack. Where the uncover
-    test looks at the reference's neighbours, tiles carry REFERENCE_HALO pixels of context, so a
-    chunked result equals the unchunked one.
+    dates is put back, and the robust spread of those dates around the result is the noise model,
+    each date's objects left out (:func:`spoc_xr.detect.noise_sample_objects`: a ship moored on
+    half the dates would otherwise be its own pixels' noise). The noise model is then lowered
+    where the reference's ``tolerance`` range explains that spread
+    (:func:`range_consistent_spread`), from a second task per tile over the same dates. Memory
+    per task is bounded by NOISE_DATES, whatever the length of the stack. The uncover test and
+    the object test look at the reference's neighbours: tiles carry that context (REFERENCE_HALO,
+    OBJECT_REACH and the tolerance's reach), so a chunked result equals the unchunked one.
 
     The two steps are also available apart (:func:`reference_and_raw_spread`,
     :func:`spread_beyond_range`): :func:`annotate_store` stores the first before it computes the
@@ -312,9 +317,12 @@ def _noise_samples(
     indices = noise_sample_indices(radiometry, NOISE_DATES)
     if not isinstance(stack.data, da.Array):
         stack = stack.chunk({"time": 1})
-    # Only the NDWI side of the uncover test looks at neighbours (see uncover_water_values).
+    # Only the NDWI side of the uncover test looks at neighbours (see uncover_water_values); the
+    # test for objects on the sample dates looks OBJECT_REACH px around the final reference's
+    # tolerance range.
     index = choose_water_index(bands)
     halo = REFERENCE_HALO if second_index_band(bands, index) is not None else 0
+    halo += OBJECT_REACH + tolerance // 2
     # Chunks wide enough for the halo of both tasks (the excess task's is the tolerance's reach).
     depth = max(halo, tolerance // 2)
     spatial = [spatial_chunks(chunks, depth) for chunks in stack.data.chunks[2:]]
@@ -364,23 +372,22 @@ def reference_and_raw_spread(
     base = build_reference(stack, radiometry).transpose("band", "y", "x")
     base_data = base.data if isinstance(base.data, da.Array) else da.from_array(base.values)
     nodata = stack.attrs.get("nodata")
-    both = da.blockwise(
+    # Blocks pair by position: each tile's dates with its padded base; block_info places the
+    # tile in the image (the object test's cells are anchored there).
+    both = da.map_blocks(
         _reference_tile,
-        "kbyx",
         pad_and_overlap(samples, halo, [2, 3]),
-        "tbyx",
         pad_and_overlap(base_data.rechunk((-1, *spatial)), halo, [1, 2]),
-        "byx",
-        new_axes={"k": 2},
-        adjust_chunks={"y": lambda n: n - 2 * halo, "x": lambda n: n - 2 * halo},
+        chunks=((2,), (len(bands),), *spatial),
         dtype=np.float32,
-        concatenate=True,
         meta=np.empty((0, 0, 0, 0), dtype=np.float32),
         halo=halo,
+        reach=tolerance // 2,
         gains=radiometry.gains[indices],
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
         scale=radiometry.residual_scale if date_reference else None,
+        units=radiometry.residual_scale,
         index=choose_water_index(bands),
         bands=bands,
     )
@@ -402,6 +409,8 @@ def spread_beyond_range(
     stack = stack.transpose(*STACK_DIMS)
     samples, spatial, indices, _ = _noise_samples(stack, radiometry, tolerance)
     reach = tolerance // 2
+    # The same object test as the reference task's, on the same final reference.
+    pad = reach + OBJECT_REACH
     ref = reference.transpose("band", "y", "x")
     ref_data = ref.data if isinstance(ref.data, da.Array) else da.from_array(ref.values)
     ref_data = ref_data.rechunk((-1, *spatial))
@@ -409,16 +418,18 @@ def spread_beyond_range(
     # Blocks pair by position: each tile's dates with its padded reference.
     excess = da.map_blocks(
         _excess_tile,
-        samples,
-        pad_and_overlap(ref_data, reach, [1, 2]),
+        pad_and_overlap(samples, pad, [2, 3]),
+        pad_and_overlap(ref_data, pad, [1, 2]),
         drop_axis=0,
         chunks=ref_data.chunks,
         dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
         reach=reach,
+        pad=pad,
         gains=radiometry.gains[indices],
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
+        units=radiometry.residual_scale,
     )
     return ref.copy(data=excess)
 
@@ -453,16 +464,22 @@ def _excess_tile(
     reference: np.ndarray,
     *,
     reach: int,
+    pad: int,
     gains: np.ndarray,
     offsets: np.ndarray,
     nodata: float | None,
+    units: np.ndarray | None,
+    block_info: dict[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Robust spread of the sample dates beyond the range of the reference (``reach`` px wider)."""
-    # Unknown neighbours do not narrow the range; an unknown pixel stays NaN through the spread.
-    unknown = np.isnan(reference)
-    size, core = 2 * reach + 1, (slice(None), *[slice(reach, n - reach) for n in unknown.shape[1:]])
-    low = kernels.minimum_filter(np.where(unknown, np.float32(np.inf), reference), size)[core]
-    high = kernels.maximum_filter(np.where(unknown, np.float32(-np.inf), reference), size)[core]
+    """Robust spread of the sample dates beyond the range of the reference (``reach`` px wider),
+    objects on the sample dates left out; both inputs carry ``pad`` px of context."""
+    low, high = _reference_range(reference, reach)
+    origin = _tile_origin(block_info, pad)
+    left_out = _sample_objects(samples_raw, low, high, gains, offsets, nodata, units, origin)
+    core = (slice(None), *[slice(pad, n - pad) for n in low.shape[1:]])
+    low, high = low[core], high[core]
+    samples_raw = samples_raw[(slice(None), *core)]
+    left_out = None if left_out is None else left_out[(slice(None), *core[1:])]
     height = low.shape[1]
     out = np.empty(low.shape, dtype=np.float32)
     # Strips of rows, as in the reference task: dates x bands temporaries stay small.
@@ -471,8 +488,53 @@ def _excess_tile(
         samples = normalise_values(samples_raw[:, :, rows], gains, offsets, nodata)
         beyond = np.maximum(samples - high[None, :, rows], low[None, :, rows] - samples)
         np.maximum(beyond, 0, out=beyond)  # NaN (no data) stays NaN: the median skips it
+        if left_out is not None:
+            np.copyto(beyond, np.float32(np.nan), where=left_out[:, None, rows])
         out[:, rows] = nanmedian_first(beyond) * np.float32(MAD_TO_SIGMA)
     return out
+
+
+def _reference_range(reference: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's range over ``2 reach + 1`` px, exact ``reach`` px inside the edges."""
+    # Unknown neighbours do not narrow the range; an unknown pixel stays NaN through the spread.
+    unknown = np.isnan(reference)
+    size = 2 * reach + 1
+    low = kernels.minimum_filter(np.where(unknown, np.float32(np.inf), reference), size)
+    high = kernels.maximum_filter(np.where(unknown, np.float32(-np.inf), reference), size)
+    return low, high
+
+
+def _tile_origin(block_info: dict[Any, Any] | None, pad: int) -> tuple[int, int]:
+    """Image ``(y, x)`` of a padded tile's first pixel, from the output block's location."""
+    if block_info is None:  # called directly, on a whole image
+        return (-pad, -pad)
+    location = block_info[None]["array-location"]
+    return (location[-2][0] - pad, location[-1][0] - pad)
+
+
+def _sample_objects(
+    samples_raw: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    gains: np.ndarray,
+    offsets: np.ndarray,
+    nodata: float | None,
+    units: np.ndarray | None,
+    origin: tuple[int, int],
+) -> np.ndarray | None:
+    """Where the padded tile's sample dates hold objects (:func:`noise_sample_objects`), or
+    ``None`` without residual scales (stores written before they were kept)."""
+    if units is None or samples_raw.shape[0] == 0:
+        return None
+    height = low.shape[1]
+    departures = np.empty((samples_raw.shape[0], *low.shape[1:]), dtype=np.float32)
+    for top in range(0, height, REFERENCE_STRIP_ROWS):
+        rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
+        samples = normalise_values(samples_raw[:, :, rows], gains, offsets, nodata)
+        departures[:, rows] = sample_departures(
+            samples, low[:, rows], high[:, rows], np.asarray(units)
+        )
+    return noise_sample_objects(departures, origin)
 
 
 # Pixels of context of the reference task: the uncover test compares a date with the reference's
@@ -481,24 +543,59 @@ REFERENCE_HALO = DEFAULT_TOLERANCE // 2
 
 
 def _reference_tile(
-    samples_raw: np.ndarray, base: np.ndarray, *, halo: int, **settings: Any
+    samples_raw: np.ndarray,
+    base: np.ndarray,
+    *,
+    halo: int,
+    reach: int,
+    units: np.ndarray | None,
+    block_info: dict[Any, Any] | None = None,
+    **settings: Any,
 ) -> np.ndarray:
     # Strips of rows keep the temporaries (dates x bands) small, in the CPU cache and far below
     # the worker's memory. Every step is per pixel but the uncover test's floor, a minimum over
-    # `halo` neighbours: each strip reads `halo` rows more on each side, so strips change nothing
-    # but the speed. The tile's own `halo` of context is cropped at the end.
+    # REFERENCE_HALO neighbours (each strip reads that many rows more on each side), and the
+    # object test on the sample dates, which needs the final reference's range (`reach`)
+    # OBJECT_REACH px around:
+    # the reference first, then the objects, then the spread without them. The tile's own `halo`
+    # of context is cropped at the end.
     height, width = base.shape[1:]
-    out = np.empty((2, *base.shape), dtype=np.float32)
+    uncover = halo - OBJECT_REACH - reach
+    reference = np.empty(base.shape, dtype=np.float32)
     for top in range(0, height, REFERENCE_STRIP_ROWS):
         bottom = min(top + REFERENCE_STRIP_ROWS, height)
-        first, last = max(top - halo, 0), min(bottom + halo, height)
-        out[:, :, top:bottom] = _reference_strip(
+        first, last = max(top - uncover, 0), min(bottom + uncover, height)
+        reference[:, top:bottom] = _reference_strip(
             samples_raw[:, :, first:last],
             base[:, first:last],
             rows=slice(top - first, bottom - first),
-            halo=halo,
+            halo=uncover,
             **settings,
         )
+    low, high = _reference_range(reference, reach)
+    left_out = _sample_objects(
+        samples_raw,
+        low,
+        high,
+        settings["gains"],
+        settings["offsets"],
+        settings["nodata"],
+        units,
+        _tile_origin(block_info, halo),
+    )
+    out = np.empty((2, *base.shape), dtype=np.float32)
+    out[0] = reference
+    for top in range(0, height, REFERENCE_STRIP_ROWS):
+        rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
+        if samples_raw.shape[0] == 0:
+            out[1, :, rows] = np.nan
+            continue
+        samples = normalise_values(
+            samples_raw[:, :, rows], settings["gains"], settings["offsets"], settings["nodata"]
+        )
+        if left_out is not None:
+            np.copyto(samples, np.float32(np.nan), where=left_out[:, None, rows])
+        out[1, :, rows] = deviation_values(samples, reference[:, rows])
     return out[:, :, halo : height - halo, halo : width - halo]
 
 
@@ -519,6 +616,7 @@ def _reference_strip(
     index: WaterIndex,
     bands: list[str],
 ) -> np.ndarray:
+    """The final reference of a strip's ``rows``: cleaned of its own objects, water put back."""
     samples = normalise_values(samples_raw, gains, offsets, nodata)
     reference = base.astype(np.float32)
     if scale is not None and samples.shape[0] >= MIN_CLEANING_DATES:
@@ -529,12 +627,7 @@ def _reference_strip(
         known = np.where(np.isnan(reference), np.float32(np.inf), reference)
         floor = kernels.minimum_filter(known, 2 * halo + 1)[:, rows]
     samples, reference = samples[:, :, rows], reference[:, rows]
-    reference = uncover_water_values(reference, samples, index, bands, floor=floor)
-    if samples.shape[0] == 0:
-        spread = np.full(reference.shape, np.nan, dtype=np.float32)
-    else:
-        spread = deviation_values(samples, reference)
-    return np.stack([reference, spread])
+    return uncover_water_values(reference, samples, index, bands, floor=floor)
 
 
 def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:

@@ -14,12 +14,14 @@ from spoc_xr import kernels
 from spoc_xr.detect import (
     CLASSIFY_TILE_CONFIG_KEY,
     LARGE,
+    OBJECT_REACH,
     SMALL,
     DetectParams,
     classification_chunks,
     classify,
     classify_tile,
     nir_band,
+    noise_sample_objects,
     parse_threshold,
     reference_products,
     small_objects,
@@ -408,7 +410,13 @@ def test_noise_model_forgives_what_the_tolerance_range_explains():
 
 @pytest.mark.parametrize("chunks", [{"y": 7, "x": 9}, {"y": -1, "x": -1}])
 def test_excess_spread_equals_numpy(stack, chunks):
-    from spoc_xr.detect import MAD_TO_SIGMA, NOISE_DATES, noise_floor
+    from spoc_xr.detect import (
+        MAD_TO_SIGMA,
+        NOISE_DATES,
+        OBJECT_REACH,
+        noise_floor,
+        noise_sample_objects,
+    )
     from spoc_xr.reference import noise_sample_indices, normalise_values
 
     _, radiometry, reference, spread = _prepared(stack, chunks)
@@ -418,8 +426,24 @@ def test_excess_spread_equals_numpy(stack, chunks):
     )
     ref = reference.values
     size = (1, DetectParams().tolerance, DetectParams().tolerance)
-    low = ndi.minimum_filter(np.where(np.isnan(ref), np.inf, ref), size, mode="nearest")
-    high = ndi.maximum_filter(np.where(np.isnan(ref), -np.inf, ref), size, mode="nearest")
+    # Objects on the sample dates are left out, by their departure beyond the range over the
+    # whole image, edges replicated as the tiles' halos replicate them.
+    pad = OBJECT_REACH + DetectParams().tolerance // 2
+    padded_ref = np.pad(ref, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    padded = np.pad(samples, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
+    low = ndi.minimum_filter(
+        np.where(np.isnan(padded_ref), np.inf, padded_ref), size, mode="nearest"
+    )
+    high = ndi.maximum_filter(
+        np.where(np.isnan(padded_ref), -np.inf, padded_ref), size, mode="nearest"
+    )
+    units = radiometry.residual_scale[None, :, None, None]
+    departures = np.nanmax(np.maximum(np.maximum(padded - high, low - padded), 0) / units, axis=1)
+    left_out = noise_sample_objects(np.nan_to_num(departures).astype(np.float32), (-pad, -pad))
+    left_out = left_out[:, pad:-pad, pad:-pad]
+    assert left_out.any() and not left_out.all()  # the test below covers both cases
+    samples[np.broadcast_to(left_out[:, None], samples.shape)] = np.nan
+    low, high = (a[:, pad:-pad, pad:-pad] for a in (low, high))
     beyond = np.maximum(np.maximum(samples - high, low - samples), 0)
     excess = np.nanmedian(beyond, axis=0) * MAD_TO_SIGMA
     around = np.nanmedian(np.abs(samples - ref), axis=0) * MAD_TO_SIGMA
@@ -635,3 +659,60 @@ def test_part_of_an_annotation_computes_on_its_own(stack) -> None:
     full = annotations.compute()
     np.testing.assert_array_equal(reference, full["reference"][:, :8, :8])
     np.testing.assert_array_equal(mask, full["mask"][2, 20:, 20:])
+
+
+def _departures(n_dates=8, shape=(90, 100), seed=0):
+    """Sample dates' departures in residual scales: noise about 1 everywhere."""
+    rng = np.random.default_rng(seed)
+    return np.abs(rng.normal(0, 1, (n_dates, *shape))).astype(np.float32)
+
+
+def test_a_ship_moored_on_half_the_sample_dates_is_left_out_of_the_noise_model():
+    departures = _departures()
+    departures[:4, 40:43, 50:58] += 30.0  # moored on 4 of 8 sample dates
+    departures[:, :, :35] += 15.0  # wide variation on every date (surf, vegetation)
+    departures[:6, 70:72, 80:83] += 30.0  # occupied on 6 of 8: too few dates would remain
+    left_out = noise_sample_objects(departures)
+    # The ship and a pixel around it, on its own dates only.
+    assert left_out[:4, 39:44, 49:59].all() and not left_out[4:, 40:43, 50:58].any()
+    assert not left_out[:, :, :25].any()  # wide variation is the pixel's own noise
+    assert not left_out[:, 70:72, 80:83].any()
+    assert not left_out[:, :, 60:78].any()  # noise alone is never an object
+
+
+@pytest.mark.parametrize("top, left", [(0, 0), (13, 27), (31, 6)])
+def test_objects_on_sample_dates_do_not_depend_on_the_tiling(top, left):
+    departures = _departures(seed=3)
+    departures[:3, 20:23, 30:36] += 25.0
+    departures[2:6, 50:54, 61:63] += 12.0
+    departures[:, 60:, :40] += 9.0
+    whole = noise_sample_objects(departures)
+    tile = departures[:, top : top + 60, left : left + 70]
+    part = noise_sample_objects(tile, origin=(top, left))
+    reach = OBJECT_REACH
+    inner = (slice(None), slice(reach, -reach), slice(reach, -reach))
+    expected = whole[:, top : top + 60, left : left + 70]
+    np.testing.assert_array_equal(part[inner], expected[inner])
+    assert whole.any()
+
+
+def test_a_moored_ship_does_not_become_its_pixels_noise():
+    # Calm water, 9 dates; a ship moored at the same berth on 4 of them.
+    rng = np.random.default_rng(5)
+    shape, n_time = (60, 70), 9
+    data = 500 + rng.normal(0, 8, (n_time, 4, *shape))
+    data[1:5, :, 30:33, 20:28] += 1500
+    times = np.datetime64("2023-03-01T10:30:00") + np.arange(n_time) * np.timedelta64(5, "D")
+    stack = xr.DataArray(
+        np.clip(data, 1, 65535).astype(np.uint16),
+        dims=("time", "band", "y", "x"),
+        coords={"time": times.astype("datetime64[ns]"), "band": ["B02", "B03", "B04", "B08"]},
+        attrs={"nodata": 0},
+    ).chunk({"time": 1, "y": 25, "x": 30})
+    # The temporal median (water) is the reference; the sample dates are the other 8.
+    radiometry = plan_radiometry(compute_overview(stack), "median")
+    _, spread = reference_and_spread(stack, radiometry)
+    spread = spread.values
+    calm = np.median(spread[:, :20, :], axis=(1, 2))
+    # Around the reference, the ship's dates would have made its spread ~1500 x 1.48.
+    assert (spread[:, 30:33, 20:28] < 3 * calm[:, None, None]).all()
