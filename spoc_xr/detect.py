@@ -50,6 +50,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from spoc_xr import kernels
 from spoc_xr.errors import ParameterError
+from spoc_xr.reference import sorting_network
 
 # Change scores are in units of the per-pixel noise scale: at 6 scales beyond the reference's
 # neighbourhood range, Gaussian noise false alarms are ~1e-9 per pixel and band.
@@ -863,17 +864,185 @@ def local_background(
 
 
 def sample_departures(
-    samples: np.ndarray, low: np.ndarray, high: np.ndarray, units: np.ndarray
+    raw: np.ndarray,
+    gains: np.ndarray,
+    offsets: np.ndarray,
+    nodata: float | None,
+    low: np.ndarray,
+    high: np.ndarray,
+    units: np.ndarray,
 ) -> np.ndarray:
-    """How far each normalised sample date departs from the reference's range ``(time, y, x)``
-    float32: the largest over bands of the distance beyond ``low``/``high`` (the reference's
-    range over the misregistration window: a shifted edge is no object) in ``units``
-    ``(band,)``, the radiometry's residual scales; 0 where unknown."""
-    beyond = np.maximum(samples - high[None], low[None] - samples)
-    beyond /= units.astype(np.float32)[None, :, None, None]
-    departures = np.fmax.reduce(beyond, axis=1)
-    np.maximum(departures, 0, out=departures)
-    return np.nan_to_num(departures, nan=0.0).astype(np.float32, copy=False)
+    """How far each sample date departs from the reference's range ``(time, y, x)`` float32.
+
+    ``raw`` ``(time, band, y, x)`` are the dates as stored, normalised here as
+    :func:`spoc_xr.reference.normalise_values` does (``gains``/``offsets`` ``(time, band)``,
+    ``nodata``); ``low``/``high`` ``(band, y, x)`` the reference's range over the misregistration
+    window (a shifted edge is no object); ``units`` ``(band,)`` the radiometry's residual scales.
+    The departure is the largest over bands of ``max(date - high, low - date) / units``, at least
+    0; 0 where the date has no data or the range is unknown in every band (as numpy's
+    ``nan_to_num`` of the NaN). One compiled pass (no dates x bands temporaries); equal to the
+    numpy expression in ``tests/test_detect.py``.
+    """
+    out = np.empty((raw.shape[0], *raw.shape[2:]), dtype=np.float32)
+    date = _compiled_date(raw)
+    _departure_rows(
+        date,
+        *_float32(gains, offsets, low, high, units),
+        _nodata_value(date, nodata),
+        nodata is not None and not np.isnan(nodata),
+        raw.dtype.kind == "f",
+        out,
+    )
+    return out
+
+
+def kept_medians(
+    raw: np.ndarray,
+    gains: np.ndarray,
+    offsets: np.ndarray,
+    nodata: float | None,
+    low: np.ndarray,
+    high: np.ndarray,
+    left_out: np.ndarray | None,
+) -> np.ndarray:
+    """Robust spread ``(band, y, x)`` of the sample dates beyond ``low``/``high``, without the
+    dates ``left_out`` ``(time, y, x)`` (:func:`noise_sample_objects`).
+
+    ``MAD_TO_SIGMA x`` the median over dates of ``max(date - high, low - date, 0)``, dates
+    normalised as :func:`sample_departures` does them; with ``low`` = ``high`` = the reference
+    it is the spread around the reference. Missing dates (no data, left out) do not count; NaN
+    where none remains. Equal, value for value, to ``nanmedian_first`` of the NaN-masked numpy
+    expression (``tests/test_detect.py``).
+    """
+    out = np.empty((raw.shape[1], *raw.shape[2:]), dtype=np.float32)
+    date = _compiled_date(raw)
+    masked = left_out is not None
+    _kept_median_rows(
+        date,
+        *_float32(gains, offsets, low, high),
+        _nodata_value(date, nodata),
+        nodata is not None and not np.isnan(nodata),
+        raw.dtype.kind == "f",
+        left_out if masked else np.zeros((0, 0, 0), dtype=bool),
+        masked,
+        np.asarray(sorting_network(raw.shape[0]), dtype=np.int64).reshape(-1, 2),
+        np.float32(MAD_TO_SIGMA),
+        out,
+    )
+    return out
+
+
+@_compiled
+def _normalised_row(  # pragma: no cover - compiled
+    date, t, y, gains, offsets, nodata, check_nodata, is_float, values, valid
+):
+    # normalise_values for row y of date t, band by band along the row (contiguous reads):
+    # ``valid`` False where a band has no data (its values are then not to be used).
+    valid[:] = True
+    for band in range(date.shape[1]):
+        row, g, o = date[t, band, y], gains[t, band], offsets[t, band]
+        for x in range(row.shape[0]):
+            value = row[x]
+            if (check_nodata and value == nodata) or (is_float and not np.isfinite(value)):
+                valid[x] = False
+            values[band, x] = np.float32(value) * g + o
+
+
+@_compiled
+def _beyond(value, low, high):  # pragma: no cover - compiled
+    # np.maximum(value - high, low - value): NaN when either is.
+    above, below = value - high, low - value
+    if np.isnan(above) or np.isnan(below):
+        return np.float32(np.nan)
+    return above if above >= below else below
+
+
+@_compiled
+def _departure_rows(  # pragma: no cover - compiled
+    date, gains, offsets, low, high, units, nodata, check_nodata, is_float, out
+):
+    width = date.shape[3]
+    values = np.empty((date.shape[1], width), dtype=np.float32)
+    valid = np.empty(width, dtype=np.bool_)
+    best = np.empty(width, dtype=np.float32)
+    largest = np.float32(np.finfo(np.float32).max)
+    for t in range(date.shape[0]):
+        for y in range(date.shape[2]):
+            _normalised_row(
+                date, t, y, gains, offsets, nodata, check_nodata, is_float, values, valid
+            )
+            best[:] = np.nan  # np.fmax over bands: NaN only where every band is
+            for band in range(date.shape[1]):
+                lows, highs, unit = low[band, y], high[band, y], units[band]
+                for x in range(width):
+                    part = _beyond(values[band, x], lows[x], highs[x]) / unit
+                    if not np.isnan(part) and (np.isnan(best[x]) or part > best[x]):
+                        best[x] = part
+            row = out[t, y]
+            for x in range(width):
+                if not valid[x] or np.isnan(best[x]):
+                    row[x] = 0
+                elif best[x] > largest:
+                    row[x] = largest
+                else:
+                    row[x] = max(best[x], np.float32(0))
+
+
+@_compiled
+def _kept_median_rows(  # pragma: no cover - compiled
+    date,
+    gains,
+    offsets,
+    low,
+    high,
+    nodata,
+    check_nodata,
+    is_float,
+    left_out,
+    masked,
+    network,
+    scale,
+    out,
+):
+    # As nanmedian_first: missing values sort last as +inf through a sorting network applied
+    # along the row (vectorised), and the middle of the values present is the median.
+    n_dates, n_bands, width = date.shape[0], date.shape[1], date.shape[3]
+    values = np.empty((n_dates, n_bands, width), dtype=np.float32)
+    valid = np.empty((n_dates, width), dtype=np.bool_)
+    ordered = np.empty((n_dates, width), dtype=np.float32)
+    count = np.empty(width, dtype=np.int64)
+    infinity, zero, two = np.float32(np.inf), np.float32(0), np.float32(2)
+    for y in range(date.shape[2]):
+        for t in range(n_dates):
+            _normalised_row(
+                date, t, y, gains, offsets, nodata, check_nodata, is_float, values[t], valid[t]
+            )
+            if masked:
+                for x in range(width):
+                    valid[t, x] = valid[t, x] and not left_out[t, y, x]
+        for band in range(n_bands):
+            lows, highs, row = low[band, y], high[band, y], out[band, y]
+            count[:] = 0
+            for t in range(n_dates):
+                line = ordered[t]
+                for x in range(width):
+                    part = _beyond(values[t, band, x], lows[x], highs[x])
+                    if valid[t, x] and not np.isnan(part):
+                        line[x] = max(part, zero)
+                        count[x] += 1
+                    else:
+                        line[x] = infinity
+            for pair in range(network.shape[0]):
+                first, second = ordered[network[pair, 0]], ordered[network[pair, 1]]
+                for x in range(width):
+                    a, b = first[x], second[x]
+                    first[x], second[x] = min(a, b), max(a, b)
+            for x in range(width):
+                if count[x] == 0:
+                    row[x] = np.nan
+                else:
+                    middle = ordered[(count[x] - 1) // 2, x] + ordered[count[x] // 2, x]
+                    row[x] = middle / two * scale
 
 
 def noise_sample_objects(departures: np.ndarray, origin: tuple[int, int] = (0, 0)) -> np.ndarray:

@@ -22,13 +22,13 @@ from dask.highlevelgraph import HighLevelGraph
 from spoc_xr import __version__, kernels
 from spoc_xr.detect import (
     DEFAULT_TOLERANCE,
-    MAD_TO_SIGMA,
     NOISE_DATES,
     NOISE_FLOOR_SHARE,
     OBJECT_REACH,
     DetectParams,
     classification_chunks,
     classify,
+    kept_medians,
     noise_floor,
     noise_sample_objects,
     pad_and_overlap,
@@ -64,7 +64,6 @@ from spoc_xr.reference import (
     build_reference,
     clean_date_values,
     compute_overview,
-    deviation_values,
     nanmedian_first,
     noise_sample_indices,
     normalise_values,
@@ -477,21 +476,15 @@ def _excess_tile(
     origin = _tile_origin(block_info, pad)
     left_out = _sample_objects(samples_raw, low, high, gains, offsets, nodata, units, origin)
     core = (slice(None), *[slice(pad, n - pad) for n in low.shape[1:]])
-    low, high = low[core], high[core]
-    samples_raw = samples_raw[(slice(None), *core)]
-    left_out = None if left_out is None else left_out[(slice(None), *core[1:])]
-    height = low.shape[1]
-    out = np.empty(low.shape, dtype=np.float32)
-    # Strips of rows, as in the reference task: dates x bands temporaries stay small.
-    for top in range(0, height, REFERENCE_STRIP_ROWS):
-        rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
-        samples = normalise_values(samples_raw[:, :, rows], gains, offsets, nodata)
-        beyond = np.maximum(samples - high[None, :, rows], low[None, :, rows] - samples)
-        np.maximum(beyond, 0, out=beyond)  # NaN (no data) stays NaN: the median skips it
-        if left_out is not None:
-            np.copyto(beyond, np.float32(np.nan), where=left_out[:, None, rows])
-        out[:, rows] = nanmedian_first(beyond) * np.float32(MAD_TO_SIGMA)
-    return out
+    return kept_medians(
+        samples_raw[(slice(None), *core)],
+        gains,
+        offsets,
+        nodata,
+        low[core],
+        high[core],
+        None if left_out is None else left_out[core],
+    )
 
 
 def _reference_range(reference: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
@@ -526,14 +519,9 @@ def _sample_objects(
     ``None`` without residual scales (stores written before they were kept)."""
     if units is None or samples_raw.shape[0] == 0:
         return None
-    height = low.shape[1]
-    departures = np.empty((samples_raw.shape[0], *low.shape[1:]), dtype=np.float32)
-    for top in range(0, height, REFERENCE_STRIP_ROWS):
-        rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
-        samples = normalise_values(samples_raw[:, :, rows], gains, offsets, nodata)
-        departures[:, rows] = sample_departures(
-            samples, low[:, rows], high[:, rows], np.asarray(units)
-        )
+    departures = sample_departures(
+        samples_raw, gains, offsets, nodata, low, high, np.asarray(units)
+    )
     return noise_sample_objects(departures, origin)
 
 
@@ -583,20 +571,19 @@ def _reference_tile(
         units,
         _tile_origin(block_info, halo),
     )
-    out = np.empty((2, *base.shape), dtype=np.float32)
-    out[0] = reference
-    for top in range(0, height, REFERENCE_STRIP_ROWS):
-        rows = slice(top, min(top + REFERENCE_STRIP_ROWS, height))
-        if samples_raw.shape[0] == 0:
-            out[1, :, rows] = np.nan
-            continue
-        samples = normalise_values(
-            samples_raw[:, :, rows], settings["gains"], settings["offsets"], settings["nodata"]
-        )
-        if left_out is not None:
-            np.copyto(samples, np.float32(np.nan), where=left_out[:, None, rows])
-        out[1, :, rows] = deviation_values(samples, reference[:, rows])
-    return out[:, :, halo : height - halo, halo : width - halo]
+    core = (slice(None), slice(halo, height - halo), slice(halo, width - halo))
+    out = np.empty((2, *reference[core].shape), dtype=np.float32)
+    out[0] = reference[core]
+    out[1] = kept_medians(
+        samples_raw[(slice(None), *core)],
+        settings["gains"],
+        settings["offsets"],
+        settings["nodata"],
+        reference[core],
+        reference[core],
+        None if left_out is None else left_out[core],
+    )
+    return out
 
 
 # Rows per strip of the reference task (8 dates x 4 bands x 32 rows x 1024 px x 4 B = 4 MB).

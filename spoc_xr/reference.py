@@ -474,16 +474,6 @@ def clean_date_values(date: np.ndarray, median: np.ndarray, scale: np.ndarray) -
     return np.where(departs[None], median, date).astype(np.float32)
 
 
-def deviation_values(samples: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Robust spread ``(band, y, x)`` of normalised dates ``(time, band, y, x)`` around a reference.
-
-    ``1.4826 * median_t |date_t - reference|``: pixels that vary from date to date (vegetation,
-    surf, shifting edges) get a large spread and need a larger change to be flagged.
-    """
-    spread = nanmedian_first(np.abs(samples - reference[None]))
-    return (spread * np.float32(MAD_TO_SIGMA)).astype(np.float32)
-
-
 def temporal_median(values: xr.DataArray) -> xr.DataArray:
     """Lazy per-pixel median over ``time`` ignoring NaN (all-NaN pixels stay NaN, silently).
 

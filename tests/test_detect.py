@@ -716,3 +716,60 @@ def test_a_moored_ship_does_not_become_its_pixels_noise():
     calm = np.median(spread[:, :20, :], axis=(1, 2))
     # Around the reference, the ship's dates would have made its spread ~1500 x 1.48.
     assert (spread[:, 30:33, 20:28] < 3 * calm[:, None, None]).all()
+
+
+def _numpy_departures(raw, gains, offsets, nodata, low, high, units):
+    from spoc_xr.reference import normalise_values
+
+    samples = normalise_values(raw, gains, offsets, nodata)
+    beyond = np.maximum(samples - high[None], low[None] - samples)
+    beyond /= units.astype(np.float32)[None, :, None, None]
+    with np.errstate(invalid="ignore"):
+        departures = np.fmax.reduce(beyond, axis=1)
+    return np.nan_to_num(np.maximum(departures, 0), nan=0.0)
+
+
+def _numpy_kept_medians(raw, gains, offsets, nodata, low, high, left_out):
+    from spoc_xr.detect import MAD_TO_SIGMA
+    from spoc_xr.reference import nanmedian_first, normalise_values
+
+    samples = normalise_values(raw, gains, offsets, nodata)
+    beyond = np.maximum(np.maximum(samples - high[None], low[None] - samples), 0)
+    if left_out is not None:
+        beyond[np.broadcast_to(left_out[:, None], beyond.shape)] = np.nan
+    return nanmedian_first(beyond) * np.float32(MAD_TO_SIGMA)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("n_dates", [1, 4, 8])
+def test_sample_passes_equal_numpy(dtype, n_dates):
+    from spoc_xr.detect import kept_medians, sample_departures
+
+    rng = np.random.default_rng(n_dates)
+    shape = (n_dates, 3, 17, 23)
+    raw = rng.uniform(1, 3000, shape).astype(dtype)
+    nodata = 0.0
+    raw[rng.random(shape) < 0.03] = 0  # nodata in single bands
+    raw[:, 2, 0, 0] = 0  # no date with data: NaN
+    if np.dtype(dtype).kind == "f":
+        raw[rng.random(shape) < 0.02] = np.nan
+        raw[0, 1, 2, 3] = np.inf
+    gains = rng.uniform(0.8, 1.2, (n_dates, 3))
+    offsets = rng.uniform(-20, 20, (n_dates, 3))
+    reference = rng.uniform(1, 3000, shape[1:]).astype(np.float32)
+    reference[:, 5, 6] = np.nan  # unknown in every band
+    reference[1, 7, 8] = np.nan  # unknown in one band
+    low = np.where(np.isnan(reference), np.inf, reference - 100).astype(np.float32)
+    high = np.where(np.isnan(reference), -np.inf, reference + 100).astype(np.float32)
+    units = np.array([50.0, 70.0, 90.0])
+    expected = _numpy_departures(raw, gains, offsets, nodata, low, high, units)
+    departures = sample_departures(raw, gains, offsets, nodata, low, high, units)
+    np.testing.assert_array_equal(departures, expected)
+    assert departures.dtype == np.float32 and (departures > 0).any()
+    left_out = rng.random((n_dates, *shape[2:])) < 0.3
+    for low_, high_ in ((low, high), (reference, reference)):  # the excess, then around
+        for mask in (None, left_out):
+            medians = kept_medians(raw, gains, offsets, nodata, low_, high_, mask)
+            expected = _numpy_kept_medians(raw, gains, offsets, nodata, low_, high_, mask)
+            np.testing.assert_array_equal(medians, expected)
+            assert np.isnan(medians).any() and np.isfinite(medians).any()
