@@ -64,7 +64,7 @@ from spoc_xr.reference import (
     build_reference,
     clean_date_values,
     compute_overview,
-    nanmedian_first,
+    nanmiddle_pair,
     noise_sample_indices,
     normalise_values,
     overview_composite,
@@ -607,7 +607,7 @@ def _reference_strip(
     samples = normalise_values(samples_raw, gains, offsets, nodata)
     reference = base.astype(np.float32)
     if scale is not None and samples.shape[0] >= MIN_CLEANING_DATES:
-        reference = clean_date_values(reference, nanmedian_first(samples), scale)
+        reference = clean_date_values(reference, *nanmiddle_pair(samples), scale)
     floor = None
     if second_index_band(bands, index) is not None:
         # NaN (unknown) neighbours do not lower the floor; an unknown pixel is never uncovered.

@@ -459,19 +459,51 @@ def normalise_values(
     return values
 
 
-def clean_date_values(date: np.ndarray, median: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The reference date ``(band, y, x)`` with its own transient objects replaced by ``median``.
+def clean_date_values(
+    date: np.ndarray, lower: np.ndarray, upper: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """The reference date ``(band, y, x)`` with its own transient objects replaced by the median.
 
     Even the cleanest date carries boats and the odd cloud; left in, they are invisible on that
-    date and blind every other date where they lie. Where the date departs from the per-pixel
-    median of the cleanest dates (the ones the noise model uses) by more than OUTLIER_SIGMA
-    residual scales ``scale`` ``(band,)`` in any band, that median takes its place.
+    date and blind every other date where they lie. ``lower`` and ``upper`` are the two middle
+    values of the cleanest dates (the ones the noise model uses; :func:`nanmiddle_pair`). Where
+    the date lies outside them by more than OUTLIER_SIGMA residual scales ``scale`` ``(band,)``
+    in any band, their median takes its place. Outside both, not merely away from their mean: a
+    ship moored on half of an even number of dates puts water and hull in the middle, and the
+    water of the date would have been replaced by half a hull (seen on the semi-real ports: a
+    berth then departed on every date and its ships went unseen on all of them).
     """
     limit = (scale.astype(np.float32) * np.float32(OUTLIER_SIGMA))[:, None, None]
+    median = (lower + upper) / np.float32(2)
     with np.errstate(invalid="ignore"):
-        departs = (np.abs(date - median) > limit).any(axis=0)
+        departs = ((date < lower - limit) | (date > upper + limit)).any(axis=0)
     departs &= np.isfinite(median).all(axis=0)
     return np.where(departs[None], median, date).astype(np.float32)
+
+
+def nanmiddle_pair(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two middle values along the first axis, NaN ignored: equal for an odd number of
+    values, their mean the median (:func:`nanmedian_first`); NaN where every value is NaN."""
+    values = np.asarray(values)
+    n_dates = values.shape[0]
+    if n_dates == 0:
+        empty = np.full(values.shape[1:], np.nan, dtype=np.float32)
+        return empty, empty.copy()
+    ordered = values.astype(np.float32).reshape(n_dates, -1)  # a copy, sorted in place
+    missing = np.isnan(ordered)
+    count = n_dates - np.count_nonzero(missing, axis=0)
+    ordered[missing] = np.inf
+    if n_dates <= NETWORK_MAX_DATES:
+        _compare_exchange(ordered, sorting_network(n_dates))
+    else:
+        ordered.sort(axis=0)
+    last = n_dates - 1
+    pair = []
+    for position in (np.maximum(count - 1, 0) // 2, np.minimum(count // 2, last)):
+        middle = np.take_along_axis(ordered, position[None], axis=0)[0]
+        middle[count == 0] = np.nan
+        pair.append(middle.reshape(values.shape[1:]))
+    return pair[0], pair[1]
 
 
 def temporal_median(values: xr.DataArray) -> xr.DataArray:

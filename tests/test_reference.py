@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoc_xr.reference import (
+    clean_date_values,
     fit_radiometry,
     middle_network,
     nanmedian_first,
+    nanmiddle_pair,
     sorting_network,
     temporal_median,
 )
@@ -51,6 +53,38 @@ def _numpy_nanmedian(values: np.ndarray) -> np.ndarray:
 )
 def test_nanmedian_first_equals_numpy(values):
     np.testing.assert_array_equal(nanmedian_first(values), _numpy_nanmedian(values))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=30),
+        elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("nan")), st.just(0.5)),
+    )
+)
+def test_nanmiddle_pair_are_the_two_middle_values_and_their_mean_the_median(values):
+    lower, upper = nanmiddle_pair(values)
+    ordered = np.sort(values, axis=0)  # NaN last
+    count = np.isfinite(values).sum(axis=0)
+    some = count > 0
+    below = np.take_along_axis(ordered, (np.maximum(count - 1, 0) // 2)[None], axis=0)[0]
+    above = np.take_along_axis(ordered, (count // 2)[None], axis=0)[0]
+    np.testing.assert_array_equal(lower[some], below[some])
+    np.testing.assert_array_equal(upper[some], above[some])
+    assert np.isnan(lower[~some]).all() and np.isnan(upper[~some]).all()
+    np.testing.assert_array_equal((lower + upper) / np.float32(2), nanmedian_first(values))
+
+
+def test_a_reference_keeps_its_water_where_ships_moor_on_half_the_dates():
+    water, hull, scale = 500.0, 2000.0, np.array([10.0], dtype=np.float32)
+    samples = np.full((8, 1, 1, 3), water, dtype=np.float32)
+    samples[:4, :, :, 0] = hull  # moored on 4 of 8 dates: the middle is water and hull
+    samples[:5, :, :, 1] = hull  # on 5 of 8: the hull is the clean state of the berth
+    date = np.full((1, 1, 3), water, dtype=np.float32)
+    date[..., 2] = hull  # a ship on the reference date alone
+    cleaned = clean_date_values(date, *nanmiddle_pair(samples), scale)
+    np.testing.assert_array_equal(cleaned[0, 0], [water, hull, water])
 
 
 @pytest.mark.parametrize("size", range(1, 13))
