@@ -37,6 +37,14 @@ def test_sorting_network_sorts_every_zero_one_input(size):
         assert values == sorted(values), (size, bits)
 
 
+#: Values along dates, NaN (missing dates) and ties included.
+DATES_WITH_GAPS = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=30),
+    elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("nan")), st.just(0.5)),
+)
+
+
 def _numpy_nanmedian(values: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -44,25 +52,13 @@ def _numpy_nanmedian(values: np.ndarray) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    hnp.arrays(
-        np.float32,
-        hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=30),
-        elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("nan")), st.just(0.5)),
-    )
-)
+@given(DATES_WITH_GAPS)
 def test_nanmedian_first_equals_numpy(values):
     np.testing.assert_array_equal(nanmedian_first(values), _numpy_nanmedian(values))
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    hnp.arrays(
-        np.float32,
-        hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=30),
-        elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.just(float("nan")), st.just(0.5)),
-    )
-)
+@given(DATES_WITH_GAPS)
 def test_nanmiddle_pair_are_the_two_middle_values_and_their_mean_the_median(values):
     lower, upper = nanmiddle_pair(values)
     ordered = np.sort(values, axis=0)  # NaN last
