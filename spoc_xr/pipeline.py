@@ -540,13 +540,12 @@ def _reference_tile(
     block_info: dict[Any, Any] | None = None,
     **settings: Any,
 ) -> np.ndarray:
-    # Strips of rows keep the temporaries (dates x bands) small, in the CPU cache and far below
-    # the worker's memory. Every step is per pixel but the uncover test's floor, a minimum over
-    # REFERENCE_HALO neighbours (each strip reads that many rows more on each side), and the
-    # object test on the sample dates, which needs the final reference's range (`reach`)
-    # OBJECT_REACH px around:
-    # the reference first, then the objects, then the spread without them. The tile's own `halo`
-    # of context is cropped at the end.
+    # The final reference in strips of rows (dates x bands temporaries stay small, in the CPU
+    # cache): per pixel but for the uncover test's floor, a minimum over REFERENCE_HALO
+    # neighbours (each strip reads that many rows more on each side). Then the objects on the
+    # sample dates, which need that reference's range (`reach`) OBJECT_REACH px around, and the
+    # spread without them (both compiled passes, no dates x bands temporaries). The tile's own
+    # `halo` of context is cropped.
     height, width = base.shape[1:]
     uncover = halo - OBJECT_REACH - reach
     reference = np.empty(base.shape, dtype=np.float32)
