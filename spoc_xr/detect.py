@@ -635,9 +635,7 @@ def change_passes(
         noise,
         *_float32(gain, offset),
         score,
-        _nodata_value(date, nodata),
-        nodata is not None and not np.isnan(nodata),
-        date.dtype.kind == "f",
+        *_nodata_arguments(date, nodata),
         np.float32(SCORE_CEILING),
         known if score else np.empty(empty, dtype=bool),
         direction,
@@ -662,6 +660,17 @@ def _compiled_date(date: np.ndarray) -> np.ndarray:
     # numba has no float16 arithmetic; float32 holds every float16 exactly, and numpy casts the
     # date to float32 before it scales it anyway.
     return date.astype(np.float32) if date.dtype == np.float16 else date
+
+
+def _nodata_arguments(date: np.ndarray, nodata: float | None) -> tuple[np.generic, bool, bool]:
+    """What the compiled passes need to tell missing values in ``date`` as stored (before
+    :func:`_compiled_date`): the nodata value as numpy compares it (:func:`_nodata_value`),
+    whether to compare it at all, and whether non-finite values are missing (float dates)."""
+    return (
+        _nodata_value(date, nodata),
+        nodata is not None and not np.isnan(nodata),
+        date.dtype.kind == "f",
+    )
 
 
 def _nodata_value(date: np.ndarray, nodata: float | None) -> np.generic:
@@ -884,13 +893,10 @@ def sample_departures(
     numpy expression in ``tests/test_detect.py``.
     """
     out = np.empty((raw.shape[0], *raw.shape[2:]), dtype=np.float32)
-    date = _compiled_date(raw)
     _departure_rows(
-        date,
+        _compiled_date(raw),
         *_float32(gains, offsets, low, high, units),
-        _nodata_value(date, nodata),
-        nodata is not None and not np.isnan(nodata),
-        raw.dtype.kind == "f",
+        *_nodata_arguments(raw, nodata),
         out,
     )
     return out
@@ -915,14 +921,11 @@ def kept_medians(
     expression (``tests/test_detect.py``).
     """
     out = np.empty((raw.shape[1], *raw.shape[2:]), dtype=np.float32)
-    date = _compiled_date(raw)
     masked = left_out is not None
     _kept_median_rows(
-        date,
+        _compiled_date(raw),
         *_float32(gains, offsets, low, high),
-        _nodata_value(date, nodata),
-        nodata is not None and not np.isnan(nodata),
-        raw.dtype.kind == "f",
+        *_nodata_arguments(raw, nodata),
         left_out if masked else np.zeros((0, 0, 0), dtype=bool),
         masked,
         np.asarray(sorting_network(raw.shape[0]), dtype=np.int64).reshape(-1, 2),

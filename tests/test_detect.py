@@ -740,17 +740,26 @@ def _numpy_kept_medians(raw, gains, offsets, nodata, low, high, left_out):
     return nanmedian_first(beyond) * np.float32(MAD_TO_SIGMA)
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float16, np.float32, np.float64])
+# -9999 is -10000 as float16: numpy compares the stored values in float16 with it.
+@pytest.mark.parametrize(
+    "dtype, nodata",
+    [(np.uint16, 0.0)]
+    + [
+        (dtype, nodata)
+        for dtype in (np.int16, np.float16, np.float32, np.float64)
+        for nodata in (0.0, -9999.0)
+    ],
+)
 @pytest.mark.parametrize("n_dates", [1, 4, 8])
-def test_sample_passes_equal_numpy(dtype, n_dates):
+def test_sample_passes_equal_numpy(dtype, nodata, n_dates):
     from spoc_xr.detect import kept_medians, sample_departures
 
     rng = np.random.default_rng(n_dates)
     shape = (n_dates, 3, 17, 23)
     raw = rng.uniform(1, 3000, shape).astype(dtype)
-    nodata = 0.0
-    raw[rng.random(shape) < 0.03] = 0  # nodata in single bands
-    raw[:, 2, 0, 0] = 0  # no date with data: NaN
+    fill = np.array(nodata).astype(dtype)
+    raw[rng.random(shape) < 0.03] = fill  # nodata in single bands
+    raw[:, 2, 0, 0] = fill  # no date with data: NaN
     if np.dtype(dtype).kind == "f":
         raw[rng.random(shape) < 0.02] = np.nan
         raw[0, 1, 2, 3] = np.inf
