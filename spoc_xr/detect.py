@@ -170,6 +170,11 @@ FLAG_VALUES = [CLEAR, SMALL, LARGE]
 FLAG_MEANINGS = "clear small_object large_object"
 
 
+def window_cells(size: int) -> int:
+    """Side, in grid cells (odd), of the cell median that stands for a ``size`` px window."""
+    return -(-size // BACKGROUND_CELL) | 1
+
+
 @dataclass(frozen=True)
 class DetectParams:
     """Parameters of the detection chain, checked on creation.
@@ -238,7 +243,7 @@ class DetectParams:
     @property
     def background_reach(self) -> int:
         """Pixels the local background at a pixel draws on (cells, median, interpolation)."""
-        cells = -(-self.background_size // BACKGROUND_CELL) | 1
+        cells = window_cells(self.background_size)
         return BACKGROUND_CELL * (cells // 2 + 2)
 
     def check_against(self, shape: tuple[int, int]) -> None:
@@ -856,7 +861,7 @@ def local_background(
     background, residual, spread : numpy.ndarray
         float32 of the score's shape; ``residual`` is ``score - background``.
     """
-    cells = -(-size // BACKGROUND_CELL) | 1
+    cells = window_cells(size)
     background = _cell_median(score, cells, origin)
     # The residual and the cell means of its absolute value in one pass: as whole-tile numpy
     # steps they were two more tile-sized temporaries and an edge-padded copy.
@@ -1065,7 +1070,7 @@ def noise_sample_objects(departures: np.ndarray, origin: tuple[int, int] = (0, 0
     numpy.ndarray
         bool ``(time, y, x)``, True where the date is left out of the pixel's noise model.
     """
-    cells = -(-DEFAULT_BACKGROUND_SIZE // BACKGROUND_CELL) | 1
+    cells = window_cells(DEFAULT_BACKGROUND_SIZE)
     left_out = np.empty(departures.shape, dtype=bool)
     one = np.float32(1.0)
     for t, departure in enumerate(departures):
@@ -1389,7 +1394,7 @@ def classify_tile(
     # bridged: below, only pixels that changed by the same tests stay large).
     if wide.any():
         qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
-        cells = -(-params.background_size // BACKGROUND_CELL) | 1
+        cells = window_cells(params.background_size)
         share = density(qualifies, cells, origin)
         wide &= share > np.float32(LARGE_DENSITY * DENSITY_STEPS)
     if wide.any():

@@ -490,20 +490,9 @@ def nanmiddle_pair(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         empty = np.full(values.shape[1:], np.nan, dtype=np.float32)
         return empty, empty.copy()
     ordered = values.astype(np.float32).reshape(n_dates, -1)  # a copy, sorted in place
-    missing = np.isnan(ordered)
-    count = n_dates - np.count_nonzero(missing, axis=0)
-    ordered[missing] = np.inf
-    if n_dates <= NETWORK_MAX_DATES:
-        _compare_exchange(ordered, sorting_network(n_dates))
-    else:
-        ordered.sort(axis=0)
-    last = n_dates - 1
-    pair = []
-    for position in (np.maximum(count - 1, 0) // 2, np.minimum(count // 2, last)):
-        middle = np.take_along_axis(ordered, position[None], axis=0)[0]
-        middle[count == 0] = np.nan
-        pair.append(middle.reshape(values.shape[1:]))
-    return pair[0], pair[1]
+    network = sorting_network(n_dates) if n_dates <= NETWORK_MAX_DATES else None
+    lower, upper = _middle_pair(ordered, network)
+    return lower.reshape(values.shape[1:]), upper.reshape(values.shape[1:])
 
 
 def temporal_median(values: xr.DataArray) -> xr.DataArray:
@@ -580,16 +569,29 @@ def _compare_exchange(piece: np.ndarray, network: list[tuple[int, int]]) -> None
 
 
 def _network_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
+    low_value, high_value = _middle_pair(piece, network)
+    return (low_value + high_value) / np.float32(2)
+
+
+def _middle_pair(
+    piece: np.ndarray, network: list[tuple[int, int]] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two middle values of the non-NaN dates (first axis) of ``piece``, which is sorted in
+    place (NaN as +inf) by ``network``, or by ``np.sort`` without one; NaN where none is."""
     missing = np.isnan(piece)
     count = piece.shape[0] - np.count_nonzero(missing, axis=0)
     piece[missing] = np.inf
-    _compare_exchange(piece, network)
+    if network is None:
+        piece.sort(axis=0)
+    else:
+        _compare_exchange(piece, network)
     last = piece.shape[0] - 1
-    low_value = np.take_along_axis(piece, (np.maximum(count - 1, 0) // 2)[None], axis=0)[0]
-    high_value = np.take_along_axis(piece, np.minimum(count // 2, last)[None], axis=0)[0]
-    median = (low_value + high_value) / np.float32(2)
-    median[count == 0] = np.nan
-    return median
+    pair = []
+    for position in (np.maximum(count - 1, 0) // 2, np.minimum(count // 2, last)):
+        middle = np.take_along_axis(piece, position[None], axis=0)[0]
+        middle[count == 0] = np.nan
+        pair.append(middle)
+    return pair[0], pair[1]
 
 
 def _middle_median(piece: np.ndarray, network: list[tuple[int, int]]) -> np.ndarray:
