@@ -56,6 +56,7 @@ from spoc_xr.detect import (
 )
 from spoc_xr.ingest import add_overview, open_stack, read_overview
 from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
+from spoc_xr.reference import date_shifts
 from spoc_xr.store import mark_complete, write_dataset
 from spoc_xr.synthetic import BAND_NAMES, render_harbour
 
@@ -581,6 +582,14 @@ def check_identical(
             for name in ("low", "high", "noise")
         }
         local["scale"] = _window(products["scale"].transpose("y", "x").data, rows, cols, depth)
+        # Shifted dates take their range from the reference, one pixel further out.
+        local["reference"] = _window(
+            products["reference"].transpose("band", "y", "x").data,
+            rows,
+            cols,
+            depth + params.tolerance // 2,
+        )
+        shifts = date_shifts(stack, built["reference"], radiometry).compute()
         compared = differing = 0
         levels = per_date_levels(radiometry.brightness, stack.sizes["time"])
         band_names = [str(band) for band in stack.band.values]
@@ -600,6 +609,8 @@ def check_identical(
                 levels=levels[t],
                 visible=visible_bands(band_names),
                 nir=nir_band(band_names),
+                reference=local["reference"],
+                shift=shifts[t],
             )[depth:-depth, depth:-depth]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

@@ -64,6 +64,7 @@ from spoc_xr.reference import (
     build_reference,
     clean_date_values,
     compute_overview,
+    date_shifts,
     nanmiddle_pair,
     noise_sample_indices,
     normalise_values,
@@ -216,7 +217,13 @@ def build_annotations(
         ref, spread = stored_reference, stored_spread
     products = reference_products(ref, spread, params)
     codes = classify(
-        stack, products, radiometry.gains, radiometry.offsets, params, radiometry.brightness
+        stack,
+        products,
+        radiometry.gains,
+        radiometry.offsets,
+        params,
+        radiometry.brightness,
+        shifts=date_shifts(stack, ref, radiometry),
     )
     codes = codes.chunk(_output_chunks(stack))
     water = _water(products["smooth"], radiometry, index).chunk(_output_chunks(stack, time=False))

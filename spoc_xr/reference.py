@@ -666,3 +666,125 @@ def noise_sample_indices(radiometry: Radiometry, max_dates: int) -> list[int]:
 def is_lazy(array: xr.DataArray) -> bool:
     """True when the array is backed by Dask."""
     return isinstance(array.data, da.Array)
+
+
+# ---------------------------------------------------------------------------------------------
+# Misregistration of each date against the reference.
+
+#: Side (px) of the windows in which a date's shift against the reference is measured: up to
+#: 2 x 2 of them, centred in the image's quadrants (the whole image where a side is under twice
+#: this), on a grid fixed by the image shape, so that the chunking never changes a shift.
+SHIFT_WINDOW = 256
+#: The shift is measured to 1/SHIFT_UPSAMPLING px (upsampled cross-correlation).
+SHIFT_UPSAMPLING = 20
+#: More than half of the (window, band) measurements must agree with their median within this
+#: (px, median absolute deviation) for the shift to count; water alone, or a cloud over the
+#: window, gives measurements scattered over the window.
+SHIFT_AGREEMENT = 0.1
+#: A window band is measured where at least this share of its pixels is valid in the date and the
+#: reference.
+SHIFT_VALID_SHARE = 0.5
+
+
+def shift_windows(height: int, width: int) -> list[tuple[slice, slice]]:
+    """The windows ``(rows, columns)`` in which :func:`estimate_shift` measures a date."""
+
+    def spans(size: int) -> list[slice]:
+        if size < 2 * SHIFT_WINDOW:
+            return [slice(0, size)]
+        starts = (round(size * quarter - SHIFT_WINDOW / 2) for quarter in (0.25, 0.75))
+        return [slice(start, start + SHIFT_WINDOW) for start in starts]
+
+    return list(itertools.product(spans(height), spans(width)))
+
+
+def estimate_shift(
+    dates: list[np.ndarray],
+    references: list[np.ndarray],
+    gain: np.ndarray,
+    offset: np.ndarray,
+    nodata: float | None,
+) -> np.ndarray:
+    """Sub-pixel shift ``(dy, dx)`` of one date against the reference, NaN where unknown.
+
+    ``dates`` and ``references`` are the date's raw values and the reference's in the windows of
+    :func:`shift_windows`, each ``(band, y, x)``. The date is normalised by ``gain`` and
+    ``offset`` (``(band,)``) and cross-correlated with the reference per window and band
+    (:func:`skimage.registration.phase_cross_correlation`); the shift is their median. The date
+    looks like the reference moved by ``(dy, dx)`` px (``scipy.ndimage.shift`` of it): a
+    positive ``dy`` brought the content from the rows above.
+
+    Returns NaN in both axes when fewer than two measurements could be made or when most of them
+    disagree (``SHIFT_AGREEMENT``): the detection then allows a shift either way.
+    """
+    from skimage.registration import phase_cross_correlation
+
+    measured = []
+    for raw, reference in zip(dates, references, strict=True):
+        values = normalise_values(raw[None], gain[None], offset[None], nodata)[0]
+        for date_band, reference_band in zip(values, reference, strict=True):
+            usable = np.isfinite(date_band) & np.isfinite(reference_band)
+            if usable.mean() < SHIFT_VALID_SHARE:
+                continue
+            # Unusable pixels take the window's typical value, which correlates with nothing.
+            pair = [
+                np.where(usable, band, np.median(band[usable]))
+                for band in (date_band, reference_band)
+            ]
+            pair = [band - band.mean() for band in pair]
+            if not (pair[0].any() and pair[1].any()):
+                continue
+            shift, _, _ = phase_cross_correlation(
+                pair[0], pair[1], upsample_factor=SHIFT_UPSAMPLING, normalization="phase"
+            )
+            measured.append(shift)
+    unknown = np.full(2, np.nan)
+    if len(measured) < 2:
+        return unknown
+    measured_array = np.asarray(measured, dtype=np.float64)
+    median = np.median(measured_array, axis=0)
+    deviation = np.median(np.abs(measured_array - median), axis=0)
+    return median if bool((deviation <= SHIFT_AGREEMENT).all()) else unknown
+
+
+def date_shifts(stack: xr.DataArray, reference: xr.DataArray, radiometry: Radiometry) -> da.Array:
+    """Lazy ``(time, 2)`` float64 shift of every date against ``reference`` (NaN: unknown).
+
+    One small task per date (:func:`estimate_shift`) reads the date in the windows of
+    :func:`shift_windows`, from the blocks the detection reads too, and the reference's same
+    windows.
+    """
+    stack = stack.transpose("time", "band", "y", "x")
+    data = stack.data if isinstance(stack.data, da.Array) else da.from_array(stack.data)
+    reference_data = reference.transpose("band", "y", "x").data
+    if not isinstance(reference_data, da.Array):
+        reference_data = da.from_array(reference_data)
+    arguments: list[object] = []
+    windows = shift_windows(stack.sizes["y"], stack.sizes["x"])
+    for number, (rows, columns) in enumerate(windows):
+        part = data[:, :, rows, columns].rechunk({0: 1, 1: -1, 2: -1, 3: -1})
+        arguments += [part, ("time", f"band{number}", f"y{number}", f"x{number}")]
+    for number, (rows, columns) in enumerate(windows):
+        part = reference_data[:, rows, columns].astype(np.float32).rechunk(-1)
+        arguments += [part, (f"band{number}", f"y{number}", f"x{number}")]
+    for values in (radiometry.gains, radiometry.offsets):
+        arguments += [da.from_array(values, chunks=(1, -1)), ("time", "band")]
+    nodata = stack.attrs.get("nodata")
+    return da.blockwise(
+        _shift_block,
+        ("time", "axis"),
+        *arguments,
+        new_axes={"axis": 2},
+        concatenate=True,
+        windows=len(windows),
+        nodata=None if nodata is None else float(nodata),
+        dtype=np.float64,
+        meta=np.empty((0, 0), dtype=np.float64),
+    )
+
+
+def _shift_block(*blocks: np.ndarray, windows: int, nodata: float | None) -> np.ndarray:
+    dates, references = blocks[:windows], blocks[windows : 2 * windows]
+    gains, offsets = blocks[2 * windows :]
+    shift = estimate_shift([d[0] for d in dates], list(references), gains[0], offsets[0], nodata)
+    return shift[None]

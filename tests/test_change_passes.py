@@ -33,11 +33,13 @@ from spoc_xr.detect import (
     _plain_tests,
     _residual_cells,
     change_direction,
+    change_passes,
     change_score,
     density,
     local_background,
     object_rings,
 )
+from spoc_xr.errors import ParameterError
 
 SHAPE = (4, 37, 53)
 
@@ -191,6 +193,54 @@ def test_the_compiled_direction_equals_numpy(
     assert thin.mean() < 1
     assert (thin.mean() > 0) if usable is not None or dtype != np.uint8 else not thin.any()
     assert not (thin & darker).any()
+
+
+def numpy_reach_range(reference: np.ndarray, reach: tuple[int, int, int, int], pad: int):
+    """The reference's min and max over the reach around every pixel of the unpadded tile,
+    NaN where any pixel in reach is NaN (as the NaN-safe filters of the full range)."""
+    up, down, left, right = reach
+    height, width = reference.shape[1] - 2 * pad, reference.shape[2] - 2 * pad
+    views = [
+        reference[:, pad + dy : pad + dy + height, pad + dx : pad + dx + width]
+        for dy in range(-up, down + 1)
+        for dx in range(-left, right + 1)
+    ]
+    return np.minimum.reduce(views), np.maximum.reduce(views)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("reach", [(1, 0, 1, 1), (0, 1, 1, 0), (1, 1, 0, 1), (0, 0, 0, 0)])
+@pytest.mark.parametrize("pad", [1, 2])
+def test_the_range_over_a_reach_equals_numpy(
+    dtype: type[np.generic], reach: tuple[int, int, int, int], pad: int
+) -> None:
+    date, _, _, noise, gain, offset = random_inputs(dtype, seed=11)
+    rng = np.random.default_rng(5)
+    padded_shape = (SHAPE[0], SHAPE[1] + 2 * pad, SHAPE[2] + 2 * pad)
+    reference = rng.uniform(0, 3000, padded_shape).astype(np.float32)
+    reference[:, rng.random(padded_shape[1:]) < 0.02] = np.nan
+    # The full 3 x 3 range (what tells where the range is known) and the range over the reach.
+    low, high = numpy_reach_range(reference, (1, 1, 1, 1), pad)
+    reach_low, reach_high = numpy_reach_range(reference, reach, pad)
+    options = {"nodata": 0.0, "levels": (400.0, 2600.0), "visible": (0, 2)}
+    got = change_passes(
+        date, low, high, noise, gain, offset, reference=reference, reach=reach, **options
+    )
+    known = np.isfinite(low).all(axis=0)
+    expected = change_passes(
+        date, reach_low, reach_high, noise, gain, offset, known=known, **options
+    )
+    for name, value, want in zip(("score", "valid", "darker", "thin"), got, expected, strict=True):
+        np.testing.assert_array_equal(value, want, err_msg=name)
+    # The narrower range changed the score where the date lies between the two ranges.
+    full_score = change_passes(date, low, high, noise, gain, offset, **options)[0]
+    assert (got[0] > full_score).any() and (got[0] >= full_score).all()
+
+
+def test_a_reach_needs_the_reference_padded_by_the_radius() -> None:
+    date, low, high, noise, gain, offset = random_inputs(np.uint16, seed=1)
+    with pytest.raises(ParameterError, match="padded by at least 1 px"):
+        change_passes(date, low, high, noise, gain, offset, reference=low, reach=(1, 0, 1, 1))
 
 
 def test_a_surface_change_is_neither_darker_nor_a_cloud() -> None:

@@ -81,6 +81,12 @@ def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, *, params, sc
     pad3 = ((0, 0), (d, d), (d, d))
     date, low, high, noise = (np.pad(a, pad3, mode="edge") for a in (date, low, high, noise))
     scale = np.pad(scale, ((d, d), (d, d)), mode="edge")
+    if options.get("reference") is not None:
+        radius = params.tolerance // 2
+        options["reference"] = np.pad(
+            options["reference"], ((0, 0), (d + radius, d + radius), (d + radius, d + radius)),
+            mode="edge",
+        )  # fmt: skip
     with monkeypatch.context() as patch:
         for name in (
             "median_filter",
@@ -123,14 +129,20 @@ def test_reference_products_equal_scipy(stack, chunks):
     np.testing.assert_array_equal(products["noise"].values[above], expected["noise"][above])
 
 
+#: Dates shifted either way along each axis, unknown, and within the margin.
+SHIFTS = np.array([[0.5, -0.5], [np.nan, np.nan], [0.0, 0.1], [-0.3, 0.4], [0.25, -0.25]])
+
+
+@pytest.mark.parametrize("with_shifts", [False, True])
 @pytest.mark.parametrize("chunks", [{"y": 4, "x": 5}, {"y": 11, "x": 6}, {"y": -1, "x": -1}])
-def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
+def test_classify_equals_scipy_chain(stack, chunks, with_shifts, monkeypatch):
     chunked, radiometry, reference, spread = _prepared(stack, chunks)
     products = reference_products(reference, spread, PARAMS)
     levels = radiometry.brightness
     assert levels is not None and np.isfinite(levels).all()
-    codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS, levels)
-    codes = codes.values
+    shifts = SHIFTS if with_shifts else None
+    arguments = (chunked, products, radiometry.gains, radiometry.offsets, PARAMS, levels)
+    codes = classify(*arguments, shifts=shifts).values
     computed = products.compute()
     for t in range(stack.sizes["time"]):
         expected = scipy_codes(
@@ -147,9 +159,43 @@ def test_classify_equals_scipy_chain(stack, chunks, monkeypatch):
             levels=tuple(levels[t]),
             visible=visible_bands(list(stack.band.values)),
             nir=nir_band(list(stack.band.values)),
+            reference=computed.reference.values if with_shifts else None,
+            shift=None if shifts is None else shifts[t],
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
+    if with_shifts:
+        # Dates 1 and 2 keep the whole tolerance window: exactly the unshifted codes.
+        np.testing.assert_array_equal(codes[1:3], classify(*arguments).values[1:3])
+
+
+def test_a_boat_against_a_quay_is_found_on_a_date_shifted_away_from_the_quay():
+    # Water (200) left of a bright quay (3000) from column 30; a 2 x 1 px boat (2800) against it.
+    params = DetectParams()
+    shape = (4, 60, 60)
+    reference = np.full(shape, 200, dtype=np.float32)
+    reference[:, :, 30:] = 3000
+    date = reference.copy()
+    date[:, 20:22, 29] = 2800
+    d, radius = params.depth, params.tolerance // 2
+    padded = [np.pad(a, ((0, 0), (d, d), (d, d)), mode="edge") for a in (date, reference)]
+    low = ndi.minimum_filter(padded[1], (1, 3, 3), mode="nearest")
+    high = ndi.maximum_filter(padded[1], (1, 3, 3), mode="nearest")
+    noise = np.full_like(padded[1], 20.0)
+    wide = np.pad(reference, ((0, 0), (d + radius,) * 2, (d + radius,) * 2), mode="edge")
+
+    def boat_found(shift):
+        codes = classify_tile(
+            padded[0], low, high, noise, np.ones(4, np.float32), np.zeros(4, np.float32),
+            nodata=None, params=params, origin=(-d, -d), reference=wide, shift=shift,
+        )[d:-d, d:-d]  # fmt: skip
+        return bool((codes[20:22, 29] == SMALL).all())
+
+    # The quay's edge moved left by up to a pixel would explain the boat, unless the date's
+    # content came from the left (a positive dx): then nothing bright can have moved there.
+    assert not boat_found(None)
+    assert not boat_found(np.array([0.0, -0.5]))
+    assert boat_found(np.array([0.0, 0.5]))
 
 
 def test_annotate_chunked_equals_single_chunk(stack):

@@ -15,11 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoc_xr.reference import (
+    SHIFT_WINDOW,
     clean_date_values,
+    date_shifts,
+    estimate_shift,
     fit_radiometry,
     middle_network,
     nanmedian_first,
     nanmiddle_pair,
+    shift_windows,
     sorting_network,
     temporal_median,
 )
@@ -143,3 +147,70 @@ def test_fit_radiometry_on_threads_equals_one_fit_at_a_time(monkeypatch):
     np.testing.assert_array_equal(offsets, serial[1])
     np.testing.assert_allclose(gains, gains_true, rtol=1e-6)
     np.testing.assert_allclose(offsets, 30.0, rtol=1e-4)
+
+
+def _textured(seed: int, shape: tuple[int, int] = (160, 140)) -> np.ndarray:
+    """Four bands of fine random texture with sharp edges, like fields and quays."""
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    smooth = ndi.gaussian_filter(rng.normal(size=(4, *shape)), (0, 0.7, 0.7))
+    return (2000 + 300 * smooth / smooth.std() + 300 * (smooth > 0.5)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shift", [(0.5, -0.4), (-0.3, 0.0), (0.0, 0.7)])
+def test_estimate_shift_measures_a_sub_pixel_shift_and_its_sign(shift):
+    import scipy.ndimage as ndi
+
+    reference = _textured(0)
+    moved = np.stack([ndi.shift(band, shift, order=3, mode="nearest") for band in reference])
+    # The date as stored: another illumination (gain 1.25, offset -40) and uint16 rounding.
+    gain, offset = np.full(4, 0.8), np.full(4, 32.0)
+    raw = np.round((moved - offset[:, None, None]) / gain[:, None, None]).astype(np.uint16)
+    windows = shift_windows(*reference.shape[1:])
+    assert windows == [(slice(0, 160), slice(0, 140))]
+    measured = estimate_shift([raw], [reference], gain, offset, nodata=0)
+    # Phase correlation reads sub-pixel shifts short (towards whole pixels), never the wrong way.
+    np.testing.assert_allclose(measured, shift, atol=0.15)
+    assert (np.sign(measured) == np.sign(shift)).all()
+
+
+def test_estimate_shift_is_unknown_where_nothing_correlates():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(1000, 50, (4, 96, 96)).astype(np.float32)
+    raw = rng.normal(1000, 50, (4, 96, 96)).astype(np.float32)
+    measured = estimate_shift([raw], [reference], np.ones(4), np.zeros(4), nodata=None)
+    assert np.isnan(measured).all()
+    # A date without valid pixels has nothing to measure either.
+    empty = np.zeros((4, 96, 96), dtype=np.uint16)
+    assert np.isnan(estimate_shift([empty], [reference], np.ones(4), np.zeros(4), 0)).all()
+
+
+def test_shift_windows_sit_on_a_grid_fixed_by_the_image_shape():
+    windows = shift_windows(700, 300)
+    assert windows == [(slice(47, 303), slice(0, 300)), (slice(397, 653), slice(0, 300))]
+    assert all(w[0].stop - w[0].start == SHIFT_WINDOW for w in windows)
+
+
+def test_date_shifts_are_lazy_and_independent_of_the_chunks():
+    import scipy.ndimage as ndi
+
+    from spoc_xr.reference import Radiometry
+    from tests.helpers import raise_if_dask_computes
+
+    reference = _textured(2, (130, 150))
+    shifts = [(0.0, 0.0), (0.6, 0.1), (-0.5, -0.5)]
+    dates = np.stack(
+        [np.stack([ndi.shift(b, s, order=3, mode="nearest") for b in reference]) for s in shifts]
+    )
+    stack = xr.DataArray(dates.astype(np.uint16), dims=("time", "band", "y", "x"))
+    radiometry = Radiometry("date", 0, np.ones((3, 4)), np.zeros((3, 4)), np.ones(3), np.zeros(3))
+    ref = xr.DataArray(reference, dims=("band", "y", "x"))
+    results = []
+    for chunks in ({"time": 1, "y": 50, "x": 70}, {"time": 1, "y": -1, "x": -1}):
+        with raise_if_dask_computes():
+            lazy = date_shifts(stack.chunk(chunks), ref.chunk({"y": 40, "x": 60}), radiometry)
+        assert lazy.chunks == ((1, 1, 1), (2,))
+        results.append(lazy.compute())
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], shifts, atol=0.15)
