@@ -836,6 +836,7 @@ def _change_rows(  # pragma: no cover - compiled
     bottoms = np.empty(width, dtype=np.float32)
     rise_top = np.empty(width, dtype=np.float32)
     fall_top = np.empty(width, dtype=np.float32)
+    reach_top = np.empty(width, dtype=np.float32)
     for y in range(date.shape[1]):
         row_score = score[y]
         row_valid = valid[y]
@@ -855,20 +856,24 @@ def _change_rows(  # pragma: no cover - compiled
         for band in range(date.shape[0]):
             values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
             g, o, seen = gain[band], offset[band], is_visible[band]
+            if directed:
+                # The top of the range over the reach only, used where it is lower than the
+                # window's by more than edge_contrast noise scales (see EDGE_CONTRAST); one
+                # plain loop per neighbour, which the compiler vectorises.
+                reach_top[:] = -infinity
+                for dy in range(-up, down + 1):
+                    reference_row = reference[band, y + pad + dy]
+                    for dx in range(-left, right + 1):
+                        for x in range(width):
+                            neighbour = reference_row[x + pad + dx]
+                            if neighbour > reach_top[x]:
+                                reach_top[x] = neighbour
             for x in range(width):
                 value = values[x]
                 lowest, highest = lows[x], highs[x]
-                if directed:
-                    # The top of the range over the reach only, where it is lower than the
-                    # window's by more than edge_contrast noise scales (see EDGE_CONTRAST).
-                    reach_top = -infinity
-                    for dy in range(-up, down + 1):
-                        reference_row = reference[band, y + pad + dy]
-                        for dx in range(-left, right + 1):
-                            reach_top = max(reach_top, reference_row[x + pad + dx])
-                    # A NaN in reach is a NaN in the window: the comparison fails, NaN stays.
-                    if highest - reach_top > edge_contrast * noises[x]:
-                        highest = reach_top
+                # A NaN in reach is a NaN in the window: the comparison fails, NaN stays.
+                if directed and highest - reach_top[x] > edge_contrast * noises[x]:
+                    highest = reach_top[x]
                 normalised = np.float32(value) * g + o
                 above = normalised - highest
                 below = lowest - normalised

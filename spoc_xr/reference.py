@@ -724,13 +724,13 @@ def estimate_shift(
         values = normalise_values(raw[None], gain[None], offset[None], nodata)[0]
         for date_band, reference_band in zip(values, reference, strict=True):
             usable = np.isfinite(date_band) & np.isfinite(reference_band)
-            if usable.mean() < SHIFT_VALID_SHARE:
+            share = usable.mean()
+            if share < SHIFT_VALID_SHARE:
                 continue
-            # Unusable pixels take the window's typical value, which correlates with nothing.
-            pair = [
-                np.where(usable, band, np.median(band[usable]))
-                for band in (date_band, reference_band)
-            ]
+            pair = [date_band, reference_band]
+            if share < 1:
+                # Unusable pixels take the window's typical value, which correlates with nothing.
+                pair = [np.where(usable, band, np.median(band[usable])) for band in pair]
             pair = [band - band.mean() for band in pair]
             if not (pair[0].any() and pair[1].any()):
                 continue
