@@ -674,9 +674,9 @@ def is_lazy(array: xr.DataArray) -> bool:
 #: Side (px) of the windows in which a date's shift against the reference is measured: two,
 #: centred in the image's top-left and bottom-right quadrants (one, the whole image, where a side
 #: is under twice this), fixed by the image shape, so that the chunking never changes a shift.
-#: Measuring costs a fixed ~25 ms per date and window (4 bands), whatever the image size; all
-#: four quadrants gave the same demo results at twice the cost. Windows of 128 px disagreed on
-#: most demo dates.
+#: Measuring costs a fixed ~10 ms per date and window of 4 bands alone (several times that
+#: inside annotate, beside the other thread), whatever the image size; all four quadrants gave
+#: the same demo results at twice the cost. Windows of 128 px disagreed on most demo dates.
 SHIFT_WINDOW = 256
 #: The shift is measured to 1/SHIFT_UPSAMPLING px (upsampled cross-correlation): 0.1 px is
 #: plenty against the 0.2 px margin (1/20 gave the same demo results or fewer, at more cost).
