@@ -695,8 +695,6 @@ def change_passes(
                 f"reference {reference.shape} must be the date {date.shape} padded by at least "
                 f"{radius} px on every side"
             )
-        if known is None:
-            known = np.isfinite(low).all(axis=0)
     else:
         reference, pad, reach = np.empty((1, 1, 1), dtype=np.float32), 0, (0, 0, 0, 0)
     outputs = (
@@ -1633,8 +1631,8 @@ def _classify_window(
     noise: np.ndarray,
     scale: np.ndarray,
     known: np.ndarray,
-    reference: np.ndarray,
-    shift: np.ndarray,
+    reference: np.ndarray | None,
+    shift: np.ndarray | None,
     gain: np.ndarray,
     offset: np.ndarray,
     levels: tuple[float, float] | None,
@@ -1658,8 +1656,8 @@ def _classify_window(
         levels=levels,
         visible=settings["visible"],
         nir=settings["nir"],
-        reference=reference if reference.size > 1 else None,
-        shift=shift[0],
+        reference=reference,
+        shift=None if shift is None else shift[0],
     )
     core = codes[depth:-depth, depth:-depth] if depth else codes
     return core[None]
@@ -1907,11 +1905,9 @@ def classify(
         return pad_and_overlap(array, depth, [1, 2], tiles=spatial)
 
     low, high, noise = padded("low"), padded("high"), padded("noise")
-    if shifts is None:
-        shifts = np.full((data.shape[0], 2), np.nan)
-        reference = da.zeros((1, 1, 1), dtype=np.float32, chunks=1)
-        reference_keys = [[(reference.name, 0, 0, 0)] * len(spatial[1])] * len(spatial[0])
-    else:
+    # Without shifts every date keeps its whole tolerance window: no reference, no shift tasks.
+    shifted: tuple[da.Array, ...] = ()
+    if shifts is not None:
         # One more pixel of halo: the range over the reach is taken around every pixel.
         reference = pad_and_overlap(
             products["reference"].transpose("band", "y", "x").data.astype(np.float32),
@@ -1919,15 +1915,12 @@ def classify(
             [1, 2],
             tiles=spatial,
         )
-        reference_keys = [
-            [(reference.name, 0, i, j) for j in range(len(spatial[1]))]
-            for i in range(len(spatial[0]))
-        ]
-    date_shifts = (
-        shifts.rechunk((1, 2))
-        if isinstance(shifts, da.Array)
-        else da.from_array(np.asarray(shifts, dtype=np.float64), chunks=(1, 2))
-    )
+        date_shifts = (
+            shifts.rechunk((1, 2))
+            if isinstance(shifts, da.Array)
+            else da.from_array(np.asarray(shifts, dtype=np.float64), chunks=(1, 2))
+        )
+        shifted = (reference, date_shifts)
     scale, known = (
         pad_and_overlap(products[name].transpose("y", "x").data, depth, [0, 1], spatial)
         for name in ("scale", "known")
@@ -1945,7 +1938,7 @@ def classify(
     date_levels = per_date_levels(levels, len(gains32))
     # One task per (date, tile) that assembles its padded window from the date's blocks itself:
     # no padded copy of every date waits in memory for its task.
-    inputs = (data, low, high, noise, scale, known, reference, date_shifts)
+    inputs = (data, low, high, noise, scale, known, *shifted)
     name = f"classify-{tokenize(*inputs, gains32, offsets32, date_levels, settings)}"
     layer: dict[Any, Any] = {}
     plans = [window_plans(data.chunks[axis], spatial[axis - 2], depth) for axis in (2, 3)]
@@ -1961,8 +1954,8 @@ def classify(
             (noise.name, 0, i, j),
             (scale.name, i, j),
             (known.name, i, j),
-            reference_keys[i][j],
-            (date_shifts.name, t, 0),
+            (shifted[0].name, 0, i, j) if shifted else None,
+            (shifted[1].name, t, 0) if shifted else None,
             gains32[t],
             offsets32[t],
             date_levels[t],
