@@ -158,20 +158,25 @@ def _textured(seed: int, shape: tuple[int, int] = (160, 140)) -> np.ndarray:
     return (2000 + 300 * smooth / smooth.std() + 300 * (smooth > 0.5)).astype(np.float32)
 
 
-@pytest.mark.parametrize("shift", [(0.5, -0.4), (-0.3, 0.0), (0.0, 0.7)])
-def test_estimate_shift_measures_a_sub_pixel_shift_and_its_sign(shift):
+@pytest.mark.parametrize("shift", [(0.5, -0.4), (-0.3, 0.0), (0.0, 0.7), (0.25, -0.15)])
+@pytest.mark.parametrize("order", [1, 3])
+def test_estimate_shift_measures_a_sub_pixel_shift_and_its_sign(shift, order):
     import scipy.ndimage as ndi
 
     reference = _textured(0)
-    moved = np.stack([ndi.shift(band, shift, order=3, mode="nearest") for band in reference])
+    moved = np.stack([ndi.shift(band, shift, order=order, mode="nearest") for band in reference])
+    # A smooth veil of haze over part of the date: the high-pass leaves it out.
+    rows, columns = np.mgrid[:160, :140]
+    moved += 600 * np.exp(-((rows - 60) ** 2 + (columns - 90) ** 2) / (2 * 30.0**2))
     # The date as stored: another illumination (gain 1.25, offset -40) and uint16 rounding.
     gain, offset = np.full(4, 0.8), np.full(4, 32.0)
     raw = np.round((moved - offset[:, None, None]) / gain[:, None, None]).astype(np.uint16)
     windows = shift_windows(*reference.shape[1:])
     assert windows == [(slice(0, 160), slice(0, 140))]
     measured = estimate_shift([raw], [reference], gain, offset, nodata=0)
-    # Phase correlation reads sub-pixel shifts short (towards whole pixels), never the wrong way.
-    np.testing.assert_allclose(measured, shift, atol=0.15)
+    # Within a step or so of 1/SHIFT_UPSAMPLING px. The phase correlation of the raw bands that
+    # session 12 used read bilinear shifts short by up to 0.2 px (-0.3 as -0.1).
+    np.testing.assert_allclose(measured, shift, atol=0.08)
     assert (np.sign(measured) == np.sign(shift)).all()
 
 
