@@ -27,7 +27,7 @@ from tests.helpers import load_benchmark
 TARGET_PORTS = ("busan", "klang")
 PORT_CROP = 512
 PORT_DATES = 12
-# Today's demo figures (session 12): F1 0.931, cloud IoU 0.802 (issue 2's targets: 0.90, 0.80).
+# Today's demo figures (session 13): F1 0.937, cloud IoU 0.802 (issue 2's targets: 0.90, 0.80).
 DEMO_F1_TARGET = 0.90
 DEMO_IOU_TARGET = 0.80
 
@@ -61,7 +61,7 @@ def test_demo_harbour_meets_the_cloud_iou_target(demo_row: dict[str, Any]) -> No
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3's demo boat F1 target (0.95) is not met yet (session 12: boat F1 0.931)",
+    reason="issue 3's demo boat F1 target (0.95) is not met yet (session 13: boat F1 0.937)",
 )
 def test_demo_harbour_meets_issue_3s_boat_f1_target(demo_row: dict[str, Any]) -> None:
     assert demo_row["f1"] >= 0.95, demo_row
