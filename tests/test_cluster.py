@@ -342,17 +342,32 @@ def test_worker_plugins_set_opencv_threads_and_malloc_thresholds() -> None:
     assert list(intervals.values()) == [pytest.approx(GIL_SWITCH_INTERVAL)]
 
 
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
 def test_threaded_writes_shorten_the_gil_interval_and_restore_it(tmp_path: Path) -> None:
-    seen: list[float] = []
+    from threadpoolctl import threadpool_limits
+
+    seen: list[tuple[float, list[int]]] = []
 
     def record(block: np.ndarray) -> np.ndarray:
-        seen.append(sys.getswitchinterval())
+        seen.append((sys.getswitchinterval(), _blas_threads()))
         return block
 
     data = da.zeros((4, 4), chunks=2).map_blocks(record, meta=np.empty((0, 0)))
     before = sys.getswitchinterval()
-    write_dataset(xr.Dataset({"v": (("y", "x"), data)}), tmp_path / "out.zarr", overwrite=False)
-    assert seen == [pytest.approx(GIL_SWITCH_INTERVAL)] * len(seen) != []
+    # Two BLAS threads outside, whatever the machine, so that the limit inside is visible.
+    with threadpool_limits(limits=2, user_api="blas"):
+        blas_before = _blas_threads()
+        out = tmp_path / "out.zarr"
+        write_dataset(xr.Dataset({"v": (("y", "x"), data)}), out, overwrite=False)
+        assert _blas_threads() == blas_before
+    assert blas_before and set(blas_before) == {2}  # numpy's OpenBLAS is loaded
+    assert seen == [(pytest.approx(GIL_SWITCH_INTERVAL), [1] * len(blas_before))] * len(seen)
+    assert seen != []
     assert sys.getswitchinterval() == before
 
 
