@@ -127,7 +127,8 @@ def annotate(
     -------
     xarray.Dataset
         ``mask`` (time, y, x) uint8, ``valid`` (time, y, x) uint8, ``heatmap`` (y, x) uint16,
-        ``reference`` (band, y, x) float32, ``water`` (y, x) uint8 and per-date fractions.
+        ``reference`` (band, y, x) float32, ``water`` (y, x) uint8, per-date fractions and
+        ``misregistration`` (time, axis) float32, each date's measured shift in pixels.
 
     Examples
     --------
@@ -216,6 +217,8 @@ def build_annotations(
     else:
         ref, spread = stored_reference, stored_spread
     products = reference_products(ref, spread, params)
+    # One graph for both: the classification reads the same shift tasks the output stores.
+    shifts = date_shifts(stack, ref, radiometry)
     codes = classify(
         stack,
         products,
@@ -223,7 +226,7 @@ def build_annotations(
         radiometry.offsets,
         params,
         radiometry.brightness,
-        shifts=date_shifts(stack, ref, radiometry),
+        shifts=shifts,
     )
     codes = codes.chunk(_output_chunks(stack))
     water = _water(products["smooth"], radiometry, index).chunk(_output_chunks(stack, time=False))
@@ -236,6 +239,7 @@ def build_annotations(
             "reference": ref.astype(np.float32).chunk(_output_chunks(stack, time=False)),
             "spread": spread.astype(np.float32).chunk(_output_chunks(stack, time=False)),
             "water": water.astype(np.uint8),
+            "misregistration": misregistration_variable(shifts),
             **summary.data_vars,
         }
     )
@@ -286,6 +290,31 @@ def build_annotations(
     result["offset"] = (("time", "band"), radiometry.offsets.astype(np.float32))
     result = result.assign_coords(band=stack.band)
     return result
+
+
+def misregistration_variable(shifts: da.Array) -> xr.DataArray:
+    """The measured shifts ``(time, 2)`` as the output's ``misregistration`` ``(time, axis)``.
+
+    Named so because ``Dataset.shift`` is a method: ``result.misregistration`` reads it.
+    """
+    return xr.DataArray(
+        shifts.astype(np.float32),
+        dims=("time", "axis"),
+        coords={"axis": list(SHIFT_AXES)},
+        attrs={
+            "long_name": "misregistration of the date against the reference",
+            "units": "pixel",
+            "description": (
+                "the date looks like the reference moved by (y, x) px: a positive y brought its "
+                "content from the rows above, a positive x from the columns to the left; "
+                "NaN where it could not be measured (too few usable, agreeing windows)"
+            ),
+        },
+    )
+
+
+#: Labels of the ``misregistration`` variable's ``axis`` dimension.
+SHIFT_AXES = ("y", "x")
 
 
 def reference_and_spread(
@@ -634,7 +663,7 @@ def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:
 
 #: Variables written date by date; the others (reference, spread, water, heatmap and the per-date
 #: shares, summed from the stored masks) once per store.
-DATE_VARIABLES = ("mask", "valid")
+DATE_VARIABLES = ("mask", "valid", "misregistration")
 #: Bytes of reference products (low, high, noise per band, scale; float32, with the tile's halo)
 #: that one compute of :func:`annotate_store` may hold: every date of a tile shares them, so a
 #: compute over the whole image held them for every tile (1.5 GB per worker and spilling for
@@ -978,7 +1007,9 @@ def _annotate_finish(
         stored_spread=stored["spread"],
     )
     windows = tile_windows(stack, params)
-    st.write_dates(part[list(DATE_VARIABLES)], out, progress=progress, windows=windows)
+    # Stores written before the shifts were kept have no misregistration array.
+    names = [name for name in DATE_VARIABLES if name in stored.data_vars]
+    st.write_dates(part[names], out, progress=progress, windows=windows)
     st.set_stage(out, "heatmap")
     stored = _open_unfinished(out)
     counts = ((stored["mask"] == SMALL) & (stored["water"] == 1)).sum("time", dtype=np.uint16)

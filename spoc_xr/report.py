@@ -223,9 +223,15 @@ def _table(rows: Any) -> str:
 
 def _date_table(annotations: xr.Dataset, counts: np.ndarray) -> str:
     fractions = annotations[["valid_fraction", "small_fraction", "large_fraction"]].compute()
+    # Stores written before the shifts were kept have none: shown as unknown.
+    shifts = (
+        np.asarray(annotations["misregistration"].values, dtype=np.float64)
+        if "misregistration" in annotations.data_vars
+        else np.full((annotations.sizes["time"], 2), np.nan)
+    )
     header = (
         "<tr><th>date</th><th>valid</th><th>small objects</th><th>small-object px</th>"
-        "<th>cloud cover</th></tr>"
+        "<th>cloud cover</th><th>shift y, x (px)</th></tr>"
     )
     rows = []
     for t, stamp in enumerate(annotations.time.values):
@@ -237,6 +243,7 @@ def _date_table(annotations: xr.Dataset, counts: np.ndarray) -> str:
             str(int(counts[t])),
             "-" if np.isnan(small) else f"{small:.3%}",
             "-" if np.isnan(large) else f"{large:.1%}",
+            "-" if np.isnan(shifts[t]).any() else f"{shifts[t, 0]:+.2f}, {shifts[t, 1]:+.2f}",
         ]
         rows.append(
             f"<tr><td>{html.escape(date_label(stamp))}</td>"

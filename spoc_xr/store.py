@@ -964,9 +964,16 @@ def write_dates(
     for run in _contiguous_batches(missing, batch):
         first, stop = run[0], run[-1] + 1
         dates = ds.isel(time=slice(first, stop))
-        for window in windows or [{}]:
+        for number, window in enumerate(windows or [{}]):
+            part = dates.isel(window)
+            if number:
+                # Variables without the window's dimensions (per-date values) are whole in
+                # every window: written with the first only.
+                part = part.drop_vars(
+                    [name for name in part.data_vars if not set(window) & set(part[name].dims)]
+                )
             write_region(
-                dates.isel(window),
+                part,
                 path,
                 region={"time": slice(start + first, start + stop), **window},
                 progress=progress,

@@ -60,6 +60,15 @@ def test_dataset_accessor_draws_each_figure(stack: xr.DataArray, tmp_path) -> No
     assert len(counts.axes[0].patches) == stack.sizes["time"]
     page = result.spoc.report(stack, tmp_path / "r")
     assert page.name == "report.html" and (tmp_path / "r" / "heatmap.png").is_file()
+    # Each date's row ends with its measured shift, or "-" where it is unknown (also for stores
+    # written before shifts were kept).
+    shifts = result.misregistration.values
+    cells = ["-" if np.isnan(pair).any() else f"{pair[0]:+.2f}, {pair[1]:+.2f}" for pair in shifts]
+    text = page.read_text()
+    assert "shift y, x (px)" in text
+    assert all(f'<td class="num">{cell}</td></tr>' in text for cell in cells)
+    old = result.drop_vars("misregistration").spoc.report(stack, tmp_path / "old")
+    assert old.read_text().count('<td class="num">-</td></tr>') == stack.sizes["time"]
 
 
 def test_building_the_accessor_graph_computes_nothing_after_the_overview(

@@ -201,8 +201,32 @@ def test_a_boat_against_a_quay_is_found_on_a_date_shifted_away_from_the_quay():
 def test_annotate_chunked_equals_single_chunk(stack):
     whole = annotate(stack.chunk({"time": 1, "y": -1, "x": -1}), params=PARAMS).compute()
     tiled = annotate(stack.chunk({"time": 1, "y": 6, "x": 10}), params=PARAMS).compute()
-    for name in ("mask", "valid", "heatmap", "reference", "water"):
+    for name in ("mask", "valid", "heatmap", "reference", "water", "misregistration"):
         np.testing.assert_array_equal(tiled[name].values, whole[name].values, err_msg=name)
+
+
+def test_annotate_outputs_the_shift_each_date_was_classified_with(stack):
+    from spoc_xr.pipeline import build_annotations, plan_annotation
+    from spoc_xr.reference import date_shifts
+    from tests.helpers import raise_if_dask_computes
+
+    # Only the overview is read eagerly (the plan); the shifts are part of the lazy graph.
+    planned, radiometry, params = plan_annotation(stack, params=PARAMS)
+    with raise_if_dask_computes():
+        result = build_annotations(planned, radiometry, params)
+    shifts = result.misregistration
+    assert shifts.dims == ("time", "axis") and shifts.dtype == np.float32
+    assert list(shifts.axis.values) == ["y", "x"] and shifts.attrs["units"] == "pixel"
+    # The very tasks the classification reads (one layer, shared with the masks' graph): in one
+    # compute each date is measured once.
+    layers = [
+        {name for name in array.data.__dask_graph__().layers if "shift_block" in name}
+        for array in (shifts, result["mask"])
+    ]
+    assert len(layers[0]) == 1 and layers[0] == layers[1]
+    expected = date_shifts(planned, result.reference, radiometry).compute()
+    np.testing.assert_array_equal(shifts.values, expected.astype(np.float32))
+    assert np.isfinite(shifts.values).any()
 
 
 def test_classification_tiles_of_merged_chunks_equal_the_whole_image():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_the_store_writer_stores_the_reference_first_and_equals_the_one_graph_da
     assert written[:3] == [["reference", "spread"], ["spread"], ["water"]]
     got = xr.open_zarr(out, consolidated=False, chunks=None)
     assert stack.chunks is not None and stack.sizes["y"] % stack.chunks[2][0] != 0
-    for name in ("reference", "spread", "water", "mask", "valid", "heatmap"):
+    for name in ("reference", "spread", "water", "mask", "valid", "heatmap", "misregistration"):
         np.testing.assert_array_equal(got[name].values, expected[name].values, err_msg=name)
 
 
@@ -215,10 +216,13 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
     whole = tmp_path / "whole.zarr"  # one classification tile, one window
     annotate_store(stack, whole, source=tmp_path / "stack.zarr")
     writes: list[dict[str, slice]] = []
+    written: list[set[str]] = []  # the variables of each date write
     write_region = st.write_region
 
     def record(ds: xr.Dataset, store: Path, *, region: dict[str, slice], **kw: Any) -> None:
         writes.append(region)
+        if "time" in region and "y" in region:
+            written.append(set(map(str, ds.data_vars)))
         write_region(ds, store, region=region, **kw)
 
     monkeypatch.setattr(st, "write_region", record)
@@ -233,6 +237,10 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
     date_writes = [region for region in writes if "time" in region and "y" in region]
     assert len(date_writes) % len(windows) == 0 and date_writes[: len(windows)] == [
         {"time": date_writes[0]["time"], **window} for window in windows
+    ]
+    # The per-date shifts go with each batch's first window only.
+    assert [("misregistration" in names) for names in written] == [
+        number % len(windows) == 0 for number in range(len(written))
     ]
     assert_same_store(out, whole)
 
@@ -305,11 +313,24 @@ def test_append_adds_later_dates_and_annotates_only_those(
     assert_same_store(stack_path, scene["stack"])
     assert cli.main(["ingest", str(later), str(stack_path), "--append"]) == 0
     assert "already complete" in capsys.readouterr().out
+    # A store written before the shifts were kept (no misregistration array) appends alike.
+    legacy = tmp_path / "legacy.zarr"
+    shutil.copytree(out, legacy)
+    shutil.rmtree(legacy / "misregistration")
     assert annotate_store(open_stack(stack_path), out, source=stack_path) == "appended"
     new = st.open_store(out).load()
+    assert annotate_store(open_stack(stack_path), legacy, source=stack_path) == "appended"
+    appended_legacy = st.open_store(legacy).load()
+    assert "misregistration" not in appended_legacy.data_vars
+    for name in ("mask", "valid", "heatmap"):
+        np.testing.assert_array_equal(appended_legacy[name].values, new[name].values, name)
     assert new.sizes["time"] == N_DATES
-    for name in ("mask", "valid", "gain", "offset", "valid_fraction", "small_fraction"):
+    dated = ("mask", "valid", "misregistration", "gain", "offset", "valid_fraction")
+    for name in (*dated, "small_fraction"):
         np.testing.assert_array_equal(new[name].values[:5], old[name].values, err_msg=name)
+    # The new dates' shifts were written (this scene's are unmeasurable: NaN, also the fill).
+    chunks = sorted(int(path.parent.name) for path in (out / "misregistration" / "c").glob("*/0"))
+    assert chunks == list(range(N_DATES))
     for name in ("reference", "spread", "water"):
         np.testing.assert_array_equal(new[name].values, old[name].values, err_msg=name)
     expected = ((new.mask == 1) & (new.water == 1)).sum("time")
