@@ -78,6 +78,9 @@ def _row(name: str, scores: Scores | None, seconds: float, **extra: Any) -> dict
             f1=scores.f1,
             cloud_iou=scores.cloud_iou,
             heatmap_r=scores.heatmap_correlation,
+            shift_error=scores.shift_error,
+            shifts_measured=scores.shifts_measured,
+            shifts_known=scores.shifts_known,
             per_date=[vars(d) for d in scores.dates],
         )
     row.update(extra)
@@ -220,10 +223,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _shift_cell(row: dict[str, Any]) -> str:
+    known = row.get("shifts_known") or 0
+    if not known:
+        return "–"
+    return f"{_fmt(row.get('shift_error'))} ({row.get('shifts_measured')}/{known})"
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The results as one Markdown table, Landsat's extra counts as a note below it."""
-    head = "| data set | boat P | R | F1 | real-date recall | cloud IoU | heatmap r | seconds |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| data set | boat P | R | F1 | real-date recall | cloud IoU | heatmap r "
+        "| shift error px (measured) | seconds |"
+    )
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         boats = r.get("data set", "").startswith("landsat")
         cells = [
@@ -234,6 +247,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             _fmt(r.get("real_recall")),
             _fmt(r.get("cloud_iou")),
             _fmt(None if boats else r.get("heatmap_r")),
+            _shift_cell(r),
             f"{r['seconds']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

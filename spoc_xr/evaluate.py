@@ -6,6 +6,8 @@ Truth format (written by :func:`spoc_xr.synthetic.write_truth`, read by
 - ``boats`` ``(time, y, x)`` int: instance labels, 0 background, one positive id per boat per date;
 - ``clouds`` ``(time, y, x)`` uint8/bool: 1 where cloud or cloud shadow;
 - ``water`` ``(y, x)`` (optional, not used for scoring);
+- ``misregistration`` ``(time, axis)`` float (optional): each date's true shift ``(dy, dx)`` in
+  pixels, as :func:`scipy.ndimage.shift` moves the scene;
 - ``time`` coordinate: the dates, matched to the annotation's dates (dates missing on either side
   are not scored).
 
@@ -19,6 +21,12 @@ Scores:
 - clouds: pixel IoU of the large class with truth clouds, over valid pixels of all scored dates.
 - heatmap: Pearson correlation of the annotation's heatmap with the count of true boat pixels per
   pixel over the scored dates.
+- shifts (when both the truth and the annotation hold ``misregistration``): the distance (px)
+  between each measured shift and the true one, after removing the reference's own offset (the
+  median over measured dates of true minus measured, per axis: a reference built from several
+  dates sits where they do on average); its mean over measured dates, and how many dates were
+  measured (the others are NaN in the annotation and were compared with the whole tolerance
+  window).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import xarray as xr
 from spoc_xr import kernels
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import InputError
+from spoc_xr.synthetic import MISREGISTRATION
 
 # A small component is a boat when more than this share of its pixels lies on water (a 2 px
 # component half on a pier edge is no boat: demo seeds 0-3 F1 0.859/0.866/0.892/0.805 with "at
@@ -53,6 +62,7 @@ class DateScore:
     correct_predictions: int = 0
     cloud_intersection: int = 0
     cloud_union: int = 0
+    shift_error: float = float("nan")
 
 
 @dataclass
@@ -65,6 +75,11 @@ class Scores:
     cloud_iou: float
     heatmap_correlation: float
     dates: list[DateScore] = field(default_factory=list)
+    #: Mean distance (px) of measured shifts from the true ones; NaN without shifts on both sides.
+    shift_error: float = float("nan")
+    #: Dates whose shift was measured, and dates whose true shift is known.
+    shifts_measured: int = 0
+    shifts_known: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready dictionary."""
@@ -81,11 +96,17 @@ class Scores:
                 f"{row.date:<20}{row.true_boats:>6}{row.found_boats:>7}{row.predicted_boats:>6}"
                 f"{row.correct_predictions:>9}{iou:>11.3f}"
             )
-        lines.append(
+        summary = (
             f"boats: precision {self.precision:.3f}  recall {self.recall:.3f}  "
             f"F1 {self.f1:.3f}  |  cloud IoU {self.cloud_iou:.3f}  |  "
             f"heatmap correlation {self.heatmap_correlation:.3f}"
         )
+        if self.shifts_known:
+            summary += (
+                f"  |  shift error {self.shift_error:.3f} px ({self.shifts_measured} of "
+                f"{self.shifts_known} dates measured)"
+            )
+        lines.append(summary)
         return "\n".join(lines)
 
 
@@ -211,7 +232,41 @@ def evaluate(annotations: xr.Dataset, truth: xr.Dataset) -> Scores:
     correlation = float("nan")
     if predicted_heat.std() > 0 and true_heat.std() > 0:
         correlation = float(np.corrcoef(predicted_heat.ravel(), true_heat.ravel())[0, 1])
-    return Scores(precision, recall, f1, cloud_iou, correlation, rows)
+    scores = Scores(precision, recall, f1, cloud_iou, correlation, rows)
+    if MISREGISTRATION in truth.data_vars and MISREGISTRATION in annotations.data_vars:
+        measured = np.asarray(annotations[MISREGISTRATION].values, dtype=np.float64)
+        known = np.asarray(truth[MISREGISTRATION].values, dtype=np.float64)
+        errors = shift_errors(measured[[i for i, _ in matches]], known[[j for _, j in matches]])
+        for row, error in zip(rows, errors, strict=True):
+            row.shift_error = float(error)
+        scores.shifts_known = len(errors)
+        scores.shifts_measured = int(np.isfinite(errors).sum())
+        if scores.shifts_measured:
+            scores.shift_error = float(np.nanmean(errors))
+    return scores
+
+
+def shift_errors(measured: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Distance (px) of each measured shift ``(date, 2)`` from the true one, NaN if unmeasured.
+
+    The measured shifts are against the reference, which may itself sit off the scene's grid (a
+    temporal median sits where its dates do): that offset, the median over measured dates of
+    ``true - measured`` per axis, is removed first.
+
+    Examples
+    --------
+    >>> shift_errors(np.array([[0.1, 0.0], [np.nan, np.nan], [0.5, -0.2]]),
+    ...              np.array([[0.2, 0.0], [0.3, 0.3], [0.6, -0.2]]))
+    array([0., nan, 0.])
+    """
+    measured = np.asarray(measured, dtype=np.float64).reshape(-1, 2)
+    true = np.asarray(true, dtype=np.float64).reshape(-1, 2)
+    seen = np.isfinite(measured).all(axis=1) & np.isfinite(true).all(axis=1)
+    errors = np.full(len(measured), np.nan)
+    if seen.any():
+        offset = np.median(true[seen] - measured[seen], axis=0)
+        errors[seen] = np.hypot(*(measured[seen] + offset - true[seen]).T)
+    return errors
 
 
 def json_safe(value: object) -> object:

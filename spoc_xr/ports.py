@@ -1048,6 +1048,7 @@ def make_port_stack(
     h, w = water.shape
     boats = np.zeros((n_dates, h, w), dtype=np.int32)
     clouds = np.zeros((n_dates, h, w), dtype=np.uint8)
+    shifts = np.zeros((n_dates, 2))  # the real date is the scene itself
     next_id = 1
     for t in range(n_dates):
         if t == real_index:
@@ -1057,7 +1058,7 @@ def make_port_stack(
             next_id += max(ids, default=0)
         else:
             trng = np.random.default_rng([int(seed), zlib.crc32(real.name.encode()), 1, t])
-            img, boats[t], clouds[t], next_id = _render_date(
+            img, boats[t], clouds[t], shifts[t], next_id = _render_date(
                 trng,
                 clean,
                 real,
@@ -1089,6 +1090,7 @@ def make_port_stack(
         overwrite=True,
         y=y,
         x=x,
+        shifts=shifts,
     )
     scene = PortScene(
         name=real.name,
@@ -1119,8 +1121,9 @@ def _render_date(
     cloudy: bool,
     shadow_dir: float,
     next_id: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """One synthetic date: image (band, y, x), boat labels, cloud truth and the next free id."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One synthetic date: image (band, y, x), boat labels, cloud truth, its shift ``(dy, dx)``
+    and the next free id."""
     img = clean.copy()
     labels = np.zeros(clean.shape[1:], dtype=np.int32)
     occupied: list[tuple[float, float, float]] = []
@@ -1175,4 +1178,4 @@ def _render_date(
     img += offset[:, None, None]
     sigma = np.sqrt(NOISE_FLOOR_DN**2 + (NOISE_RELATIVE * img) ** 2)
     img += sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    return img, labels, truth_clouds, next_id
+    return img, labels, truth_clouds, shift, next_id

@@ -29,6 +29,10 @@ Other tools and users may write truth in this format; :func:`read_truth` reads i
       absent means no cloud.
   ``water`` : (y, x) uint8, optional
       1 for open water (quays, piers and breakwaters are not water); absent means all water.
+  ``misregistration`` : (time, axis) float32, optional
+      Each date's true sub-pixel shift ``(dy, dx)`` in pixels (``axis`` = ``y``, ``x``): the
+      date is the scene moved as ``scipy.ndimage.shift`` moves it by that vector. When present,
+      the evaluation also scores the shifts that annotate measured (written under the same name).
   ``time`` : datetime64[ns] coordinate
       Equal to the image dates (with time of day).
   ``y``, ``x`` : float64 coordinates, optional
@@ -104,6 +108,8 @@ NOISE_FLOOR_DN = 15.0
 # A pixel whose reflectance is more than a fifth cloud (or haze) is cloud: at that opacity a
 # 3000-8000 DN cloud adds 600-1600 DN, several times water's own reflectance, as Fmask would flag.
 CLOUD_ALPHA_TRUTH = 0.2
+#: Name of the truth's per-date shifts, the same as the annotation's measured ones.
+MISREGISTRATION = "misregistration"
 SHADOW_DARKENING_TRUTH = 0.15
 
 # Reflectance x 10000 for B02, B03, B04, B08.
@@ -1339,6 +1345,7 @@ def _truth_dataset(
     dates: Sequence[np.datetime64],
     y: np.ndarray | None,
     x: np.ndarray | None,
+    shifts: np.ndarray | None = None,
 ) -> xr.Dataset:
     time = np.asarray(dates, dtype="datetime64[ns]")
     data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
@@ -1348,6 +1355,9 @@ def _truth_dataset(
     if water is not None:
         data_vars["water"] = (("y", "x"), np.asarray(water, dtype=np.uint8))
     coords: dict[str, np.ndarray] = {"time": time}
+    if shifts is not None:
+        data_vars[MISREGISTRATION] = (("time", "axis"), np.asarray(shifts, dtype=np.float32))
+        coords["axis"] = np.array(["y", "x"])
     if y is not None and x is not None:
         coords["y"] = np.asarray(y, dtype=np.float64)
         coords["x"] = np.asarray(x, dtype=np.float64)
@@ -1388,6 +1398,7 @@ def write_truth(
     overwrite: bool = False,
     y: np.ndarray | None = None,
     x: np.ndarray | None = None,
+    shifts: np.ndarray | None = None,
 ) -> Path:
     """Write truth arrays to a Zarr v3 store in the format of the module docstring.
 
@@ -1407,6 +1418,11 @@ def write_truth(
         Replace an existing store instead of raising :class:`OutputError`.
     y, x : numpy.ndarray, optional
         Pixel-centre map coordinates.
+    shifts : numpy.ndarray, optional
+        (time, 2) true misregistration of each date in pixels, ``(dy, dx)``: the date is the
+        scene moved as ``scipy.ndimage.shift(scene, (dy, dx))`` moves it. Stored as
+        ``misregistration (time, axis)``; :func:`spoc_xr.evaluate.evaluate` then scores the
+        measured shifts.
 
     Returns
     -------
@@ -1435,8 +1451,15 @@ def write_truth(
         raise ParameterError(f"{len(dates)} dates given for {boats.shape[0]} time steps.")
     if not np.issubdtype(boats.dtype, np.integer):
         raise ParameterError(f"boats must hold integer labels, got dtype {boats.dtype}.")
+    if shifts is not None:
+        shifts = np.asarray(shifts, dtype=np.float64)
+        if shifts.shape != (boats.shape[0], 2) or not np.isfinite(shifts).all():
+            raise ParameterError(
+                f"shifts must be finite (time, 2) pixels, one (dy, dx) per date; got shape "
+                f"{shifts.shape} for {boats.shape[0]} dates."
+            )
     _prepare_output(path, overwrite, "Truth store")
-    ds = _truth_dataset(boats, clouds, water, dates, y, x)
+    ds = _truth_dataset(boats, clouds, water, dates, y, x, shifts)
     ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=_zarr_encoding(ds))
     return path
 
@@ -1464,6 +1487,8 @@ def _open_npz(path: Path) -> xr.Dataset:
         data_vars["clouds"] = (("time", "y", "x"), arrays["clouds"])
     if "water" in arrays:
         data_vars["water"] = (("y", "x"), arrays["water"])
+    if MISREGISTRATION in arrays:
+        data_vars[MISREGISTRATION] = (("time", "axis"), arrays[MISREGISTRATION])
     coords: dict[str, np.ndarray] = {"time": time}
     for c in ("y", "x"):
         if c in arrays:
@@ -1603,7 +1628,13 @@ def make_harbour(
         _write_geotiff(image_dir / name, _quantise(img, dtype), date)
         n_boats += int(np.count_nonzero(np.unique(labels)))
         ds = _truth_dataset(
-            labels[None], clouds[None], scene.water if t == 0 else None, [date], y, x
+            labels[None],
+            clouds[None],
+            scene.water if t == 0 else None,
+            [date],
+            y,
+            x,
+            np.asarray([plan.days[t].shift]),
         )
         if t == 0:
             ds.to_zarr(
@@ -1614,7 +1645,7 @@ def make_harbour(
                 encoding=_zarr_encoding(ds),
             )
         else:
-            ds.drop_vars(["y", "x"]).to_zarr(
+            ds.drop_vars(["y", "x", "axis"]).to_zarr(
                 truth_path, append_dim="time", zarr_format=3, consolidated=False
             )
     return HarbourScene(

@@ -114,6 +114,35 @@ def test_evaluate_matches_dates_and_totals() -> None:
     assert np.isnan(scores.cloud_iou)
 
 
+def test_shift_errors_remove_the_references_own_offset_and_skip_unmeasured_dates() -> None:
+    times = np.array(
+        ["2023-01-01T10:00", "2023-01-06T10:00", "2023-01-11T10:00", "2023-01-16T10:00"],
+        dtype="datetime64[ns]",
+    )
+    true = np.array([[0.0, 0.0], [0.4, -0.2], [-0.3, 0.5], [0.1, 0.1]])
+    # A reference sitting 0.1 px down and 0.2 px left of the scene's grid: every measurement is
+    # off by that; the third date is off by 0.03 / 0.04 more (a distance of 0.05); the last
+    # could not be measured.
+    measured = true - np.array([0.1, -0.2])
+    measured[2] += [0.03, 0.04]
+    measured[3] = np.nan
+    masks = np.zeros((4, *SHAPE), dtype=np.uint8)
+    annotations = _annotations(masks, times)
+    annotations["misregistration"] = (("time", "axis"), measured.astype(np.float32))
+    truth = _truth(np.zeros((4, *SHAPE), dtype=np.int32), times)
+    assert np.isnan(evaluate(annotations, truth).shift_error)  # the truth has no shifts
+    assert "shift error" not in evaluate(annotations, truth).table()
+    truth["misregistration"] = (("time", "axis"), true)
+    scores = evaluate(annotations, truth)
+    errors = [row.shift_error for row in scores.dates]
+    # The median offset over the 3 measured dates is the reference's own (0.1, -0.2).
+    np.testing.assert_allclose(errors[:3], [0.0, 0.0, 0.05], atol=1e-6)
+    assert np.isnan(errors[3])
+    assert (scores.shifts_measured, scores.shifts_known) == (3, 4)
+    assert scores.shift_error == pytest.approx(0.05 / 3, abs=1e-6)
+    assert "shift error 0.017 px (3 of 4 dates measured)" in scores.table()
+
+
 def test_truth_of_another_stack_is_refused() -> None:
     times = np.array(["2023-01-01"], dtype="datetime64[ns]")
     other = np.array(["2024-01-01"], dtype="datetime64[ns]")

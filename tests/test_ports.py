@@ -13,6 +13,7 @@ from scipy import ndimage
 from spoc_xr.errors import InputError, OutputError, ParameterError
 from spoc_xr.ingest import ingest
 from spoc_xr.ports import (
+    MAX_SHIFT_PX,
     PORT_BANDS,
     PortScene,
     clean_background,
@@ -156,6 +157,11 @@ def test_real_date_is_the_real_scene_with_its_labels(
     pairs = np.unique(np.stack([boats[boats > 0], real.labels[real.labels > 0]]), axis=1)
     assert pairs.shape[1] == real.n_ships == len(np.unique(boats[boats > 0]))
     assert truth.clouds.values[scene.real_index].max() == 0
+    # The real date is the scene's own grid; every other date was shifted by up to MAX_SHIFT_PX.
+    shifts = truth.misregistration.values
+    others = np.delete(shifts, scene.real_index, axis=0)
+    assert (shifts[scene.real_index] == 0).all() and (others != 0).all()
+    assert (np.abs(others) <= MAX_SHIFT_PX).all()
     files = sorted(scene.image_dir.glob("*.tif"))
     with rasterio.open(files[scene.real_index]) as src:
         assert np.array_equal(src.read(), np.clip(real.image, 1, None).astype(np.uint16))

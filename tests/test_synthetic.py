@@ -110,6 +110,19 @@ def test_truth_store_format(written: HarbourScene) -> None:
     assert read_truth(written.truth_path.parent)["boats"].shape == ds["boats"].shape
 
 
+def test_truth_records_each_dates_shift(written: HarbourScene) -> None:
+    from spoc_xr.synthetic import MAX_SHIFT_PX, _prepare
+
+    shifts = read_truth(written.truth_path)["misregistration"]
+    assert shifts.dims == ("time", "axis") and list(shifts.axis.values) == ["y", "x"]
+    # The very shifts each date was rendered with; the first date is the scene's own grid.
+    _, plan = _prepare(N_DATES, SHAPE, SEED, 0.5, None)
+    expected = np.array([day.shift for day in plan.days], dtype=np.float32)
+    np.testing.assert_array_equal(shifts.values, expected)
+    assert (shifts.values[0] == 0).all() and (shifts.values[1:] != 0).all()
+    assert (np.abs(shifts.values) <= MAX_SHIFT_PX).all()
+
+
 def test_boat_ids_are_unique_over_the_stack(rendered: tuple[np.ndarray, TruthArrays]) -> None:
     _, truth = rendered
     seen: set[int] = set()
@@ -293,10 +306,23 @@ def test_truth_round_trip_zarr_and_npz(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds["clouds"].values, clouds)
     assert ds["time"].values[1] == np.datetime64("2023-03-06T10:30:21", "ns")
 
+    assert "misregistration" not in ds.data_vars  # optional
+    shifts = np.array([[0.0, 0.0], [0.25, -0.5]])
+    moved = write_truth(
+        tmp_path / "s.zarr", boats=boats, clouds=clouds, water=water, dates=dates, shifts=shifts
+    )
+    np.testing.assert_array_equal(read_truth(moved)["misregistration"].values, shifts)
+    with pytest.raises(ParameterError, match=r"shifts must be finite \(time, 2\)"):
+        write_truth(tmp_path / "bad.zarr", boats=boats, clouds=clouds, water=water,
+                    dates=dates, shifts=shifts[:1])  # fmt: skip
+    assert not (tmp_path / "bad.zarr").exists()
+
     npz_dir = tmp_path / "npz"
     npz_dir.mkdir()
-    np.savez(npz_dir / "truth.npz", boats=boats, time=np.array([str(d) for d in dates]))
+    stamps = np.array([str(d) for d in dates])
+    np.savez(npz_dir / "truth.npz", boats=boats, time=stamps, misregistration=shifts)
     dn = read_truth(npz_dir)
+    np.testing.assert_array_equal(dn["misregistration"].values, shifts)
     np.testing.assert_array_equal(dn["boats"].values, boats)
     assert dn["clouds"].values.max() == 0  # absent clouds mean none
     assert dn["water"].values.min() == 1  # absent water means everywhere
