@@ -66,14 +66,13 @@ def run_demo(
         f"seed {seed}",
         describe_annotations(result, annotations_path, elapsed),
         f"boats on water: {n_objects} predicted, {n_true} true (outside clouds)",
-        f"boat precision {scores.precision:.3f}  recall {scores.recall:.3f}  F1 {scores.f1:.3f}  "
-        f"|  cloud IoU {scores.cloud_iou:.3f}  |  heatmap correlation "
-        f"{scores.heatmap_correlation:.3f}",
+        # The evaluation's own summary line (boats, clouds, heatmap, shifts).
+        scores.table().splitlines()[-1],
         "files:",
         f"  images  {scene.image_dir}",
         f"  truth   {scene.truth_path}",
         f"  stack   {stack_path}",
-        f"  output  {annotations_path}  (mask, valid, heatmap, reference, water)",
+        f"  output  {annotations_path}  (mask, valid, heatmap, reference, water, misregistration)",
         f"  scores  {out / 'scores.json'}",
     ]
     return "\n".join(lines)
