@@ -292,6 +292,10 @@ def build_annotations(
     return result
 
 
+#: Labels of the ``misregistration`` variable's ``axis`` dimension.
+SHIFT_AXES = ("y", "x")
+
+
 def misregistration_variable(shifts: da.Array) -> xr.DataArray:
     """The measured shifts ``(time, 2)`` as the output's ``misregistration`` ``(time, axis)``.
 
@@ -311,10 +315,6 @@ def misregistration_variable(shifts: da.Array) -> xr.DataArray:
             ),
         },
     )
-
-
-#: Labels of the ``misregistration`` variable's ``axis`` dimension.
-SHIFT_AXES = ("y", "x")
 
 
 def reference_and_spread(
