@@ -43,7 +43,7 @@ import xarray as xr
 from spoc_xr import kernels
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import InputError
-from spoc_xr.synthetic import MISREGISTRATION
+from spoc_xr.reference import MISREGISTRATION
 
 # A small component is a boat when more than this share of its pixels lies on water (a 2 px
 # component half on a pier edge is no boat: demo seeds 0-3 F1 0.859/0.866/0.892/0.805 with "at

@@ -60,6 +60,8 @@ from spoc_xr.products import (
 )
 from spoc_xr.reference import (
     MIN_CLEANING_DATES,
+    MISREGISTRATION,
+    SHIFT_AXES,
     Radiometry,
     build_reference,
     clean_date_values,
@@ -239,7 +241,7 @@ def build_annotations(
             "reference": ref.astype(np.float32).chunk(_output_chunks(stack, time=False)),
             "spread": spread.astype(np.float32).chunk(_output_chunks(stack, time=False)),
             "water": water.astype(np.uint8),
-            "misregistration": misregistration_variable(shifts),
+            MISREGISTRATION: misregistration_variable(shifts),
             **summary.data_vars,
         }
     )
@@ -292,14 +294,11 @@ def build_annotations(
     return result
 
 
-#: Labels of the ``misregistration`` variable's ``axis`` dimension.
-SHIFT_AXES = ("y", "x")
-
-
 def misregistration_variable(shifts: da.Array) -> xr.DataArray:
     """The measured shifts ``(time, 2)`` as the output's ``misregistration`` ``(time, axis)``.
 
-    Named so because ``Dataset.shift`` is a method: ``result.misregistration`` reads it.
+    Named :data:`spoc_xr.reference.MISREGISTRATION` because ``Dataset.shift`` is a method:
+    ``result.misregistration`` reads it.
     """
     return xr.DataArray(
         shifts.astype(np.float32),
@@ -663,7 +662,7 @@ def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:
 
 #: Variables written date by date; the others (reference, spread, water, heatmap and the per-date
 #: shares, summed from the stored masks) once per store.
-DATE_VARIABLES = ("mask", "valid", "misregistration")
+DATE_VARIABLES = ("mask", "valid", MISREGISTRATION)
 #: Bytes of reference products (low, high, noise per band, scale; float32, with the tile's halo)
 #: that one compute of :func:`annotate_store` may hold: every date of a tile shares them, so a
 #: compute over the whole image held them for every tile (1.5 GB per worker and spilling for

@@ -678,6 +678,10 @@ def is_lazy(array: xr.DataArray) -> bool:
 #: inside annotate, beside the other thread), whatever the image size; all four quadrants gave
 #: the same demo results at twice the cost. Windows of 128 px disagreed on most demo dates.
 SHIFT_WINDOW = 256
+#: Name of each date's shift ``(time, axis)`` in annotation outputs and in truth, and the
+#: labels of its ``axis`` (not ``shift``: ``Dataset.shift`` is a method).
+MISREGISTRATION = "misregistration"
+SHIFT_AXES = ("y", "x")
 #: The shift is measured to 1/SHIFT_UPSAMPLING px (upsampled cross-correlation).
 SHIFT_UPSAMPLING = 20
 #: Each window band is high-passed (minus its Gaussian blur of this sigma, px) before the

@@ -19,6 +19,7 @@ import xarray as xr
 
 from spoc_xr.errors import OutputError
 from spoc_xr.plots import check_annotations, date_label, object_counts, save_figures
+from spoc_xr.reference import MISREGISTRATION
 
 REPORT_NAME = "report.html"
 REPORT_SUFFIX = "_report"
@@ -225,8 +226,8 @@ def _date_table(annotations: xr.Dataset, counts: np.ndarray) -> str:
     fractions = annotations[["valid_fraction", "small_fraction", "large_fraction"]].compute()
     # Stores written before the shifts were kept have none: shown as unknown.
     shifts = (
-        np.asarray(annotations["misregistration"].values, dtype=np.float64)
-        if "misregistration" in annotations.data_vars
+        np.asarray(annotations[MISREGISTRATION].values, dtype=np.float64)
+        if MISREGISTRATION in annotations.data_vars
         else np.full((annotations.sizes["time"], 2), np.nan)
     )
     header = (

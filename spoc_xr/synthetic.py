@@ -55,6 +55,7 @@ import xarray as xr
 from scipy import ndimage
 
 from spoc_xr.errors import InputError, OutputError, ParameterError
+from spoc_xr.reference import MISREGISTRATION, SHIFT_AXES
 
 __all__ = [
     "BAND_NAMES",
@@ -108,8 +109,6 @@ NOISE_FLOOR_DN = 15.0
 # A pixel whose reflectance is more than a fifth cloud (or haze) is cloud: at that opacity a
 # 3000-8000 DN cloud adds 600-1600 DN, several times water's own reflectance, as Fmask would flag.
 CLOUD_ALPHA_TRUTH = 0.2
-#: Name of the truth's per-date shifts, the same as the annotation's measured ones.
-MISREGISTRATION = "misregistration"
 SHADOW_DARKENING_TRUTH = 0.15
 
 # Reflectance x 10000 for B02, B03, B04, B08.
@@ -1357,7 +1356,7 @@ def _truth_dataset(
     coords: dict[str, np.ndarray] = {"time": time}
     if shifts is not None:
         data_vars[MISREGISTRATION] = (("time", "axis"), np.asarray(shifts, dtype=np.float32))
-        coords["axis"] = np.array(["y", "x"])
+        coords["axis"] = np.array(SHIFT_AXES)
     if y is not None and x is not None:
         coords["y"] = np.asarray(y, dtype=np.float64)
         coords["x"] = np.asarray(x, dtype=np.float64)
