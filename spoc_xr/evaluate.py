@@ -257,7 +257,7 @@ def shift_errors(measured: np.ndarray, true: np.ndarray) -> np.ndarray:
     --------
     >>> shift_errors(np.array([[0.1, 0.0], [np.nan, np.nan], [0.5, -0.2]]),
     ...              np.array([[0.2, 0.0], [0.3, 0.3], [0.6, -0.2]]))
-    array([0., nan, 0.])
+    array([ 0., nan,  0.])
     """
     measured = np.asarray(measured, dtype=np.float64).reshape(-1, 2)
     true = np.asarray(true, dtype=np.float64).reshape(-1, 2)
