@@ -53,6 +53,7 @@ from spoc_xr.detect import (
     per_date_levels,
     reference_products,
     visible_bands,
+    window_span,
 )
 from spoc_xr.ingest import add_overview, open_stack, read_overview
 from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
@@ -535,11 +536,14 @@ def scipy_kernels() -> Iterator[None]:
             setattr(kernels, name, function)
 
 
-def _window(array: np.ndarray | xr.DataArray, rows: slice, cols: slice, depth: int) -> np.ndarray:
-    """``array[..., rows ± depth, cols ± depth]``, edge-replicated beyond the image."""
+def _window(
+    array: np.ndarray | xr.DataArray, rows: slice, cols: slice, depth: int, edge: int = 0
+) -> np.ndarray:
+    """``array[..., rows ± depth, cols ± depth]``, reaching at most ``edge`` beyond the image
+    (edge-replicated there), as annotate's tile windows do (:func:`spoc_xr.detect.window_span`)."""
     height, width = array.shape[-2:]
-    y0, y1 = rows.start - depth, rows.stop + depth
-    x0, x1 = cols.start - depth, cols.stop + depth
+    y0, y1 = window_span(rows.start, rows.stop, depth, height, edge)
+    x0, x1 = window_span(cols.start, cols.stop, depth, width, edge)
     inner = np.asarray(array[..., max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)])
     pad = [(0, 0)] * (inner.ndim - 2) + [
         (max(0, -y0), max(0, y1 - height)),
@@ -556,7 +560,7 @@ def check_identical(
     The tile (``window`` px a side) straddles the corner where four stack chunks meet, so the
     chunk seams are part of the check. Reference products and the fused chain are recomputed
     with every kernel swapped for scipy (``mode="nearest"`` on the whole image, which the
-    overlap-padded tiles must reproduce exactly).
+    overlapping tiles must reproduce exactly).
 
     Returns
     -------
@@ -583,11 +587,20 @@ def check_identical(
         }
         local["scale"] = _window(products["scale"].transpose("y", "x").data, rows, cols, depth)
         # Shifted dates take their range from the reference, one pixel further out.
+        radius = params.tolerance // 2
         local["reference"] = _window(
             products["reference"].transpose("band", "y", "x").data,
             rows,
             cols,
-            depth + params.tolerance // 2,
+            depth + radius,
+            edge=radius,
+        )
+        # Where the window starts in the image (clipped at its edges), and the tile in it.
+        top = window_span(rows.start, rows.stop, depth, height, 0)[0]
+        left = window_span(cols.start, cols.stop, depth, width, 0)[0]
+        core = (
+            slice(rows.start - top, rows.stop - top),
+            slice(cols.start - left, cols.stop - left),
         )
         shifts = date_shifts(stack, built["reference"], radiometry).compute()
         compared = differing = 0
@@ -604,14 +617,14 @@ def check_identical(
                 radiometry.offsets[t].astype(np.float32),
                 nodata=stack.attrs.get("nodata"),
                 params=params,
-                origin=(rows.start - depth, cols.start - depth),
+                origin=(top, left),
                 scale=local["scale"],
                 levels=levels[t],
                 visible=visible_bands(band_names),
                 nir=nir_band(band_names),
                 reference=local["reference"],
                 shift=shifts[t],
-            )[depth:-depth, depth:-depth]
+            )[core]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values
             written = np.where(valid == 1, mask, 255).astype(np.uint8)

@@ -337,6 +337,7 @@ def pad_and_overlap(
     depth: int,
     axes: Sequence[int],
     tiles: Sequence[tuple[int, ...]] | None = None,
+    edge: int | None = None,
 ) -> da.Array:
     """Pad ``axes`` by edge replication and add ``depth`` of overlap to every block along them.
 
@@ -344,7 +345,8 @@ def pad_and_overlap(
     chunk, or the whole array, is smaller than ``depth``: every block along ``axes`` gains exactly
     ``depth`` on each side, the array's own edges replicated outward. With ``tiles`` (chunks along
     each of ``axes``, covering the same lengths) the output blocks are those tiles plus ``depth``,
-    assembled straight from the array's own blocks.
+    assembled straight from the array's own blocks. With ``edge`` (< ``depth``) blocks reach at
+    most ``edge`` beyond the array's ends (:func:`window_span`): ``edge=0`` adds overlap only.
 
     Each padded block is one task that copies the parts of the blocks it reaches straight into
     place (Dask's overlap slices, pads, rechunks and concatenates: three copies, four layers).
@@ -353,9 +355,9 @@ def pad_and_overlap(
     if depth == 0 and tiles is None:
         return array
     tile_chunks = [array.chunks[axis] for axis in axes] if tiles is None else list(tiles)
-    name = f"halo-{tokenize(array, depth, axes, tile_chunks)}"
+    name = f"halo-{tokenize(array, depth, axes, tile_chunks, edge)}"
     plans = [
-        window_plans(array.chunks[axis], chunks, depth)
+        window_plans(array.chunks[axis], chunks, depth, edge)
         for axis, chunks in zip(axes, tile_chunks, strict=True)
     ]
     layer: dict[Any, Any] = {}
@@ -375,8 +377,8 @@ def pad_and_overlap(
                 axes,
             )
     out_chunks = list(array.chunks)
-    for axis, chunks in zip(axes, tile_chunks, strict=True):
-        out_chunks[axis] = tuple(size + 2 * depth for size in chunks)
+    for axis, axis_plans in zip(axes, plans, strict=True):
+        out_chunks[axis] = tuple(plan_length(plan) for plan in axis_plans)
     return da.Array(_graph(name, layer, array), name, tuple(out_chunks), meta=array._meta)
 
 
@@ -390,24 +392,45 @@ def _graph(name: str, layer: dict[Any, Any], *dependencies: da.Array) -> HighLev
 WindowPlan = tuple[tuple[tuple[int, int, int, int, int], ...], int, int]
 
 
-def window_plans(chunks: Sequence[int], tiles: Sequence[int], depth: int) -> list[WindowPlan]:
-    """Plans of the windows ``tile ± depth`` along one axis, in the blocks of ``chunks``."""
-    bounds = [int(edge) for edge in np.cumsum((0, *chunks))]
-    tile_bounds = [int(edge) for edge in np.cumsum((0, *tiles))]
+def window_plans(
+    chunks: Sequence[int], tiles: Sequence[int], depth: int, edge: int | None = None
+) -> list[WindowPlan]:
+    """Plans of the windows ``tile ± depth`` along one axis, in the blocks of ``chunks``.
+
+    A window reaches at most ``edge`` (default ``depth``) beyond the array's ends, replicated:
+    ``edge=0`` clips the windows to the array.
+    """
+    bounds = [int(end) for end in np.cumsum((0, *chunks))]
+    tile_bounds = [int(end) for end in np.cumsum((0, *tiles))]
     if bounds[-1] != tile_bounds[-1]:
         raise ParameterError(f"tiles {tuple(tiles)} do not cover the chunks {tuple(chunks)}")
     size = bounds[-1]
     plans: list[WindowPlan] = []
     for first, last in itertools.pairwise(tile_bounds):
-        start, stop = first - depth, last + depth
+        start, stop = window_span(first, last, depth, size, edge)
         low, high = max(start, 0), min(stop, size)
         pieces = []
-        for block, (edge, end) in enumerate(itertools.pairwise(bounds)):
-            top, bottom = max(low, edge), min(high, end)
+        for block, (begin, end) in enumerate(itertools.pairwise(bounds)):
+            top, bottom = max(low, begin), min(high, end)
             if top < bottom:
-                pieces.append((block, top - edge, bottom - edge, top - start, bottom - start))
+                pieces.append((block, top - begin, bottom - begin, top - start, bottom - start))
         plans.append((tuple(pieces), low - start, stop - high))
     return plans
+
+
+def plan_length(plan: WindowPlan) -> int:
+    """Length of a planned window along its axis."""
+    pieces, before, after = plan
+    return before + sum(piece[4] - piece[3] for piece in pieces) + after
+
+
+def window_span(
+    first: int, last: int, depth: int, size: int, edge: int | None = None
+) -> tuple[int, int]:
+    """Where the window of the tile ``[first, last)`` starts and stops along an axis of ``size``:
+    ``depth`` around the tile, at most ``edge`` (default ``depth``) of it beyond the axis."""
+    reach = depth if edge is None else edge
+    return max(first - depth, -reach), min(last + depth, size + reach)
 
 
 def _window_keys(
@@ -428,8 +451,8 @@ def _assemble_window(
 ) -> np.ndarray:
     """One window from the parts of ``blocks`` it covers, edges replicated beyond the array."""
     shape = list(blocks[0].shape)
-    for axis, (pieces, before, after) in zip(axes, window, strict=True):
-        shape[axis] = before + sum(piece[4] - piece[3] for piece in pieces) + after
+    for axis, plan in zip(axes, window, strict=True):
+        shape[axis] = plan_length(plan)
     out = np.empty(shape, dtype=blocks[0].dtype)
     combinations = itertools.product(*(plan[0] for plan in window))
     for block, combination in zip(blocks, combinations, strict=True):
@@ -1441,11 +1464,13 @@ def classify_tile(
     """Mask codes of one date tile: 0 clear, 1 small, 2 large, 255 invalid.
 
     Pure numpy on arrays ``(band, y, x)``; the whole chain the tile needs, with no cropping (the
-    caller crops the padding). ``origin`` is the image ``(y, x)`` of the tile's first pixel
-    (negative in the padding), which anchors the background's cells. ``scale`` ``(y, x)`` is the
-    noise scale in noise floors (:func:`reference_products`); without it the large class has no
-    magnitude test. ``known`` ``(y, x)``, where ``low`` is finite in every band, saves working it
-    out for every date. ``levels`` is the date's ``(dark, bright)`` band-mean levels
+    caller crops the overlap). ``origin`` is the image ``(y, x)`` of the tile's first pixel, which
+    anchors the background's cells. Windows stop at the image's edges (the stages treat them as
+    their filters do, edges replicated): a tile's result then depends on the image alone, not on
+    how it was tiled. ``scale`` ``(y, x)`` is the noise scale in noise floors
+    (:func:`reference_products`); without it the large class has no magnitude test. ``known``
+    ``(y, x)``, where ``low`` is finite in every band, saves working it out for every date.
+    ``levels`` is the date's ``(dark, bright)`` band-mean levels
     (:func:`spoc_xr.reference.brightness_levels`); without them thin haze is not told from clouds.
     ``visible`` indexes the bands of visible light (:func:`visible_bands`; see
     :func:`change_direction`) and ``nir`` the near-infrared band (:func:`nir_band`): with both,
@@ -1485,10 +1510,11 @@ def classify_tile(
     # must stand out HAZE_FACTOR times more.
     # Both tests at once: the residual must exceed the larger of the two levels.
     candidates, hazy_seed, wide = _plain_tests(residual, needed, background, valid, threshold)
-    if hazy_seed.any():  # most dates have no haze: skip the wide dilation
-        hazy = kernels.binary_dilation(hazy_seed, HAZE_WINDOW)
-        # Only candidates can be held back: few, so taken by index.
-        tested = np.flatnonzero(hazy & candidates)
+    if hazy_seed.any():  # most dates have no haze
+        # Only candidates can be held back: few, so taken by index, and whether haze lies
+        # within HAZE_WINDOW of each is read at those pixels alone, not from a wide dilation.
+        tested = np.flatnonzero(candidates)
+        tested = tested[kernels.dilated_at(hazy_seed, tested, HAZE_WINDOW)]
         level = np.maximum(needed.reshape(-1)[tested], np.float32(HAZE_FACTOR * threshold))
         held = ~(residual.reshape(-1)[tested] > level)
         if nir is not None and visible is not None:
@@ -1639,9 +1665,9 @@ def _classify_window(
     offset: np.ndarray,
     levels: tuple[float, float] | None,
     origin: tuple[int, int],
+    core: tuple[int, int, int, int],
     settings: dict[str, Any],
 ) -> np.ndarray:
-    depth = settings["depth"]
     date = _assemble_window(blocks, window, [2, 3])
     codes = classify_tile(
         date[0],
@@ -1661,14 +1687,15 @@ def _classify_window(
         reference=reference,
         shift=None if shift is None else shift[0],
     )
-    core = codes[depth:-depth, depth:-depth] if depth else codes
-    return core[None]
+    top, left, height, width = core
+    return codes[None, top : top + height, left : left + width]
 
 
 #: Side (px) up to which classification merges neighbouring chunks into one tile: each tile
 #: computes its halo (:attr:`DetectParams.depth`, 184 px by default) once, a smaller share of a
-#: larger tile (2416² computed per 2048² kept, against 1392² per 1024²). A tile's task holds
-#: about 40 bytes per padded pixel of temporaries (~235 MB at 2416²).
+#: larger tile (up to 2416² computed per 2048² kept, against 1392² per 1024²; windows stop at the
+#: image's edges). A tile's task holds about 40 bytes per window pixel of temporaries (~235 MB at
+#: 2416²).
 CLASSIFY_TILE = 2048
 #: Dask configuration key overriding :data:`CLASSIFY_TILE` (``DASK_SPOC_XR__CLASSIFY_TILE``).
 CLASSIFY_TILE_CONFIG_KEY = "spoc_xr.classify-tile"
@@ -1902,20 +1929,25 @@ def classify(
     depth = params.depth
     spatial = [classification_chunks(data.chunks[axis], depth) for axis in (2, 3)]
 
-    def padded(name: str) -> da.Array:
-        array = products[name].transpose("band", "y", "x").data
-        return pad_and_overlap(array, depth, [1, 2], tiles=spatial)
+    # Windows stop at the image's edges: every stage treats them as its own filters do (edges
+    # replicated), and nothing is classified beyond them.
+    def windowed(name: str, dims: tuple[str, ...] = ("band", "y", "x")) -> da.Array:
+        array = products[name].transpose(*dims).data
+        return pad_and_overlap(array, depth, [len(dims) - 2, len(dims) - 1], spatial, edge=0)
 
-    low, high, noise = padded("low"), padded("high"), padded("noise")
+    low, high, noise = windowed("low"), windowed("high"), windowed("noise")
     # Without shifts every date keeps its whole tolerance window: no reference, no shift tasks.
     shifted: tuple[da.Array, ...] = ()
     if shifts is not None:
-        # One more pixel of halo: the range over the reach is taken around every pixel.
+        # The range over the reach is taken around every pixel: the tolerance's radius more,
+        # replicated beyond the image.
+        radius = params.tolerance // 2
         reference = pad_and_overlap(
             products["reference"].transpose("band", "y", "x").data.astype(np.float32),
-            depth + params.tolerance // 2,
+            depth + radius,
             [1, 2],
             tiles=spatial,
+            edge=radius,
         )
         date_shifts = (
             shifts.rechunk((1, 2))
@@ -1923,30 +1955,34 @@ def classify(
             else da.from_array(np.asarray(shifts, dtype=np.float64), chunks=(1, 2))
         )
         shifted = (reference, date_shifts)
-    scale, known = (
-        pad_and_overlap(products[name].transpose("y", "x").data, depth, [0, 1], spatial)
-        for name in ("scale", "known")
-    )
+    scale, known = (windowed(name, ("y", "x")) for name in ("scale", "known"))
     nodata = stack.attrs.get("nodata")
     band_names = [str(band) for band in stack.band.values]
     settings = {
         "nodata": None if nodata is None else float(nodata),
         "params": params,
-        "depth": depth,
         "visible": visible_bands(band_names),
         "nir": nir_band(band_names),
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
     date_levels = per_date_levels(levels, len(gains32))
-    # One task per (date, tile) that assembles its padded window from the date's blocks itself:
+    # One task per (date, tile) that assembles its window from the date's blocks itself:
     # no padded copy of every date waits in memory for its task.
     inputs = (data, low, high, noise, scale, known, *shifted)
     name = f"classify-{tokenize(*inputs, gains32, offsets32, date_levels, settings)}"
     layer: dict[Any, Any] = {}
-    plans = [window_plans(data.chunks[axis], spatial[axis - 2], depth) for axis in (2, 3)]
-    tops, lefts = (np.cumsum((0, *sizes[:-1])) - depth for sizes in spatial)
+    plans = [window_plans(data.chunks[axis], spatial[axis - 2], depth, 0) for axis in (2, 3)]
+    # Where each tile starts in the image, and where its window starts (clipped at the edge).
+    firsts = [np.cumsum((0, *sides[:-1])) for sides in spatial]
+    tops, lefts = (np.maximum(starts - depth, 0) for starts in firsts)
     for t, i, j in itertools.product(range(data.numblocks[0]), *(range(len(c)) for c in spatial)):
         window = [plans[0][i], plans[1][j]]
+        core = (
+            int(firsts[0][i] - tops[i]),
+            int(firsts[1][j] - lefts[j]),
+            spatial[0][i],
+            spatial[1][j],
+        )
         layer[(name, t, i, j)] = (
             _classify_window,
             _window_keys(data, (t, 0, 0, 0), [2, 3], window),
@@ -1962,6 +1998,7 @@ def classify(
             offsets32[t],
             date_levels[t],
             (int(tops[i]), int(lefts[j])),
+            core,
             settings,
         )
     tiles = da.Array(

@@ -388,6 +388,38 @@ def binary_dilation(mask: np.ndarray, size: int) -> np.ndarray:
     return maximum_filter(_as_bool(mask, "binary_dilation"), size)
 
 
+def dilated_at(mask: np.ndarray, indices: np.ndarray, size: int) -> np.ndarray:
+    """``binary_dilation(mask, size)`` at the flat ``indices`` of a 2-D mask only.
+
+    Read from a summed-area table (``cv2.integral``): whether the ``size`` x ``size`` square
+    around each pixel, clipped at the edges, holds a True pixel. For a few pixels and a wide
+    square this costs a fraction of the whole dilation.
+
+    Examples
+    --------
+    >>> m = np.zeros((5, 5), bool); m[0, 0] = True
+    >>> dilated_at(m, np.array([6, 12]), 3)
+    array([ True, False])
+    """
+    size = check_size(size, name="dilation size")
+    array = _as_bool(mask, "dilated_at")
+    if array.ndim != 2:
+        raise ParameterError(f"dilated_at needs a 2-D mask, got shape {array.shape}")
+    height, width = array.shape
+    positions = np.asarray(indices, dtype=np.int64)
+    if positions.size == 0:
+        return np.zeros(0, dtype=bool)
+    if positions.min() < 0 or positions.max() >= array.size:
+        raise ParameterError(f"dilated_at: flat indices must lie in [0, {array.size})")
+    table = cv2.integral(np.ascontiguousarray(array).view(np.uint8), sdepth=cv2.CV_32S)
+    rows, columns = np.divmod(positions, width)
+    radius = size // 2
+    top, bottom = np.maximum(rows - radius, 0), np.minimum(rows + radius + 1, height)
+    left, right = np.maximum(columns - radius, 0), np.minimum(columns + radius + 1, width)
+    total = table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
+    return np.asarray(total > 0)
+
+
 def binary_opening(mask: np.ndarray, size: int) -> np.ndarray:
     """Open a boolean mask: erosion then dilation, each with edge replication.
 

@@ -9,6 +9,8 @@ import pytest
 import scipy.ndimage as ndi
 import xarray as xr
 from dask._task_spec import convert_legacy_graph
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spoc_xr import kernels
 from spoc_xr.detect import (
@@ -22,10 +24,12 @@ from spoc_xr.detect import (
     classify_tile,
     nir_band,
     noise_sample_objects,
+    pad_and_overlap,
     parse_threshold,
     reference_products,
     small_objects,
     visible_bands,
+    window_span,
 )
 from spoc_xr.errors import ParameterError
 from spoc_xr.pipeline import annotate, build_annotations, read_apart, reference_and_spread
@@ -76,17 +80,13 @@ class ScipyKernels:
 
 
 def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, *, params, scale, **options):
-    """The whole chain with scipy kernels on the edge-padded whole image, then cropped."""
-    d = params.depth
-    pad3 = ((0, 0), (d, d), (d, d))
-    date, low, high, noise = (np.pad(a, pad3, mode="edge") for a in (date, low, high, noise))
-    scale = np.pad(scale, ((d, d), (d, d)), mode="edge")
+    """The whole chain with scipy kernels on the whole image (the reference padded by the
+    tolerance's radius, edges replicated)."""
     if options.get("reference") is not None:
         radius = params.tolerance // 2
         options["reference"] = np.pad(
-            options["reference"], ((0, 0), (d + radius, d + radius), (d + radius, d + radius)),
-            mode="edge",
-        )  # fmt: skip
+            options["reference"], ((0, 0), (radius, radius), (radius, radius)), mode="edge"
+        )
     with monkeypatch.context() as patch:
         for name in (
             "median_filter",
@@ -98,11 +98,9 @@ def scipy_codes(monkeypatch, date, low, high, noise, gain, offset, *, params, sc
         ):
             patch.setattr(kernels, name, getattr(ScipyKernels(), name))
         # options: nodata, levels, visible, as classify_tile takes them.
-        codes = classify_tile(
-            date, low, high, noise, gain, offset, params=params, origin=(-d, -d), scale=scale,
-            **options,
-        )  # fmt: skip
-    return codes[d:-d, d:-d]
+        return classify_tile(
+            date, low, high, noise, gain, offset, params=params, scale=scale, **options
+        )
 
 
 @pytest.fixture(scope="module")
@@ -177,18 +175,17 @@ def test_a_boat_against_a_quay_is_found_on_a_date_shifted_away_from_the_quay():
     reference[:, :, 30:] = 3000
     date = reference.copy()
     date[:, 20:22, 29] = 2800
-    d, radius = params.depth, params.tolerance // 2
-    padded = [np.pad(a, ((0, 0), (d, d), (d, d)), mode="edge") for a in (date, reference)]
-    low = ndi.minimum_filter(padded[1], (1, 3, 3), mode="nearest")
-    high = ndi.maximum_filter(padded[1], (1, 3, 3), mode="nearest")
-    noise = np.full_like(padded[1], 20.0)
-    wide = np.pad(reference, ((0, 0), (d + radius,) * 2, (d + radius,) * 2), mode="edge")
+    radius = params.tolerance // 2
+    low = ndi.minimum_filter(reference, (1, 3, 3), mode="nearest")
+    high = ndi.maximum_filter(reference, (1, 3, 3), mode="nearest")
+    noise = np.full_like(reference, 20.0)
+    wide = np.pad(reference, ((0, 0), (radius,) * 2, (radius,) * 2), mode="edge")
 
     def boat_found(shift):
         codes = classify_tile(
-            padded[0], low, high, noise, np.ones(4, np.float32), np.zeros(4, np.float32),
-            nodata=None, params=params, origin=(-d, -d), reference=wide, shift=shift,
-        )[d:-d, d:-d]  # fmt: skip
+            date, low, high, noise, np.ones(4, np.float32), np.zeros(4, np.float32),
+            nodata=None, params=params, reference=wide, shift=shift,
+        )  # fmt: skip
         return bool((codes[20:22, 29] == SMALL).all())
 
     # The quay's edge moved left by up to a pixel would explain the boat, unless the date's
@@ -852,3 +849,28 @@ def test_sample_passes_equal_numpy(dtype, nodata, n_dates):
             expected = _numpy_kept_medians(raw, gains, offsets, nodata, low_, high_, mask)
             np.testing.assert_array_equal(medians, expected)
             assert np.isnan(medians).any() and np.isfinite(medians).any()
+
+
+@given(
+    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    depth=st.integers(0, 12),
+    edge=st.sampled_from([None, 0, 1, 3]),
+    merge=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_windows_reach_depth_inside_and_edge_beyond_the_array(chunks, depth, edge, merge):
+    rng = np.random.default_rng(len(chunks) + depth)
+    values = rng.integers(0, 100, (2, sum(chunks), 5)).astype(np.int16)
+    array = da.from_array(values, chunks=((2,), tuple(chunks), (5,)))
+    tiles = (sum(chunks),) if merge else tuple(chunks)
+    reach = depth if edge is None else min(edge, depth)
+    windows = pad_and_overlap(array, depth, [1], tiles=[tiles], edge=edge).compute()
+    # Replicated beyond the array by as much as any window reaches, then cut as planned.
+    padded = np.pad(values, ((0, 0), (reach, reach), (0, 0)), mode="edge")
+    expected, first = [], 0
+    for side in tiles:
+        start, stop = max(first - depth, -reach), min(first + side + depth, sum(chunks) + reach)
+        assert window_span(first, first + side, depth, sum(chunks), edge) == (start, stop)
+        expected.append(padded[:, start + reach : stop + reach])
+        first += side
+    np.testing.assert_array_equal(windows, np.concatenate(expected, axis=1))

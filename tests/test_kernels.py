@@ -379,3 +379,22 @@ def test_block_mean_and_upsample_linear():
     # Cell centres keep their cell's value; a constant image stays constant.
     assert kernels.upsample_linear(np.full((3, 3), 2.5, np.float32), 4).shape == (12, 12)
     assert (kernels.upsample_linear(np.full((3, 3), 2.5, np.float32), 4) == 2.5).all()
+
+
+@given(
+    mask=hnp.arrays(np.bool_, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=30)),
+    size=st.sampled_from([1, 3, 9, 21, 61]),
+    data=st.data(),
+)
+@settings(max_examples=EXAMPLES, deadline=None)
+def test_dilated_at_equals_the_dilation_at_those_pixels(mask, size, data):
+    indices = np.array(
+        data.draw(st.lists(st.integers(0, mask.size - 1), max_size=20)), dtype=np.int64
+    )
+    expected = ndi.maximum_filter(mask, size, mode="nearest").reshape(-1)[indices]
+    np.testing.assert_array_equal(kernels.dilated_at(mask, indices, size), expected)
+
+
+def test_dilated_at_refuses_indices_outside_the_mask():
+    with pytest.raises(ParameterError, match="flat indices"):
+        kernels.dilated_at(np.zeros((3, 3), bool), np.array([9]), 3)
