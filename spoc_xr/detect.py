@@ -1972,17 +1972,18 @@ def classify(
     name = f"classify-{tokenize(*inputs, gains32, offsets32, date_levels, settings)}"
     layer: dict[Any, Any] = {}
     plans = [window_plans(data.chunks[axis], spatial[axis - 2], depth, 0) for axis in (2, 3)]
-    # Where each tile starts in the image, and where its window starts (clipped at the edge).
-    firsts = [np.cumsum((0, *sides[:-1])) for sides in spatial]
-    tops, lefts = (np.maximum(starts - depth, 0) for starts in firsts)
+    # Where each tile starts in the image, and where its window starts (as the plans clip it).
+    firsts = [[int(first) for first in np.cumsum((0, *sides[:-1]))] for sides in spatial]
+    tops, lefts = (
+        [
+            window_span(first, first + side, depth, sum(sides), 0)[0]
+            for first, side in zip(starts, sides, strict=True)
+        ]
+        for starts, sides in zip(firsts, spatial, strict=True)
+    )
     for t, i, j in itertools.product(range(data.numblocks[0]), *(range(len(c)) for c in spatial)):
         window = [plans[0][i], plans[1][j]]
-        core = (
-            int(firsts[0][i] - tops[i]),
-            int(firsts[1][j] - lefts[j]),
-            spatial[0][i],
-            spatial[1][j],
-        )
+        core = (firsts[0][i] - tops[i], firsts[1][j] - lefts[j], spatial[0][i], spatial[1][j])
         layer[(name, t, i, j)] = (
             _classify_window,
             _window_keys(data, (t, 0, 0, 0), [2, 3], window),
@@ -1997,7 +1998,7 @@ def classify(
             gains32[t],
             offsets32[t],
             date_levels[t],
-            (int(tops[i]), int(lefts[j])),
+            (tops[i], lefts[j]),
             core,
             settings,
         )
