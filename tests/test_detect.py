@@ -701,6 +701,23 @@ def test_the_summary_of_a_stored_mask_equals_that_of_the_codes():
     stored = stored_date_summary(mask_from_codes(codes), valid_from_codes(codes)).compute()
     xr.testing.assert_identical(stored, expected)
     assert np.isnan(stored.small_fraction[1]) and stored.valid_fraction[0] > 0.8
+    plain = codes.values
+    n_valid = (plain != 255).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = {
+            "valid_fraction": n_valid / plain[0].size,
+            "small_fraction": np.where(
+                n_valid > 0, (plain == 1).sum(axis=(1, 2)) / n_valid, np.nan
+            ),
+            "large_fraction": np.where(
+                n_valid > 0, (plain == 2).sum(axis=(1, 2)) / n_valid, np.nan
+            ),
+        }
+    for name, share in shares.items():
+        np.testing.assert_array_equal(expected[name].values, share.astype(np.float32))
+        assert expected[name].dtype == np.float32
+    # Unchunked codes give the same shares.
+    xr.testing.assert_identical(date_summary(codes.compute()), expected)
 
 
 def test_read_apart_computes_the_same_values_under_keys_of_its_own() -> None:
