@@ -358,12 +358,19 @@ def pressure_of(client: Any, peaks: PeakMemory, memory_limit: str | None) -> Pre
     )
 
 
+#: Dates of spoc-xr annotate's untimed warm-up. Each compiled kernel is loaded from numba's cache
+#: (0.3-0.4 s each) the first time its path runs: two dates (the warm-up until session 15) never
+#: reached the density and large-object passes, which the timed run then loaded (0.7 s of its
+#: 11-13 s); four reached every one on the default stack, eight leave a margin.
+ANNOTATE_WARM_UP_DATES = 8
+
+
 def timed(function: Callable[[], object], warm_up: Callable[[], object] | None = None) -> float:
     """Seconds ``function`` takes, after an untimed ``warm_up`` run when one is given.
 
-    Each threaded contender first runs once on a date or two, untimed: imports, first calls and
-    thread pools are set up once per process, not per date, and are no throughput (the first
-    spoc-xr annotate in a fresh process spends about 2 s on them).
+    Each threaded contender first runs once on a few dates, untimed: imports, first calls,
+    thread pools and loading compiled kernels happen once per process, not per date, and are no
+    throughput (the first spoc-xr annotate in a fresh process spends about 2 s on them).
     """
     if warm_up is not None:
         warm_up()
@@ -716,7 +723,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows, "read only", lambda: read_only(path, n_dates), work, n_workers=2, memory_limit=limit
     )
     seconds = timed(
-        lambda: spoc_annotate(path, out, n_dates), warm_up=lambda: spoc_annotate(path, out, 2)
+        lambda: spoc_annotate(path, out, n_dates),
+        warm_up=lambda: spoc_annotate(path, out, min(ANNOTATE_WARM_UP_DATES, n_dates)),
     )
     rows.append(Measure("spoc-xr annotate", "threads", seconds, work))
     identical = check_identical(path, out, n_dates, dates=[1, n_dates - 1])
