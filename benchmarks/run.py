@@ -58,7 +58,7 @@ from spoc_xr.detect import (
 from spoc_xr.ingest import add_overview, open_stack, read_overview
 from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
 from spoc_xr.reference import date_shifts
-from spoc_xr.store import IMAGE_COMPRESSOR, mark_complete, write_dataset
+from spoc_xr.store import mark_complete, write_dataset
 from spoc_xr.synthetic import BAND_NAMES, render_harbour
 
 #: Spatial chunk side of the stack store, as ``spoc-xr ingest`` writes it by default.
@@ -133,7 +133,7 @@ def build_stack(path: Path, *, size: int, n_dates: int, n_bands: int = 4, seed: 
     """
     if size < 128 or n_dates < 1 or n_bands < 1:
         raise ValueError(f"size {size} must be >= 128, dates {n_dates} and bands {n_bands} >= 1")
-    # Format 2: the stack compressed as ingest compresses image values (IMAGE_COMPRESSOR).
+    # Format 2: the stack compressed as ingest compresses image values (store.IMAGE_COMPRESSOR).
     recipe = {"size": size, "dates": n_dates, "bands": n_bands, "seed": seed, "format": 2}
     if (path / "zarr.json").exists():
         with contextlib.suppress(Exception):
@@ -159,10 +159,11 @@ def build_stack(path: Path, *, size: int, n_dates: int, n_bands: int = 4, seed: 
         attrs={"nodata": 0},
     )
     dataset = stack.to_dataset()
-    dataset["stack"].encoding["compressors"] = (IMAGE_COMPRESSOR,)
     dataset["band"] = dataset["band"].astype(object)
     dataset.attrs = {"spoc_xr": {"kind": "stack", "source_files": []}, "benchmark": recipe}
-    dataset.to_zarr(path, mode="w", zarr_format=3, consolidated=False, compute=False)
+    # Only the arrays' metadata, through the writer ingest uses (its compressors, its options);
+    # the dates are filled in below.
+    write_dataset(dataset, path, overwrite=False, compute=False)
     target = zarr.open_array(path / "stack", mode="r+")
     rng = np.random.default_rng(seed)
     pad = size - side
