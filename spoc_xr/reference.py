@@ -15,9 +15,10 @@ import functools
 import itertools
 import math
 import os
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import dask
 import dask.array as da
@@ -218,6 +219,19 @@ def _least_squares_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return gain, float(y_mean - gain * x_mean)
 
 
+def map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[function(item) for item in items]`` on a thread per core.
+
+    For the planning steps that run on the client before any tile task can start, and spend
+    their time in numpy, which releases the GIL: the cores are otherwise idle then.
+    """
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, items))
+
+
 def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gains and offsets ``(time, band)`` that map each date of the overview onto ``target``.
 
@@ -227,16 +241,7 @@ def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
     """
     n_time, n_band = overview.shape[:2]
     pairs = list(itertools.product(range(n_time), range(n_band)))
-
-    def fit(pair: tuple[int, int]) -> tuple[float, float]:
-        return robust_linear_fit(overview[pair], target[pair[1]])
-
-    workers = min(len(pairs), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            fits = list(pool.map(fit, pairs))
-    else:
-        fits = [fit(pair) for pair in pairs]
+    fits = map_on_cores(lambda pair: robust_linear_fit(overview[pair], target[pair[1]]), pairs)
     gains = np.ones((n_time, n_band))
     offsets = np.zeros((n_time, n_band))
     for (t, b), (gain, offset) in zip(pairs, fits, strict=True):
@@ -288,13 +293,14 @@ def change_fractions(
     deviation += offsets[:, :, None, None]
     deviation -= target[None]
     np.abs(deviation, out=deviation)
+
     # Band by band on the finite values: np.nanmedian over several axes is ~10x slower.
-    scale = np.full(deviation.shape[1], np.nan)
-    for band in range(deviation.shape[1]):
+    def band_scale(band: int) -> float:
         values = deviation[:, band]
         finite = values[np.isfinite(values)]
-        if finite.size:
-            scale[band] = MAD_TO_SIGMA * np.median(finite)
+        return float(MAD_TO_SIGMA * np.median(finite)) if finite.size else np.nan
+
+    scale = np.array(map_on_cores(band_scale, range(deviation.shape[1])), dtype=np.float64)
     scale = np.where(scale > 0, scale, 1.0)
     outlier = (deviation > OUTLIER_SIGMA * scale[None, :, None, None]).any(axis=1)
     valid = np.isfinite(deviation).all(axis=1)
@@ -332,8 +338,13 @@ def parse_reference(reference: str, times: xr.DataArray) -> str | int:
 def overview_composite(overview: np.ndarray) -> np.ndarray:
     """The temporal median ``(band, h, w)`` of an overview: single dates' clouds and boats drop
     out of it."""
-    with np.errstate(all="ignore"):
-        return nanmedian_first(overview)
+
+    def band_median(band: int) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return nanmedian_first(overview[:, band])
+
+    # Band by band on a thread per core (pixels are independent): the same values.
+    return np.stack(map_on_cores(band_median, range(overview.shape[1])))
 
 
 def plan_radiometry(

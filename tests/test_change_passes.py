@@ -21,6 +21,7 @@ from spoc_xr.detect import (
     DENSITY_STEPS,
     EDGE_CONTRAST,
     HAZE_LEVEL,
+    HULL_NIR_RATIO,
     LARGE_MAGNITUDE,
     MEAN_ABS_TO_SIGMA,
     SCORE_CEILING,
@@ -30,6 +31,7 @@ from spoc_xr.detect import (
     THIN_ROOM_SHARE,
     _cell_grid,
     _cell_median,
+    _hull_coloured,
     _large_tests,
     _plain_tests,
     _residual_cells,
@@ -238,6 +240,50 @@ def test_the_top_over_a_reach_equals_numpy(
     # The narrower range changed the score where the date lies between the two tops.
     full_score = change_passes(date, low, high, noise, gain, offset, **options)[0]
     assert (got[0] > full_score).any() and (got[0] >= full_score).all()
+
+
+def numpy_hull_coloured(date, low, high, gain, offset, pixels, nir, visible, reach_top, noise):
+    """The hull test as numpy expressions over the gathered pixels (``reach_top`` the
+    reference's top over the reach at every pixel, or None for the whole range)."""
+    bands = np.array([nir, *visible])
+    where = (bands[:, None], pixels[None])
+    low_at, high_at, date_at = (a.reshape(a.shape[0], -1)[where] for a in (low, high, date))
+    if reach_top is not None:
+        top_at = reach_top.reshape(reach_top.shape[0], -1)[where]
+        noise_at = noise.reshape(noise.shape[0], -1)[where]
+        narrowed = high_at - top_at > np.float32(EDGE_CONTRAST) * noise_at
+        high_at = np.where(narrowed, top_at, high_at)
+    rise = date_at.astype(np.float32) * gain[bands, None] + offset[bands, None]
+    rise -= (low_at + high_at) / 2
+    visible_rise = np.maximum(rise[1:].max(axis=0), 0)
+    return (rise[0] > 0) & (rise[0] > HULL_NIR_RATIO * visible_rise)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float16])
+@pytest.mark.parametrize("reach", [None, (1, 0, 1, 1), (0, 1, 0, 0)])
+def test_the_compiled_hull_test_equals_numpy(
+    dtype: type[np.generic], reach: tuple[int, int, int, int] | None
+) -> None:
+    date, low, high, noise, gain, offset = random_inputs(dtype, seed=13)
+    rng = np.random.default_rng(8)
+    # Dates that rose over the range, in NIR more than in visible light at some pixels.
+    date = (date.astype(np.float64) + rng.uniform(0, 3000, SHAPE)).astype(dtype)
+    pad = 2
+    reference = rng.uniform(0, 3000, (SHAPE[0], SHAPE[1] + 2 * pad, SHAPE[2] + 2 * pad))
+    reference = reference.astype(np.float32)
+    reference[:, rng.random(reference.shape[1:]) < 0.02] = np.nan
+    pixels = np.flatnonzero(rng.random(SHAPE[1:]) < 0.4)
+    nir, visible = 3, (0, 1, 2)
+    got = _hull_coloured(
+        date, low, high, gain, offset, pixels, nir, visible, reference, reach, noise
+    )
+    top = None if reach is None else numpy_reach_top(reference, reach, pad)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = numpy_hull_coloured(
+            date, low, high, gain, offset, pixels, nir, visible, top, noise
+        )
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < got.mean() < 1  # both answers occur
 
 
 def test_a_reach_needs_the_reference_padded_by_the_radius() -> None:
