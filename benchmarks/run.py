@@ -769,20 +769,24 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     subset = min(args.baseline_dates, n_dates)
     sub_work = mpix_dates(path, subset)
     note = f"{subset} of {n_dates} dates"
-    seconds = timed(
-        lambda: dask_image_composition(path, workdir / "dask_image.zarr", subset),
-        warm_up=lambda: dask_image_composition(path, workdir / "dask_image.zarr", 1),
-    )
+
+    def dask_image_run() -> None:
+        dask_image_composition(path, workdir / "dask_image.zarr", subset)
+
+    def warm_dask_image() -> None:
+        dask_image_composition(path, workdir / "dask_image.zarr", 1)
+
+    seconds = timed(dask_image_run, warm_up=warm_dask_image)
     rows.append(Measure("dask-image composition", "threads", seconds, sub_work, note=note))
     cluster_run(
         rows,
         "dask-image composition",
-        lambda: dask_image_composition(path, workdir / "dask_image.zarr", subset),
+        dask_image_run,
         sub_work,
         n_workers=2,
         memory_limit=limit,
         note=note,
-        warm_up=lambda: dask_image_composition(path, workdir / "dask_image.zarr", 1),
+        warm_up=warm_dask_image,
     )
     seconds = timed(
         lambda: numpy_loop(path, workdir / "numpy_loop.zarr", subset),

@@ -1848,21 +1848,16 @@ def _hull_coloured(
     largest rise in visible light, from the middle of the reference's range (its top over
     ``reach`` of the padded ``reference`` where given, as :func:`change_passes` takes it).
 
-    One compiled pass over the pixels, float32 as numpy's expression (``tests/test_detect.py``):
-    a tested pixel's bands gathered by numpy's fancy indexing cost 10 ms a date on a 2048² tile
-    with 45,000 tested pixels.
+    One compiled pass over the pixels, float32 as numpy's expression
+    (``tests/test_change_passes.py``): a tested pixel's bands gathered by numpy's fancy indexing
+    cost 10 ms a date on a 2048² tile with 45,000 tested pixels.
     """
-    directed = reference is not None and reach is not None and noise is not None
-    if directed:
-        assert reference is not None and reach is not None and noise is not None
-        pad = (reference.shape[1] - date.shape[1]) // 2
-        sides = reach
-        ranged = np.ascontiguousarray(reference, dtype=np.float32)
-        scales = noise
-    else:
-        pad, sides = 0, (0, 0, 0, 0)
-        ranged = np.empty((1, 1, 1), dtype=np.float32)
-        scales = np.empty((1, 1, 1), dtype=np.float32)
+    if reference is not None and reach is not None and noise is not None:
+        directed, pad, sides = True, (reference.shape[1] - date.shape[1]) // 2, reach
+        reference = np.ascontiguousarray(reference, dtype=np.float32)
+    else:  # placeholders the compiled pass does not read
+        directed, pad, sides = False, 0, (0, 0, 0, 0)
+        reference = noise = np.empty((1, 1, 1), dtype=np.float32)
     out = np.empty(pixels.size, dtype=bool)
     _hull_pixels(
         _compiled_date(date),
@@ -1872,10 +1867,10 @@ def _hull_coloured(
         np.asarray(pixels, dtype=np.int64),
         np.array([nir, *visible], dtype=np.int64),
         directed,
-        ranged,
+        reference,
         np.int64(pad),
         *(np.int64(side) for side in sides),
-        scales,
+        noise,
         np.float32(EDGE_CONTRAST),
         np.float32(HULL_NIR_RATIO),
         out,
@@ -1915,17 +1910,14 @@ def _hull_pixels(  # pragma: no cover - compiled
             band = bands[j]
             top = high[band, y, x]
             if directed:
-                # np.max over the reach: NaN wins; a NaN top narrows nothing.
+                # np.max over the reach: NaN wins (once taken, no value is above it); a NaN top
+                # narrows nothing.
                 reach_top = -np.float32(np.inf)
                 for dy in range(-up, down + 1):
                     for dx in range(-left, right + 1):
                         value = reference[band, y + pad + dy, x + pad + dx]
                         if value != value or value > reach_top:
                             reach_top = value
-                            if value != value:
-                                break
-                    if reach_top != reach_top:
-                        break
                 if top - reach_top > edge_contrast * noise[band, y, x]:
                     top = reach_top
             rise = np.float32(date[band, y, x]) * gain[band] + offset[band]
