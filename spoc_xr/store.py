@@ -792,8 +792,9 @@ def lock_path(store: PathLike) -> Path:
 def store_lock(store: PathLike) -> Iterator[Path]:
     """Hold ``<store>.lock`` while writing ``store``; a second writer is refused.
 
-    The lock is created atomically (``O_CREAT | O_EXCL``) and holds the writer's pid and host. A
-    lock left by a process that no longer runs on this host (a killed run) is taken over.
+    The lock holds the writer's pid and host and appears with its record in one step (written to a
+    private file, then hard-linked into place), so no reader ever sees it empty. A lock left by a
+    process that no longer runs on this host (a killed run) is taken over.
 
     Raises
     ------
@@ -807,32 +808,27 @@ def store_lock(store: PathLike) -> Iterator[Path]:
     """
     lock = lock_path(store)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-    for _attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder is not None and _is_alive(holder):
-                raise StoreError(
-                    f"{str(store)!r} is being written by another run (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}); wait for it to finish, or delete {str(lock)!r} if "
-                    "that run is gone"
-                ) from None
-            # Stale: its writer died. Only the lock's owner removes it after a successful take.
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(record)
-        break
+    record = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _attempt in range(3):
+        if _create_lock(lock, record):
+            break
+        holder = _read_lock(lock)
+        if holder is None and _is_young(lock):
+            holder = {"pid": "unknown", "host": "unknown (its lock is being written)"}
+        if holder is not None and _is_alive(holder):
+            raise StoreError(
+                f"{str(store)!r} is being written by another run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}); wait for it to finish, or delete {str(lock)!r} if "
+                "that run is gone"
+            )
+        _take_stale_lock(lock, holder)
     else:
         raise StoreError(f"cannot take the lock {str(lock)!r}; another run took it first")
     try:
         yield lock
     finally:
         with contextlib.suppress(FileNotFoundError):
-            if _read_lock(lock) == json.loads(record):
+            if _read_lock(lock) == record:
                 lock.unlink()
 
 
@@ -1070,6 +1066,59 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+#: An unreadable lock younger than this may still be being written (a filesystem without hard
+#: links), so it counts as held.
+UNREADABLE_LOCK_GRACE_S = 30.0
+
+
+def _create_lock(lock: Path, record: dict[str, Any]) -> bool:
+    """Create ``lock`` holding ``record`` unless it exists; True when this call created it."""
+    private = lock.with_name(f"{lock.name}.{os.getpid()}.{id(record)}.tmp")
+    private.write_text(json.dumps(record))
+    try:
+        os.link(private, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        pass  # no hard links here: exclusive create, then write (readers allow for the gap)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            private.unlink()
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(record))
+    return True
+
+
+def _is_young(lock: Path) -> bool:
+    try:
+        age = datetime.now(UTC).timestamp() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age < UNREADABLE_LOCK_GRACE_S
+
+
+def _take_stale_lock(lock: Path, stale: dict[str, Any] | None) -> None:
+    """Remove a dead writer's lock, unless another run replaced it since it was read.
+
+    The lock is moved aside first (one mover wins); if what moved is not the stale record that
+    was judged dead, it is a live run's new lock and goes back.
+    """
+    aside = lock.with_name(f"{lock.name}.{os.getpid()}.stale")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != stale:
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)
+    aside.unlink()
 
 
 def _is_alive(holder: dict[str, Any]) -> bool:

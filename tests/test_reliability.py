@@ -6,9 +6,11 @@ SIGKILL, and Dask workers in their own processes killed with ``os._exit``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -367,6 +369,79 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(
     assert annotate_store(stack, out, source=scene["stack"]) in ("resumed", "written")
     assert not st.lock_path(out).exists()
     assert_same_store(out, scene["reference"])
+
+
+def _take_lock_repeatedly(store: Path, marker: Path, rounds: int, results: Any) -> None:
+    """Take ``store``'s lock ``rounds`` times; count the times someone else held it too."""
+    held = overlaps = 0
+    for _ in range(rounds):
+        try:
+            with st.store_lock(store):
+                held += 1
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    overlaps += 1
+                    continue
+                time.sleep(0.0005)
+                marker.unlink()
+        except StoreError:
+            pass
+    results.put((held, overlaps))
+
+
+def test_writers_racing_for_the_lock_never_hold_it_together(tmp_path: Path) -> None:
+    # Session 17's lock appeared empty before its record was written; a racing reader took the
+    # empty lock for a dead writer's and both wrote (hundreds of overlaps in this loop).
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    racers = [
+        context.Process(
+            target=_take_lock_repeatedly,
+            args=(tmp_path / "out.zarr", tmp_path / "held", 400, results),
+        )
+        for _ in range(3)
+    ]
+    for racer in racers:
+        racer.start()
+    counts = [results.get(timeout=KILL_TIMEOUT_S) for _ in racers]
+    for racer in racers:
+        racer.join(timeout=KILL_TIMEOUT_S)
+    assert sum(held for held, _ in counts) > 0
+    assert [overlaps for _, overlaps in counts] == [0, 0, 0]
+    assert not st.lock_path(tmp_path / "out.zarr").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_lock_is_held_while_young_and_taken_over_when_old(tmp_path: Path) -> None:
+    out = tmp_path / "out.zarr"
+    lock = st.lock_path(out)
+    lock.write_text("")  # a writer on a filesystem without hard links, between create and write
+    with pytest.raises(StoreError, match="being written by another run"), st.store_lock(out):
+        pass
+    old = time.time() - 2 * st.UNREADABLE_LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    with st.store_lock(out) as held:
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_a_dead_writers_lock_is_taken_over_but_a_live_one_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.zarr"
+    lock = st.lock_path(out)
+    host = socket.gethostname()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": host}))
+    with st.store_lock(out):
+        assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": host}
+        with pytest.raises(StoreError, match=f"pid {os.getpid()} on {host}"), st.store_lock(out):
+            pass
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------
