@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import dask
 import dask.array as da
-import numba
 import numpy as np
 import xarray as xr
 from dask.array.overlap import ensure_minimum_chunksize
@@ -52,6 +51,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from spoc_xr import kernels
+from spoc_xr.compiled import compiled as _compiled
 from spoc_xr.errors import ParameterError
 from spoc_xr.reference import sorting_network
 
@@ -787,18 +787,6 @@ def _nodata_value(date: np.ndarray, nodata: float | None) -> np.generic:
         return np.float64(value)
     exact = date.dtype.type(value)
     return np.float32(exact) if date.dtype == np.float16 else exact
-
-
-def _compiled(function: Callable[..., None]) -> Any:
-    """``function`` compiled by numba, releasing the GIL, with numpy's float semantics (a division
-    by zero gives inf or NaN). The machine code is cached beside the package, or under
-    ``NUMBA_CACHE_DIR``; where neither is writable (a read-only install) it is compiled once per
-    process instead."""
-    options: dict[str, Any] = {"nogil": True, "error_model": "numpy"}
-    try:
-        return numba.njit(cache=True, **options)(function)
-    except RuntimeError:  # numba found no writable cache location
-        return numba.njit(**options)(function)
 
 
 # The per-pixel pass over a date, compiled: every pixel's bands are read once and nothing but the

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
@@ -477,7 +478,36 @@ def _prepare_for_zarr(ds: xr.Dataset, *, creating: bool = True) -> xr.Dataset:
         for var in prepared.data_vars.values():
             if is_image_dtype(var.dtype) and "compressors" not in var.encoding:
                 var.encoding["compressors"] = (IMAGE_COMPRESSOR,)
-    return prepared
+    return _one_write_per_small_variable(prepared, creating=creating)
+
+
+#: Dask-backed variables up to this size are written by one task each (see
+#: :func:`_one_write_per_small_variable`).
+SMALL_VARIABLE_BYTES = 2**20
+
+
+def _one_write_per_small_variable(ds: xr.Dataset, *, creating: bool) -> xr.Dataset:
+    """Small variables of many chunks (the per-date shares and shifts) as one Dask chunk each,
+    their Zarr chunks unchanged.
+
+    Each chunk write goes through Zarr's event loop in a thread of its own: beside busy tile
+    tasks a 4-byte chunk took ~5 ms, and the four per-date variables of 40 dates cost 0.8
+    thread-seconds (4 % of an annotate). One task writing a variable's every chunk hands them
+    to Zarr in one call, which writes them concurrently. The chunks on disk stay one per date,
+    as resumed and appended runs write them.
+    """
+    for name, var in ds.data_vars.items():
+        data = var.data
+        if not isinstance(data, da.Array) or data.npartitions == 1:
+            continue
+        if data.nbytes > SMALL_VARIABLE_BYTES:
+            continue
+        if creating and "chunks" not in var.encoding:
+            # The layout xarray derives from the Dask chunks (each dimension's first chunk).
+            var.encoding["chunks"] = tuple(int(sizes[0]) for sizes in data.chunks)
+        ds[name] = var.copy(data=data.rechunk(-1))
+        ds[name].encoding = var.encoding
+    return ds
 
 
 def active_client() -> Any:

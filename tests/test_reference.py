@@ -23,6 +23,7 @@ from spoc_xr.reference import (
     middle_network,
     nanmedian_first,
     nanmiddle_pair,
+    robust_linear_fit,
     shift_windows,
     sorting_network,
     temporal_median,
@@ -147,6 +148,75 @@ def test_fit_radiometry_on_threads_equals_one_fit_at_a_time(monkeypatch):
     np.testing.assert_array_equal(offsets, serial[1])
     np.testing.assert_allclose(gains, gains_true, rtol=1e-6)
     np.testing.assert_allclose(offsets, 30.0, rtol=1e-4)
+
+
+def _numpy_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """robust_linear_fit as numpy masks and gathers (session 17's code), for the compiled one."""
+    import scipy.ndimage as ndi
+
+    from spoc_xr import reference as ref
+
+    ok = np.isfinite(source) & np.isfinite(target) & (source > 0) & (target > 0)
+    x, y = source[ok].astype(np.float64), target[ok].astype(np.float64)
+    if x.size < ref.MIN_FIT_SAMPLES:
+        return 1.0, 0.0
+    log_ratio = np.log(y / x)
+    counts, _ = np.histogram(log_ratio, bins=ref.RATIO_EDGES)
+    smoothed = ndi.gaussian_filter1d(counts.astype(np.float64), ref.RATIO_SMOOTHING_BINS)
+    peak = int(np.argmax(smoothed))
+    mode = 0.5 * (ref.RATIO_EDGES[peak] + ref.RATIO_EDGES[peak + 1])
+    if abs(mode) > ref.MAX_LOG_GAIN:
+        return float(np.exp(np.clip(mode, -ref.MAX_LOG_GAIN, ref.MAX_LOG_GAIN))), 0.0
+    near = np.abs(log_ratio - mode) < ref.RATIO_INLIER_WIDTH
+    if near.sum() < ref.MIN_FIT_SAMPLES or np.ptp(x[near]) == 0:
+        return float(np.exp(mode)), 0.0
+    x_near, y_near = x[near], y[near]
+    dx = x_near - x_near.mean()
+    gain = float((dx * (y_near - y_near.mean())).sum() / (dx * dx).sum())
+    if not gain > 0 or abs(np.log(gain)) > ref.MAX_LOG_GAIN:
+        return float(np.exp(mode)), 0.0
+    return gain, float(y_near.mean() - gain * x_near.mean())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_fit_equals_numpy_to_the_bit(dtype, seed):
+    rng = np.random.default_rng(seed)
+    source = rng.gamma(2.0, 400.0, size=(90, 70))
+    gain = rng.choice([rng.uniform(0.7, 1.4), 2.5, 0.3])  # within range, or a whole-scene change
+    target = gain * source + rng.normal(30.0, 8.0, size=source.shape)
+    target[: rng.integers(0, 60)] *= 2.2  # a cloud over up to most of the date
+    if dtype == np.uint16:
+        source, target = (np.clip(v, 0, 65535).astype(np.uint16) for v in (source, target))
+    else:
+        source, target = source.astype(dtype), target.astype(dtype)
+        source[rng.random(source.shape) < 0.1] = np.nan
+        target[rng.random(target.shape) < 0.05] = -1.0
+        source.flat[:: rng.integers(5, 50)] = 0.0
+    assert robust_linear_fit(source, target) == _numpy_linear_fit(source, target)
+    few = source[:3, :10], target[:3, :10]  # under MIN_FIT_SAMPLES usable pairs
+    assert robust_linear_fit(*few) == _numpy_linear_fit(*few) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        robust_linear_fit(source, target[:-1])
+
+
+def test_the_compiled_ratio_counts_are_numpys_histogram_on_and_beside_every_edge():
+    from spoc_xr.reference import RATIO_BIN_WIDTH, RATIO_EDGES, RATIO_RANGE, _ratio_counts
+
+    rng = np.random.default_rng(3)
+    # On an edge a value goes to the bin the edge opens (the last edge closes the last bin).
+    values = np.concatenate(
+        [
+            RATIO_EDGES,
+            np.nextafter(RATIO_EDGES, np.inf),
+            np.nextafter(RATIO_EDGES, -np.inf),
+            rng.uniform(-2 * RATIO_RANGE, 2 * RATIO_RANGE, 5000),
+            [np.nan, np.inf, -np.inf],
+        ]
+    )
+    counts = _ratio_counts(values, RATIO_EDGES, RATIO_RANGE, RATIO_BIN_WIDTH)
+    expected, _ = np.histogram(values[np.isfinite(values)], bins=RATIO_EDGES)
+    np.testing.assert_array_equal(counts, expected)
 
 
 def _textured(seed: int, shape: tuple[int, int] = (160, 140)) -> np.ndarray:

@@ -246,3 +246,39 @@ def test_new_image_arrays_get_the_fast_compressor_and_keep_their_values(tmp_path
     assert [type(codec).__name__ for codec in compressors["mask"]] == ["ZstdCodec"]
     back = xr.open_zarr(store, consolidated=False).load()
     xr.testing.assert_equal(back[list(ds)], ds.load())
+
+
+def test_small_variables_are_written_by_one_task_each_in_chunks_per_date(tmp_path: Path) -> None:
+    import dask
+    import zarr
+
+    from spoc_xr.store import SMALL_VARIABLE_BYTES, create_store, write_region
+
+    n_dates = 7
+    shares = xr.DataArray(
+        da.arange(n_dates, dtype=np.float32, chunks=1) / 10, dims="time", name="shares"
+    )
+    cube = xr.DataArray(
+        da.ones((n_dates, 600, 600), dtype=np.uint8, chunks=(1, 600, 600)),
+        dims=("time", "y", "x"),
+    )
+    assert cube.nbytes > SMALL_VARIABLE_BYTES >= shares.nbytes
+    ds = xr.Dataset({"shares": shares, "cube": cube}, coords={"time": np.arange(n_dates)})
+    pending = write_dataset(ds, tmp_path / "out.zarr", overwrite=False, compute=False)
+    assert isinstance(pending, Delayed)
+    writes = [key for key in dict(pending.__dask_graph__()) if "store-map" in str(key)]
+    # One task writes every chunk of the small variable; the cube keeps a task per chunk.
+    assert len(writes) == 1 + n_dates
+    dask.compute(pending)
+    stored = zarr.open_array(tmp_path / "out.zarr" / "shares", mode="r")
+    assert stored.chunks == (1,)
+    np.testing.assert_array_equal(stored[:], np.arange(n_dates, dtype=np.float32) / 10)
+
+    # A region write (a batch of a resumable run) keeps the layout and writes only its dates.
+    create_store(ds, tmp_path / "batched.zarr", provenance={"recipe": {}, "dates": []})
+    write_region(ds.isel(time=slice(2, 5)), tmp_path / "batched.zarr", region={"time": slice(2, 5)})
+    written = sorted(int(p.name) for p in (tmp_path / "batched.zarr" / "shares" / "c").iterdir())
+    assert written == [2, 3, 4]
+    back = zarr.open_array(tmp_path / "batched.zarr" / "shares", mode="r")
+    assert back.chunks == (1,)
+    np.testing.assert_array_equal(back[2:5], np.arange(2, 5, dtype=np.float32) / 10)
