@@ -332,12 +332,14 @@ def reference_and_spread(
     the object test look at the reference's neighbours: tiles carry that context (REFERENCE_HALO,
     OBJECT_REACH and the tolerance's reach), so a chunked result equals the unchunked one.
 
-    The two steps are also available apart (:func:`reference_and_raw_spread`,
-    :func:`spread_beyond_range`): :func:`annotate_store` stores the first before it computes the
-    second, so that no step holds the whole image.
+    The reference task computes the spread beyond the range too, for its own tile (it has the
+    final reference and the sample dates' objects there already). The two steps are also
+    available apart (:func:`reference_and_raw_spread`, :func:`spread_beyond_range`, which reads
+    the dates again and repeats the object test): :func:`annotate_store` stores the first before
+    it computes the second, so that no step holds the whole image. Both give the same values.
     """
-    ref, spread = reference_and_raw_spread(stack, radiometry, tolerance)
-    excess = spread_beyond_range(stack, radiometry, ref, tolerance)
+    base, planes = _reference_planes(stack, radiometry, tolerance, with_excess=True)
+    ref, spread, excess = (base.copy(data=planes[i]) for i in range(3))
     return ref, range_consistent_spread(spread, excess)
 
 
@@ -399,6 +401,15 @@ def reference_and_raw_spread(
 ) -> tuple[xr.DataArray, xr.DataArray]:
     """The lazy reference and the noise dates' spread around it, before
     :func:`range_consistent_spread` (see :func:`reference_and_spread`)."""
+    base, planes = _reference_planes(stack, radiometry, tolerance, with_excess=False)
+    return base.copy(data=planes[0]), base.copy(data=planes[1])
+
+
+def _reference_planes(
+    stack: xr.DataArray, radiometry: Radiometry, tolerance: int, *, with_excess: bool
+) -> tuple[xr.DataArray, da.Array]:
+    """The reference task's output ``(plane, band, y, x)``: the reference, the raw spread and,
+    ``with_excess``, the spread beyond the range; and the base reference it is laid out as."""
     stack = stack.transpose(*STACK_DIMS)
     bands = [str(b) for b in stack.band.values]
     samples, spatial, indices, halo = _noise_samples(stack, radiometry, tolerance)
@@ -408,15 +419,16 @@ def reference_and_raw_spread(
     nodata = stack.attrs.get("nodata")
     # Blocks pair by position: each tile's dates with its padded base; block_info places the
     # tile in the image (the object test's cells are anchored there).
-    both = da.map_blocks(
+    planes = da.map_blocks(
         _reference_tile,
         pad_and_overlap(samples, halo, [2, 3]),
         pad_and_overlap(base_data.rechunk((-1, *spatial)), halo, [1, 2]),
-        chunks=((2,), (len(bands),), *spatial),
+        chunks=((3 if with_excess else 2,), (len(bands),), *spatial),
         dtype=np.float32,
         meta=np.empty((0, 0, 0, 0), dtype=np.float32),
         halo=halo,
         reach=tolerance // 2,
+        with_excess=with_excess,
         gains=radiometry.gains[indices],
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
@@ -425,7 +437,7 @@ def reference_and_raw_spread(
         index=choose_water_index(bands),
         bands=bands,
     )
-    return base.copy(data=both[0]), base.copy(data=both[1])
+    return base, planes
 
 
 def spread_beyond_range(
@@ -572,6 +584,7 @@ def _reference_tile(
     halo: int,
     reach: int,
     units: np.ndarray | None,
+    with_excess: bool = False,
     block_info: dict[Any, Any] | None = None,
     **settings: Any,
 ) -> np.ndarray:
@@ -594,6 +607,16 @@ def _reference_tile(
             halo=uncover,
             **settings,
         )
+    origin = _tile_origin(block_info, halo)
+    # Beyond the image the range and the object test see the final reference's edge replicated,
+    # as the excess task (:func:`spread_beyond_range`) sees a stored reference: both spreads
+    # are then the same whichever task computes them.
+    image_shape = (
+        (height - 2 * halo, width - 2 * halo)
+        if block_info is None
+        else tuple(block_info[None]["shape"][-2:])
+    )
+    _replicate_beyond_image(reference, origin, image_shape)
     low, high = _reference_range(reference, reach)
     left_out = _sample_objects(
         samples_raw,
@@ -603,21 +626,46 @@ def _reference_tile(
         settings["offsets"],
         settings["nodata"],
         units,
-        _tile_origin(block_info, halo),
+        origin,
     )
     core = (slice(None), slice(halo, height - halo), slice(halo, width - halo))
-    out = np.empty((2, *reference[core].shape), dtype=np.float32)
+    out = np.empty((3 if with_excess else 2, *reference[core].shape), dtype=np.float32)
     out[0] = reference[core]
-    out[1] = kept_medians(
-        samples_raw[(slice(None), *core)],
-        settings["gains"],
-        settings["offsets"],
-        settings["nodata"],
-        reference[core],
-        reference[core],
-        None if left_out is None else left_out[core],
-    )
+    ranges = [(reference[core], reference[core])]
+    if with_excess:
+        ranges.append((low[core], high[core]))
+    for plane, (lower, upper) in enumerate(ranges, start=1):
+        out[plane] = kept_medians(
+            samples_raw[(slice(None), *core)],
+            settings["gains"],
+            settings["offsets"],
+            settings["nodata"],
+            lower,
+            upper,
+            None if left_out is None else left_out[core],
+        )
     return out
+
+
+def _replicate_beyond_image(
+    window: np.ndarray, origin: tuple[int, int], image_shape: tuple[int, ...]
+) -> None:
+    """Overwrite, in place, the rows and columns of a ``(band, y, x)`` window that lie beyond
+    the image (``origin``: the image position of its first pixel) with the image's outermost
+    ones, rows first (as np.pad, and the halo tasks, replicate)."""
+    for axis, (start, size) in enumerate(zip(origin, image_shape, strict=True), start=1):
+        length = window.shape[axis]
+        before = min(max(-start, 0), length)
+        after = min(max(start + length - size, 0), length)
+        where: list[slice] = [slice(None)] * window.ndim
+        source: list[slice] = [slice(None)] * window.ndim
+        if before:
+            where[axis], source[axis] = slice(0, before), slice(before, before + 1)
+            window[tuple(where)] = window[tuple(source)]
+        if after:
+            where[axis] = slice(length - after, length)
+            source[axis] = slice(length - after - 1, length - after)
+            window[tuple(where)] = window[tuple(source)]
 
 
 # Rows per strip of the reference task (8 dates x 4 bands x 32 rows x 1024 px x 4 B = 4 MB).

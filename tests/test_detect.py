@@ -520,6 +520,36 @@ def test_excess_spread_equals_numpy(stack, chunks):
     assert (spread.values < around - 1e-3).any()  # the range explains part of the spread here
 
 
+@pytest.mark.parametrize("chunks", [{"y": 7, "x": 9}, {"y": 13, "x": 37}])
+def test_the_reference_tasks_excess_equals_the_excess_task_on_the_stored_reference(stack, chunks):
+    # annotate's one graph takes the spread beyond the range from the reference task; the store
+    # writer computes it in a task of its own from the stored reference (edges replicated).
+    from spoc_xr.pipeline import _reference_planes, reference_and_raw_spread, spread_beyond_range
+
+    chunked, radiometry, _, _ = _prepared(stack, chunks)
+    _, planes = _reference_planes(chunked, radiometry, 7, with_excess=True)
+    reference, raw = reference_and_raw_spread(chunked, radiometry, 7)
+    stored = reference.compute()  # as read back from a store: no lazy context
+    excess = spread_beyond_range(chunked, radiometry, stored, 7).values
+    merged = planes.compute()
+    np.testing.assert_array_equal(merged[0], stored.values)
+    np.testing.assert_array_equal(merged[1], raw.values)
+    np.testing.assert_array_equal(merged[2], excess)
+    assert np.isfinite(excess).any() and (merged[2] < merged[1]).any()
+
+
+def test_replicate_beyond_image_is_np_pad_edge_of_the_inside():
+    from spoc_xr.pipeline import _replicate_beyond_image
+
+    image = np.arange(2 * 6 * 5, dtype=np.float32).reshape(2, 6, 5)
+    # A window from image (-3, 1) of 8 x 6: three rows above and two columns to the right beyond.
+    window = np.full((2, 8, 6), np.nan, dtype=np.float32)
+    window[:, 3:, :4] = image[:, :5, 1:]
+    _replicate_beyond_image(window, (-3, 1), image.shape[1:])
+    expected = np.pad(image, ((0, 0), (3, 0), (0, 2)), mode="edge")[:, :8, 1:7]
+    np.testing.assert_array_equal(window, expected)
+
+
 def test_a_hull_inside_a_cloud_body_stays_small_a_fading_puff_does_not():
     threshold = 6.0
     score = np.zeros((40, 60), dtype=np.float32)
