@@ -496,7 +496,7 @@ def _one_write_per_small_variable(ds: xr.Dataset, *, creating: bool) -> xr.Datas
     to Zarr in one call, which writes them concurrently. The chunks on disk stay one per date,
     as resumed and appended runs write them.
     """
-    for name, var in ds.data_vars.items():
+    for name, var in list(ds.data_vars.items()):  # replaced while iterating
         data = var.data
         if not isinstance(data, da.Array) or data.npartitions == 1:
             continue
