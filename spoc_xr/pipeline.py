@@ -333,10 +333,11 @@ def reference_and_spread(
     OBJECT_REACH and the tolerance's reach), so a chunked result equals the unchunked one.
 
     The reference task computes the spread beyond the range too, for its own tile (it has the
-    final reference and the sample dates' objects there already). The two steps are also
-    available apart (:func:`reference_and_raw_spread`, :func:`spread_beyond_range`, which reads
-    the dates again and repeats the object test): :func:`annotate_store` stores the first before
-    it computes the second, so that no step holds the whole image. Both give the same values.
+    final reference and the sample dates' objects there already); :func:`annotate_store` stores
+    its three planes before it combines them, so that no step holds the whole image.
+    :func:`reference_and_raw_spread` and :func:`spread_beyond_range` (which reads the dates again
+    and repeats the object test, on a reference read back from a store) give the same values
+    apart.
     """
     base, planes = _reference_planes(stack, radiometry, tolerance, with_excess=True)
     ref, spread, excess = (base.copy(data=planes[i]) for i in range(3))
@@ -918,36 +919,45 @@ def _write_reference_pass(
 ) -> None:
     """Write the reference, the noise model and the water mask, in three passes over the store.
 
-    The final noise model needs the reference's neighbours and a floor taken over the whole
-    image; computed in one graph with the reference, Dask held the reference tasks' outputs of
-    every tile until then (spilling on 8192² images with 2 GB workers). The reference and the raw
-    spread are stored first; the floor, the spread beyond the range and the water mask then read
-    them back, halos included, with nothing to recompute. A run killed in between starts this
-    pass again (the stage stays ``created``).
+    The final noise model needs a floor taken over the whole image; computed in one graph with
+    the reference, Dask held the reference tasks' outputs of every tile until then (spilling on
+    8192² images with 2 GB workers). The reference task's three planes are stored first: the
+    reference, the raw spread and the spread beyond the range (in :data:`EXCESS_VARIABLE`, removed
+    once used); the floor and the final spread then read them back, and the water mask the
+    reference, with nothing to recompute. A run killed in between starts this pass again (the
+    stage stays ``created``).
     """
     from spoc_xr import store as st
 
     chunks = _output_chunks(stack, time=False)
-    ref, raw = reference_and_raw_spread(stack, radiometry, params.tolerance)
+    base, planes = _reference_planes(stack, radiometry, params.tolerance, with_excess=True)
     first = xr.Dataset(
         {
-            "reference": ref.astype(np.float32).chunk(chunks),
-            "spread": raw.astype(np.float32).chunk(chunks),
+            name: base.copy(data=planes[plane]).astype(np.float32).chunk(chunks)
+            for plane, name in enumerate(("reference", "spread", EXCESS_VARIABLE))
         }
     )
+    st.remove_variable(out, EXCESS_VARIABLE)  # a killed pass's
+    st.add_variables(first[[EXCESS_VARIABLE]], out)
     st.write_region(first, out, region={}, progress=progress)
     stored = _open_unfinished(out)
     reference, spread = stored["reference"], stored["spread"]
     # Computed before the final spread overwrites the raw one, block by block.
     floor = noise_floor(spread).compute()
-    excess = spread_beyond_range(stack, radiometry, reference, params.tolerance)
-    final = range_consistent_spread(spread, excess, floor=floor).astype(np.float32).chunk(chunks)
+    final = range_consistent_spread(spread, stored[EXCESS_VARIABLE], floor=floor)
+    final = final.astype(np.float32).chunk(chunks)
     st.write_region(final.to_dataset(name="spread"), out, region={}, progress=progress)
+    st.remove_variable(out, EXCESS_VARIABLE)
     # A pass of its own: sharing the reference's blocks with the spread's pass held them.
     index = choose_water_index([str(b) for b in stack.band.values], radiometry.water_threshold)
     smooth = reference_products(reference, spread, params)["smooth"]
     water = _water(smooth, radiometry, index).astype(np.uint8).chunk(chunks)
     st.write_region(water.to_dataset(name="water"), out, region={}, progress=progress)
+
+
+#: The spread beyond the tolerance range, kept in an unfinished annotation store between the
+#: reference pass's first write and the final noise model.
+EXCESS_VARIABLE = "spread_beyond_range"
 
 
 def _stored_radiometry(stored: xr.Dataset) -> Radiometry:

@@ -912,6 +912,23 @@ def create_store(ds: xr.Dataset, store: PathLike, *, provenance: dict[str, Any])
     update_attrs(path, {PROGRESS_ATTR: {"stage": "created", "done": []}})
 
 
+def add_variables(ds: xr.Dataset, store: PathLike) -> None:
+    """Create ``ds``'s data variables (metadata only) in an existing local store, for
+    :func:`write_region` to fill; its coordinates must be in the store already."""
+    path = Path(store).expanduser()
+    prepared = _prepare_for_zarr(ds.drop_vars(list(ds.coords)))
+    # xarray writes the root attributes too: the store's own, unchanged.
+    prepared.attrs = read_attrs(path) or {}
+    prepared.to_zarr(path, mode="a", compute=False, **ZARR_WRITE_OPTIONS)
+
+
+def remove_variable(store: PathLike, name: str) -> None:
+    """Delete the array ``name`` of a local store, if it is there."""
+    path = Path(store).expanduser() / name
+    if (path / "zarr.json").is_file():
+        shutil.rmtree(path)
+
+
 def write_region(
     ds: xr.Dataset, store: PathLike, *, region: dict[str, slice], progress: bool = False
 ) -> None:

@@ -142,8 +142,9 @@ def test_the_store_writer_stores_the_reference_first_and_equals_the_one_graph_da
     monkeypatch.setattr(st, "write_region", record)
     out = tmp_path / "out.zarr"
     annotate_store(stack, out, source=scene["stack"])
-    assert written[:3] == [["reference", "spread"], ["spread"], ["water"]]
+    assert written[:3] == [["reference", "spread", "spread_beyond_range"], ["spread"], ["water"]]
     got = xr.open_zarr(out, consolidated=False, chunks=None)
+    assert sorted(got.data_vars) == sorted(expected.data_vars)  # the excess was removed
     assert stack.chunks is not None and stack.sizes["y"] % stack.chunks[2][0] != 0
     for name in ("reference", "spread", "water", "mask", "valid", "heatmap", "misregistration"):
         np.testing.assert_array_equal(got[name].values, expected[name].values, err_msg=name)

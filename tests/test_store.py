@@ -282,3 +282,22 @@ def test_small_variables_are_written_by_one_task_each_in_chunks_per_date(tmp_pat
     back = zarr.open_array(tmp_path / "batched.zarr" / "shares", mode="r")
     assert back.chunks == (1,)
     np.testing.assert_array_equal(back[2:5], np.arange(2, 5, dtype=np.float32) / 10)
+
+
+def test_add_variables_keeps_the_store_and_remove_variable_deletes_only_that_array(
+    tmp_path: Path,
+) -> None:
+    from spoc_xr.store import add_variables, read_attrs, remove_variable, write_region
+
+    store = make_store(tmp_path / "cube.zarr")
+    before = read_attrs(store)
+    extra = (small_dataset()["cube"] * 2).rename("doubled").to_dataset()
+    add_variables(extra, store)
+    assert read_attrs(store) == before  # the root attributes are the store's own
+    write_region(extra, store, region={})
+    back = open_store(store)
+    np.testing.assert_array_equal(back["doubled"].values, 2 * back["cube"].values)
+    remove_variable(store, "doubled")
+    remove_variable(store, "doubled")  # gone already: nothing to do
+    assert sorted(open_store(store).data_vars) == ["cube"]
+    assert (store / "cube" / "zarr.json").is_file()
