@@ -327,19 +327,14 @@ def reference_and_spread(
     each date's objects left out (:func:`spoc_xr.detect.noise_sample_objects`: a ship moored on
     half the dates would otherwise be its own pixels' noise). The noise model is then lowered
     where the reference's ``tolerance`` range explains that spread
-    (:func:`range_consistent_spread`), from a second task per tile over the same dates. Memory
+    (:func:`range_consistent_spread`): the same task also gives the spread beyond that range. Memory
     per task is bounded by NOISE_DATES, whatever the length of the stack. The uncover test and
     the object test look at the reference's neighbours: tiles carry that context (REFERENCE_HALO,
     OBJECT_REACH and the tolerance's reach), so a chunked result equals the unchunked one.
-
-    The reference task computes the spread beyond the range too, for its own tile (it has the
-    final reference and the sample dates' objects there already); :func:`annotate_store` stores
-    its three planes before it combines them, so that no step holds the whole image.
-    :func:`reference_and_raw_spread` and :func:`spread_beyond_range` (which reads the dates again
-    and repeats the object test, on a reference read back from a store) give the same values
-    apart.
+    :func:`annotate_store` stores the task's three planes (:func:`reference_planes`) before it
+    combines them, so that no step holds the whole image.
     """
-    base, planes = _reference_planes(stack, radiometry, tolerance, with_excess=True)
+    base, planes = reference_planes(stack, radiometry, tolerance)
     ref, spread, excess = (base.copy(data=planes[i]) for i in range(3))
     return ref, range_consistent_spread(spread, excess)
 
@@ -360,12 +355,10 @@ def _noise_samples(
     index = choose_water_index(bands)
     halo = REFERENCE_HALO if second_index_band(bands, index) is not None else 0
     halo += OBJECT_REACH + tolerance // 2
-    # Chunks wide enough for the halo of both tasks (the excess task's is the tolerance's reach).
-    depth = max(halo, tolerance // 2)
-    spatial = [spatial_chunks(chunks, depth) for chunks in stack.data.chunks[2:]]
-    # The noise dates are read under keys of their own (the same for both reference
-    # tasks): reads shared with the classification would keep those dates in memory from the
-    # reference pass until each is classified (measured: 270 MB per worker at 2048², 40 dates).
+    spatial = [spatial_chunks(chunks, halo) for chunks in stack.data.chunks[2:]]
+    # The noise dates are read under keys of their own: reads shared with the classification
+    # would keep those dates in memory from the reference pass until each is classified
+    # (measured: 270 MB per worker at 2048², 40 dates).
     source = read_apart(stack.data[indices], seed="noise-samples")
     samples = source.rechunk((-1, -1, *spatial))
     return samples, spatial, indices, halo
@@ -397,20 +390,15 @@ def read_apart(array: da.Array, *, seed: str) -> da.Array:
     return da.Array(copied, renamed(array.name), chunks=array.chunks, meta=array._meta)
 
 
-def reference_and_raw_spread(
+def reference_planes(
     stack: xr.DataArray, radiometry: Radiometry, tolerance: int = DEFAULT_TOLERANCE
-) -> tuple[xr.DataArray, xr.DataArray]:
-    """The lazy reference and the noise dates' spread around it, before
-    :func:`range_consistent_spread` (see :func:`reference_and_spread`)."""
-    base, planes = _reference_planes(stack, radiometry, tolerance, with_excess=False)
-    return base.copy(data=planes[0]), base.copy(data=planes[1])
-
-
-def _reference_planes(
-    stack: xr.DataArray, radiometry: Radiometry, tolerance: int, *, with_excess: bool
 ) -> tuple[xr.DataArray, da.Array]:
-    """The reference task's output ``(plane, band, y, x)``: the reference, the raw spread and,
-    ``with_excess``, the spread beyond the range; and the base reference it is laid out as."""
+    """The reference task's lazy output ``(plane, band, y, x)`` float32 and the base reference
+    it is laid out as (see :func:`reference_and_spread`).
+
+    The planes: the reference; the sample dates' robust spread around it (the raw spread); their
+    spread beyond its ``tolerance`` range. Objects on the sample dates are left out of both.
+    """
     stack = stack.transpose(*STACK_DIMS)
     bands = [str(b) for b in stack.band.values]
     samples, spatial, indices, halo = _noise_samples(stack, radiometry, tolerance)
@@ -424,12 +412,11 @@ def _reference_planes(
         _reference_tile,
         pad_and_overlap(samples, halo, [2, 3]),
         pad_and_overlap(base_data.rechunk((-1, *spatial)), halo, [1, 2]),
-        chunks=((3 if with_excess else 2,), (len(bands),), *spatial),
+        chunks=((3,), (len(bands),), *spatial),
         dtype=np.float32,
         meta=np.empty((0, 0, 0, 0), dtype=np.float32),
         halo=halo,
         reach=tolerance // 2,
-        with_excess=with_excess,
         gains=radiometry.gains[indices],
         offsets=radiometry.offsets[indices],
         nodata=None if nodata is None else float(nodata),
@@ -439,46 +426,6 @@ def _reference_planes(
         bands=bands,
     )
     return base, planes
-
-
-def spread_beyond_range(
-    stack: xr.DataArray,
-    radiometry: Radiometry,
-    reference: xr.DataArray,
-    tolerance: int = DEFAULT_TOLERANCE,
-) -> xr.DataArray:
-    """Lazy robust spread of the noise dates beyond the reference's ``tolerance`` range.
-
-    ``reference`` is :func:`reference_and_raw_spread`'s, lazy or read back from a store; the
-    dates are read again from ``stack`` (the range needs the reference's neighbours, the dates
-    only their own pixels).
-    """
-    stack = stack.transpose(*STACK_DIMS)
-    samples, spatial, indices, _ = _noise_samples(stack, radiometry, tolerance)
-    reach = tolerance // 2
-    # The same object test as the reference task's, on the same final reference.
-    pad = reach + OBJECT_REACH
-    ref = reference.transpose("band", "y", "x")
-    ref_data = ref.data if isinstance(ref.data, da.Array) else da.from_array(ref.values)
-    ref_data = ref_data.rechunk((-1, *spatial))
-    nodata = stack.attrs.get("nodata")
-    # Blocks pair by position: each tile's dates with its padded reference.
-    excess = da.map_blocks(
-        _excess_tile,
-        pad_and_overlap(samples, pad, [2, 3]),
-        pad_and_overlap(ref_data, pad, [1, 2]),
-        drop_axis=0,
-        chunks=ref_data.chunks,
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0), dtype=np.float32),
-        reach=reach,
-        pad=pad,
-        gains=radiometry.gains[indices],
-        offsets=radiometry.offsets[indices],
-        nodata=None if nodata is None else float(nodata),
-        units=radiometry.residual_scale,
-    )
-    return ref.copy(data=excess)
 
 
 def range_consistent_spread(
@@ -504,35 +451,6 @@ def range_consistent_spread(
 #: The noise model follows the spread beyond the tolerance range down to this share of the spread
 #: around the reference (lower let edge flicker through: demo precision 0.004 with no bound).
 EXCESS_SPREAD_MIN_SHARE = 0.5
-
-
-def _excess_tile(
-    samples_raw: np.ndarray,
-    reference: np.ndarray,
-    *,
-    reach: int,
-    pad: int,
-    gains: np.ndarray,
-    offsets: np.ndarray,
-    nodata: float | None,
-    units: np.ndarray | None,
-    block_info: dict[Any, Any] | None = None,
-) -> np.ndarray:
-    """Robust spread of the sample dates beyond the range of the reference (``reach`` px wider),
-    objects on the sample dates left out; both inputs carry ``pad`` px of context."""
-    low, high = _reference_range(reference, reach)
-    origin = _tile_origin(block_info, pad)
-    left_out = _sample_objects(samples_raw, low, high, gains, offsets, nodata, units, origin)
-    core = (slice(None), *[slice(pad, n - pad) for n in low.shape[1:]])
-    return kept_medians(
-        samples_raw[(slice(None), *core)],
-        gains,
-        offsets,
-        nodata,
-        low[core],
-        high[core],
-        None if left_out is None else left_out[core],
-    )
 
 
 def _reference_range(reference: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
@@ -585,7 +503,6 @@ def _reference_tile(
     halo: int,
     reach: int,
     units: np.ndarray | None,
-    with_excess: bool = False,
     block_info: dict[Any, Any] | None = None,
     **settings: Any,
 ) -> np.ndarray:
@@ -593,8 +510,8 @@ def _reference_tile(
     # cache): per pixel but for the uncover test's floor, a minimum over REFERENCE_HALO
     # neighbours (each strip reads that many rows more on each side). Then the objects on the
     # sample dates, which need that reference's range (`reach`) OBJECT_REACH px around, and the
-    # spread without them (both compiled passes, no dates x bands temporaries). The tile's own
-    # `halo` of context is cropped.
+    # spreads without them, around the reference and beyond its range (compiled passes, no
+    # dates x bands temporaries). The tile's own `halo` of context is cropped.
     height, width = base.shape[1:]
     uncover = halo - OBJECT_REACH - reach
     reference = np.empty(base.shape, dtype=np.float32)
@@ -609,9 +526,9 @@ def _reference_tile(
             **settings,
         )
     origin = _tile_origin(block_info, halo)
-    # Beyond the image the range and the object test see the final reference's edge replicated,
-    # as the excess task (:func:`spread_beyond_range`) sees a stored reference: both spreads
-    # are then the same whichever task computes them.
+    # Beyond the image the range and the object test see the final reference's edge replicated
+    # (np.pad's "edge" of the whole image's reference), not a reference computed from replicated
+    # dates.
     image_shape = (
         (height - 2 * halo, width - 2 * halo)
         if block_info is None
@@ -630,11 +547,10 @@ def _reference_tile(
         origin,
     )
     core = (slice(None), slice(halo, height - halo), slice(halo, width - halo))
-    out = np.empty((3 if with_excess else 2, *reference[core].shape), dtype=np.float32)
+    out = np.empty((3, *reference[core].shape), dtype=np.float32)
     out[0] = reference[core]
-    ranges = [(reference[core], reference[core])]
-    if with_excess:
-        ranges.append((low[core], high[core]))
+    # The spread around the reference, then beyond its range.
+    ranges = [(reference[core], reference[core]), (low[core], high[core])]
     for plane, (lower, upper) in enumerate(ranges, start=1):
         out[plane] = kept_medians(
             samples_raw[(slice(None), *core)],
@@ -930,7 +846,7 @@ def _write_reference_pass(
     from spoc_xr import store as st
 
     chunks = _output_chunks(stack, time=False)
-    base, planes = _reference_planes(stack, radiometry, params.tolerance, with_excess=True)
+    base, planes = reference_planes(stack, radiometry, params.tolerance)
     first = xr.Dataset(
         {
             name: base.copy(data=planes[plane]).astype(np.float32).chunk(chunks)
