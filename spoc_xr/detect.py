@@ -37,7 +37,6 @@ padded by the depth the chain needs, so a chunked result equals the unchunked on
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -53,7 +52,7 @@ from dask.highlevelgraph import HighLevelGraph
 from spoc_xr import kernels
 from spoc_xr.compiled import compiled as _compiled
 from spoc_xr.errors import ParameterError
-from spoc_xr.reference import sorting_network
+from spoc_xr.reference import compare_exchange_row, sorting_network
 
 # Change scores are in units of the per-pixel noise scale: at 6 scales beyond the reference's
 # neighbourhood range, Gaussian noise false alarms are ~1e-9 per pixel and band.
@@ -1152,10 +1151,7 @@ def _kept_median_rows(  # pragma: no cover - compiled
                     else:
                         line[x] = infinity
             for pair in range(network.shape[0]):
-                first, second = ordered[network[pair, 0]], ordered[network[pair, 1]]
-                for x in range(width):
-                    a, b = first[x], second[x]
-                    first[x], second[x] = min(a, b), max(a, b)
+                compare_exchange_row(ordered[network[pair, 0]], ordered[network[pair, 1]], width)
             for x in range(width):
                 if count[x] == 0:
                     row[x] = np.nan
@@ -1751,39 +1747,6 @@ def classification_chunks(chunks: Sequence[int], depth: int) -> tuple[int, ...]:
     return tuple(tiles)
 
 
-def _split_tiles(tiles: da.Array, chunks: Sequence[tuple[int, ...]]) -> da.Array:
-    """The classification tiles ``(time, y, x)`` cut back into the stack's own ``chunks``.
-
-    Every chunk lies inside one tile (tiles are runs of whole chunks), so each is a view of its
-    tile: a rechunk would copy every chunk once more.
-    """
-    if tuple(tiles.chunks[1:]) == tuple(chunks):
-        return tiles
-    name = f"classify-chunks-{tokenize(tiles, chunks)}"
-    pieces = []
-    for tile_sizes, sizes in zip(tiles.chunks[1:], chunks, strict=True):
-        bounds = np.cumsum((0, *sizes))
-        tile_bounds = np.cumsum((0, *tile_sizes))
-        tile_of = np.searchsorted(tile_bounds, bounds[:-1], side="right") - 1
-        starts = bounds[:-1] - tile_bounds[tile_of]
-        pieces.append(
-            [
-                (int(tile), slice(int(start), int(start + size)))
-                for tile, start, size in zip(tile_of, starts, sizes, strict=True)
-            ]
-        )
-    layer: dict[Any, Any] = {}
-    for t in range(tiles.numblocks[0]):
-        for i, (tile_y, rows) in enumerate(pieces[0]):
-            for j, (tile_x, columns) in enumerate(pieces[1]):
-                layer[(name, t, i, j)] = (
-                    operator.getitem,
-                    (tiles.name, t, tile_y, tile_x),
-                    (slice(None), rows, columns),
-                )
-    return da.Array(_graph(name, layer, tiles), name, (tiles.chunks[0], *chunks), meta=tiles._meta)
-
-
 def visible_bands(bands: Sequence[str]) -> tuple[int, ...] | None:
     """Indices of the bands of visible light among ``bands``, or ``None`` when none is known.
 
@@ -1964,7 +1927,10 @@ def classify(
     Returns
     -------
     xarray.DataArray
-        ``(time, y, x)`` uint8 codes: 0 clear, 1 small, 2 large, 255 invalid (nodata).
+        ``(time, y, x)`` uint8 codes: 0 clear, 1 small, 2 large, 255 invalid (nodata); one chunk
+        per date and classification tile (:func:`classification_chunks`: runs of the stack's
+        chunks), as the tasks make them: cutting them back to the stack's chunks was one more
+        task per chunk, and each chunk written was another store task.
 
     Examples
     --------
@@ -2050,12 +2016,11 @@ def classify(
             core,
             settings,
         )
-    tiles = da.Array(
+    codes = da.Array(
         _graph(name, layer, *inputs),
         name,
         (data.chunks[0], *spatial),
         meta=np.empty((0, 0, 0), dtype=np.uint8),
     )
-    codes = _split_tiles(tiles, data.chunks[2:])
     coords = {name: stack.coords[name] for name in ("time", "y", "x")}
     return xr.DataArray(codes, dims=("time", "y", "x"), coords=coords, name="codes")

@@ -230,8 +230,10 @@ def build_annotations(
         radiometry.brightness,
         shifts=shifts,
     )
-    codes = codes.chunk(_output_chunks(stack))
-    water = _water(products["smooth"], radiometry, index).chunk(_output_chunks(stack, time=False))
+    codes = _on_output_grid(codes, stack)
+    water = _water(products["smooth"], radiometry, index).chunk(
+        {dim: codes.chunksizes[dim] for dim in ("y", "x")}
+    )
     summary = date_summary(codes)
     result = xr.Dataset(
         {
@@ -245,6 +247,10 @@ def build_annotations(
             **summary.data_vars,
         }
     )
+    stored_chunks = _output_chunks(stack)
+    for name in ("mask", "valid", "heatmap", "water"):
+        dims = result[name].dims
+        result[name].encoding["chunks"] = tuple(stored_chunks[str(dim)] for dim in dims)
     result["heatmap"].attrs["water_index"] = index.describe()
     result["water"].attrs = {"long_name": "water, from the smoothed reference", "index": index.name}
     result["reference"].attrs = {
@@ -617,9 +623,31 @@ def _reference_strip(
 
 
 def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:
+    """Chunks of the output's arrays on disk: the stack's spatial chunks, one date each."""
     chunks = stack.chunksizes
-    spatial = {"y": chunks["y"][0], "x": chunks["x"][0]} if chunks else {"y": -1, "x": -1}
+    spatial = (
+        {"y": chunks["y"][0], "x": chunks["x"][0]}
+        if chunks
+        else {"y": stack.sizes["y"], "x": stack.sizes["x"]}
+    )
     return {"time": 1, **spatial} if time else spatial
+
+
+def _on_output_grid(codes: xr.DataArray, stack: xr.DataArray) -> xr.DataArray:
+    """``codes`` in chunks that each cover whole Zarr chunks of the output.
+
+    The classification tiles are runs of the stack's chunks: kept as they are, each store task
+    writes a tile's Zarr chunks in one call (40 dates of 2048², 1024² chunks: 88 store tasks
+    instead of 336, 2.0-2.5 -> 1.3-1.4 thread-seconds). Irregular stack chunks make tiles that
+    do not start on the output's chunks: along such an axis the codes are cut to the output's
+    chunks.
+    """
+    stored = _output_chunks(stack)
+    chunks = {
+        dim: sizes if all(size % stored[dim] == 0 for size in sizes[:-1]) else stored[dim]
+        for dim, sizes in ((dim, codes.chunksizes[dim]) for dim in ("y", "x"))
+    }
+    return codes.chunk(chunks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -552,10 +552,63 @@ def nanmiddle_pair(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n_dates == 0:
         empty = np.full(values.shape[1:], np.nan, dtype=np.float32)
         return empty, empty.copy()
-    ordered = values.astype(np.float32).reshape(n_dates, -1)  # a copy, sorted in place
-    network = sorting_network(n_dates) if n_dates <= NETWORK_MAX_DATES else None
-    lower, upper = _middle_pair(ordered, network)
+    if n_dates > NETWORK_MAX_DATES:
+        ordered = values.astype(np.float32).reshape(n_dates, -1)  # a copy, sorted in place
+        lower, upper = _middle_pair(ordered, None)
+    else:
+        columns = np.ascontiguousarray(values, dtype=np.float32).reshape(n_dates, -1)
+        lower = np.empty(columns.shape[1], dtype=np.float32)
+        upper = np.empty_like(lower)
+        network = np.asarray(sorting_network(n_dates), dtype=np.int64).reshape(-1, 2)
+        _middle_pair_columns(columns, network, lower, upper)
     return lower.reshape(values.shape[1:]), upper.reshape(values.shape[1:])
+
+
+@compiled
+def compare_exchange_row(first, second, width):  # pragma: no cover - compiled
+    """One comparator of a sorting network along a row: ``first[:width]`` gets the smaller and
+    ``second[:width]`` the larger of each pair (values without NaN). Written with conditional
+    expressions, which numba vectorises: its ``min``/``max`` (NaN-aware) ran 4x slower."""
+    for x in range(width):
+        a, b = first[x], second[x]
+        smaller = a < b
+        first[x] = a if smaller else b
+        second[x] = b if smaller else a
+
+
+# Columns per piece of _middle_pair_columns: 8 dates of a piece stay in the CPU's L1 cache.
+MIDDLE_PIECE_COLUMNS = 512
+
+
+@compiled
+def _middle_pair_columns(values, network, lower, upper):  # pragma: no cover - compiled
+    # _middle_pair compiled, a piece of columns at a time: NaN sort last as +inf through the
+    # network (applied along the piece, vectorised) and the middle of the values present is read
+    # off. 4x numpy's speed: no whole-strip temporaries per comparator.
+    n_dates, n_columns = values.shape
+    piece = min(n_columns, MIDDLE_PIECE_COLUMNS)
+    ordered = np.empty((n_dates, piece), dtype=np.float32)
+    count = np.empty(piece, dtype=np.int64)
+    infinity, nan = np.float32(np.inf), np.float32(np.nan)
+    for start in range(0, n_columns, piece):
+        width = min(piece, n_columns - start)
+        count[:] = 0
+        for t in range(n_dates):
+            row, line = values[t], ordered[t]
+            for x in range(width):
+                value = row[start + x]
+                missing = value != value
+                line[x] = infinity if missing else value
+                count[x] += 0 if missing else 1
+        for pair in range(network.shape[0]):
+            compare_exchange_row(ordered[network[pair, 0]], ordered[network[pair, 1]], width)
+        for x in range(width):
+            if count[x] == 0:
+                lower[start + x] = nan
+                upper[start + x] = nan
+            else:
+                lower[start + x] = ordered[(count[x] - 1) // 2, x]
+                upper[start + x] = ordered[count[x] // 2, x]
 
 
 def temporal_median(values: xr.DataArray) -> xr.DataArray:

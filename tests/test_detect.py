@@ -202,6 +202,37 @@ def test_annotate_chunked_equals_single_chunk(stack):
         np.testing.assert_array_equal(tiled[name].values, whole[name].values, err_msg=name)
 
 
+@pytest.mark.parametrize(
+    ("y_chunks", "tiled"),
+    [
+        (100, True),  # tiles are runs of whole chunks: written as they are
+        ((100, 150, 180), False),  # a tile starts inside a stored chunk: cut to them
+    ],
+)
+def test_the_masks_are_stored_in_the_stacks_chunks_whatever_the_tiles(y_chunks, tiled, tmp_path):
+    import zarr
+
+    from spoc_xr.store import write_dataset
+
+    assert 2 * PARAMS.depth < 410  # several tiles of 200 px (see the test above)
+    big = make_stack(n_time=3, shape=(430, 410), seed=2)
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 200}):
+        result = annotate(big.chunk({"time": 1, "y": y_chunks, "x": 100}), params=PARAMS)
+    # Tiles of 200 px, the short ones joined to a neighbour (y: 250 + 180 when irregular, so
+    # cut to the stored 100 px chunks; x stays in tiles).
+    expected_y = (200, 230) if tiled else (100,) * 4 + (30,)
+    assert result["mask"].chunks[1:] == (expected_y, (200, 210))
+    write_dataset(result, tmp_path / "out.zarr", overwrite=False)
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    for name in ("mask", "valid", "heatmap", "water"):
+        assert group[name].chunks[-2:] == (100, 100), name
+    whole = annotate(big.chunk({"time": 1, "y": -1, "x": -1}), params=PARAMS).compute()
+    stored = xr.open_zarr(tmp_path / "out.zarr", consolidated=False)
+    for name in ("mask", "valid", "heatmap", "water"):
+        np.testing.assert_array_equal(stored[name].values, whole[name].values, err_msg=name)
+    assert (whole["mask"] == SMALL).any()
+
+
 def test_annotate_outputs_the_shift_each_date_was_classified_with(stack):
     from spoc_xr.pipeline import build_annotations, plan_annotation
     from spoc_xr.reference import date_shifts
@@ -238,11 +269,11 @@ def test_classification_tiles_of_merged_chunks_equal_the_whole_image():
     with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 200}):
         codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS)
     # Chunks merged into tiles up to 200 px (the 30 and 10 px left over joined to their
-    # neighbours): 2 x 2 tiles per date, cut back into the stack's chunks.
+    # neighbours): 2 x 2 tiles per date, one chunk each.
     layers = codes.data.dask.layers
-    tiles = [name for name in layers if name.startswith("classify-") and "chunks" not in name]
+    tiles = [name for name in layers if name.startswith("classify-")]
     assert len(tiles) == 1 and len(layers[tiles[0]]) == 3 * 2 * 2
-    assert codes.chunks[1:] == ((100,) * 4 + (30,), (100,) * 4 + (10,))
+    assert codes.chunks[1:] == ((200, 230), (200, 210))
     np.testing.assert_array_equal(codes.values, whole)
     assert (whole == SMALL).any()
 
