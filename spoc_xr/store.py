@@ -478,7 +478,37 @@ def _prepare_for_zarr(ds: xr.Dataset, *, creating: bool = True) -> xr.Dataset:
         for var in prepared.data_vars.values():
             if is_image_dtype(var.dtype) and "compressors" not in var.encoding:
                 var.encoding["compressors"] = (IMAGE_COMPRESSOR,)
+        prepared = _on_a_zarr_grid(prepared)
     return _one_write_per_small_variable(prepared, creating=creating)
+
+
+def _on_a_zarr_grid(ds: xr.Dataset) -> xr.Dataset:
+    """Dask-backed variables cut, along the axes that need it, so that every Dask chunk covers
+    whole Zarr chunks of the store to create.
+
+    The Zarr chunks are the variable's ``encoding["chunks"]`` (an annotation's masks keep their
+    classification tiles as Dask chunks over the stack's Zarr chunks), else the largest Dask
+    chunk of each axis. A selection (``isel``) of such a variable starts inside a chunk; xarray
+    would refuse to write it (Dask chunks overlapping a Zarr chunk, or chunks of unequal sizes).
+    """
+    for name, var in list(ds.data_vars.items()):  # replaced while iterating
+        data = var.data
+        if not isinstance(data, da.Array):
+            continue
+        stored = var.encoding.get("chunks")
+        if stored is None or len(stored) != data.ndim:
+            stored = tuple(max(sizes) for sizes in data.chunks)
+        cut = {
+            axis: min(int(side), data.shape[axis])
+            for axis, (sizes, side) in enumerate(zip(data.chunks, stored, strict=True))
+            if any(size % side for size in sizes[:-1])
+        }
+        if not cut:
+            continue
+        encoding = dict(var.encoding)
+        ds[name] = var.copy(data=data.rechunk(cut))
+        ds[name].encoding = {**encoding, "chunks": tuple(int(side) for side in stored)}
+    return ds
 
 
 #: Dask-backed variables up to this size are written by one task each (see

@@ -17,6 +17,7 @@ from rasterio.crs import CRS
 from spoc_xr.errors import OutputError, ParameterError, StoreError
 from spoc_xr.store import (
     COMPLETE_ATTR,
+    _on_a_zarr_grid,
     check_output_path,
     is_complete,
     mark_complete,
@@ -160,6 +161,28 @@ def test_write_dataset_refuses_an_existing_store_without_overwrite(tmp_path: Pat
 def test_store_chunks_follow_dask_chunks(tmp_path: Path) -> None:
     store = make_store(tmp_path / "cube.zarr")
     assert open_store(store)["cube"].encoding["chunks"] == (1, 3, 5)
+
+
+def test_selections_starting_inside_a_chunk_are_written_on_a_grid_of_whole_zarr_chunks(
+    tmp_path: Path,
+) -> None:
+    values = np.arange(3 * 40 * 50, dtype=np.uint16).reshape(3, 40, 50)
+    tiles = xr.DataArray(da.from_array(values, chunks=(1, 20, 20)), dims=("time", "y", "x"))
+    tiles.encoding["chunks"] = (1, 10, 10)  # Dask chunks of whole Zarr chunks, as annotate's
+    plain = xr.DataArray(da.from_array(values, chunks=(1, 10, 10)), dims=("time", "y", "x"))
+    ds = xr.Dataset({"tiles": tiles, "plain": plain}).isel(y=slice(5, None), x=slice(3, 47))
+    # Chunks (15, 20) and (17, 20, 7) / (5, 10, ...): xarray alone refuses to write them.
+    with pytest.raises(ValueError, match="chunk"):
+        ds.to_zarr(tmp_path / "plain.zarr", zarr_format=3)
+    write_dataset(ds, tmp_path / "cut.zarr", overwrite=False)
+    back = xr.open_zarr(tmp_path / "cut.zarr", consolidated=False)
+    assert back["tiles"].encoding["chunks"] == (1, 10, 10)
+    assert back["plain"].encoding["chunks"] == (1, 10, 10)
+    for name in ("tiles", "plain"):
+        np.testing.assert_array_equal(back[name].values, values[:, 5:, 3:47])
+    # Dask chunks already on the grid are left as they are (one store task per tile).
+    kept = _on_a_zarr_grid(xr.Dataset({"tiles": tiles}))["tiles"]
+    assert kept.data.name == tiles.data.name and kept.encoding["chunks"] == (1, 10, 10)
 
 
 def test_plain_open_zarr_keeps_crs_and_string_coords_without_warnings(tmp_path: Path) -> None:
