@@ -300,7 +300,9 @@ def _counts_per_date(array: xr.DataArray, values: tuple[int, ...]) -> list[xr.Da
             dtype=np.int64,
             meta=np.empty((0, 0, 0, 0), dtype=np.int64),
         )
-        totals = per_chunk.sum(axis=(1, 2))
+        # Every date's counts in one chunk first: the sums and the shares made from them are
+        # then one task each, not one per date.
+        totals = per_chunk.rechunk({0: -1}).sum(axis=(1, 2))
     else:
         totals = _count_values(np.asarray(data), values=values)[:, 0, 0]
     # The scalar coordinates (e.g. the CRS) stay, as a reduction over y and x keeps them.

@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
 import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from spoc_xr.compiled import compiled
 from spoc_xr.errors import NoDataError, ParameterError
@@ -899,41 +901,77 @@ def _high_pass(band: np.ndarray, usable: np.ndarray) -> np.ndarray:
 def date_shifts(stack: xr.DataArray, reference: xr.DataArray, radiometry: Radiometry) -> da.Array:
     """Lazy ``(time, 2)`` float64 shift of every date against ``reference`` (NaN: unknown).
 
-    One small task per date (:func:`estimate_shift`) reads the date in the windows of
-    :func:`shift_windows`, from the blocks the detection reads too, and the reference's same
-    windows.
+    One small task per date (:func:`estimate_shift`) cuts the windows of :func:`shift_windows`
+    from the date's blocks that the detection reads too, and takes the reference's same windows
+    (computed once). Cut by the task itself: as Dask selections, rechunks and per-date
+    arrays of gains, the windows were ~10 more tasks per date, each a scheduler round trip on a
+    distributed worker.
     """
     stack = stack.transpose("time", "band", "y", "x")
     data = stack.data if isinstance(stack.data, da.Array) else da.from_array(stack.data)
+    data = data.rechunk({0: 1, 1: -1})  # as the detection reads the dates: the same blocks
     reference_data = reference.transpose("band", "y", "x").data
     if not isinstance(reference_data, da.Array):
         reference_data = da.from_array(reference_data)
-    arguments: list[object] = []
     windows = shift_windows(stack.sizes["y"], stack.sizes["x"])
-    for number, (rows, columns) in enumerate(windows):
-        part = data[:, :, rows, columns].rechunk({0: 1, 1: -1, 2: -1, 3: -1})
-        arguments += [part, ("time", f"band{number}", f"y{number}", f"x{number}")]
-    for number, (rows, columns) in enumerate(windows):
-        part = reference_data[:, rows, columns].astype(np.float32).rechunk(-1)
-        arguments += [part, (f"band{number}", f"y{number}", f"x{number}")]
-    for values in (radiometry.gains, radiometry.offsets):
-        arguments += [da.from_array(values, chunks=(1, -1)), ("time", "band")]
-    nodata = stack.attrs.get("nodata")
-    return da.blockwise(
-        _shift_block,
-        ("time", "axis"),
-        *arguments,
-        new_axes={"axis": 2},
-        concatenate=True,
-        windows=len(windows),
-        nodata=None if nodata is None else float(nodata),
-        dtype=np.float64,
-        meta=np.empty((0, 0), dtype=np.float64),
+    references = [
+        reference_data[:, rows, columns].astype(np.float32).rechunk(-1) for rows, columns in windows
+    ]
+    starts = [np.cumsum((0, *sizes[:-1])) for sizes in data.chunks[2:]]
+    # The blocks any window reaches, and where each starts in the image.
+    needed = sorted(
+        {
+            (i, j)
+            for rows, columns in windows
+            for i, first in enumerate(starts[0])
+            for j, left in enumerate(starts[1])
+            if first < rows.stop and first + data.chunks[2][i] > rows.start
+            if left < columns.stop and left + data.chunks[3][j] > columns.start
+        }
     )
+    origins = [(int(starts[0][i]), int(starts[1][j])) for i, j in needed]
+    nodata = stack.attrs.get("nodata")
+    nodata = None if nodata is None else float(nodata)
+    name = f"shift_date-{tokenize(data, *references, radiometry.gains, radiometry.offsets)}"
+    layer: dict[Any, Any] = {
+        (name, t, 0): (
+            _shift_date,
+            [(data.name, t, 0, i, j) for i, j in needed],
+            origins,
+            windows,
+            [(window.name, 0, 0, 0) for window in references],
+            radiometry.gains[t],
+            radiometry.offsets[t],
+            nodata,
+        )
+        for t in range(data.numblocks[0])
+    }
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[data, *references])
+    return da.Array(graph, name, (data.chunks[0], (2,)), meta=np.empty((0, 0), dtype=np.float64))
 
 
-def _shift_block(*blocks: np.ndarray, windows: int, nodata: float | None) -> np.ndarray:
-    dates, references = blocks[:windows], blocks[windows : 2 * windows]
-    gains, offsets = blocks[2 * windows :]
-    shift = estimate_shift([d[0] for d in dates], list(references), gains[0], offsets[0], nodata)
-    return shift[None]
+def _shift_date(
+    blocks: list[np.ndarray],
+    origins: list[tuple[int, int]],
+    windows: list[tuple[slice, slice]],
+    references: list[np.ndarray],
+    gain: np.ndarray,
+    offset: np.ndarray,
+    nodata: float | None,
+) -> np.ndarray:
+    """:func:`estimate_shift` of one date from its blocks ``(1, band, y, x)`` starting at
+    ``origins`` (image ``(y, x)``), as a ``(1, 2)`` block."""
+    dates = []
+    for rows, columns in windows:
+        height, width = rows.stop - rows.start, columns.stop - columns.start
+        window = np.empty((blocks[0].shape[1], height, width), dtype=blocks[0].dtype)
+        for block, (first, left) in zip(blocks, origins, strict=True):
+            top, bottom = max(rows.start, first), min(rows.stop, first + block.shape[2])
+            start, stop = max(columns.start, left), min(columns.stop, left + block.shape[3])
+            if top < bottom and start < stop:
+                target = window[:, top - rows.start : bottom - rows.start]
+                target[:, :, start - columns.start : stop - columns.start] = block[
+                    0, :, top - first : bottom - first, start - left : stop - left
+                ]
+        dates.append(window)
+    return estimate_shift(dates, references, gain, offset, nodata)[None]

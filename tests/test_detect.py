@@ -248,7 +248,7 @@ def test_annotate_outputs_the_shift_each_date_was_classified_with(stack):
     # The very tasks the classification reads (one layer, shared with the masks' graph): in one
     # compute each date is measured once.
     layers = [
-        {name for name in array.data.__dask_graph__().layers if "shift_block" in name}
+        {name for name in array.data.__dask_graph__().layers if "shift_date" in name}
         for array in (shifts, result["mask"])
     ]
     assert len(layers[0]) == 1 and layers[0] == layers[1]
