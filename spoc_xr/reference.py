@@ -904,8 +904,8 @@ def date_shifts(stack: xr.DataArray, reference: xr.DataArray, radiometry: Radiom
     One small task per date (:func:`estimate_shift`) cuts the windows of :func:`shift_windows`
     from the date's blocks that the detection reads too, and takes the reference's same windows
     (computed once). Cut by the task itself: as Dask selections, rechunks and per-date
-    arrays of gains, the windows were ~10 more tasks per date, each a scheduler round trip on a
-    distributed worker.
+    arrays of gains, the windows were about 7 more tasks per date, each a scheduler round trip on
+    a distributed worker.
     """
     stack = stack.transpose("time", "band", "y", "x")
     data = stack.data if isinstance(stack.data, da.Array) else da.from_array(stack.data)

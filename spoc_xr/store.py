@@ -501,7 +501,7 @@ def _on_a_zarr_grid(ds: xr.Dataset) -> xr.Dataset:
         cut = {
             axis: min(int(side), data.shape[axis])
             for axis, (sizes, side) in enumerate(zip(data.chunks, stored, strict=True))
-            if any(size % side for size in sizes[:-1])
+            if side > 0 and any(size % side for size in sizes[:-1])
         }
         if not cut:
             continue
