@@ -642,9 +642,11 @@ def _on_output_grid(codes: xr.DataArray, stack: xr.DataArray) -> xr.DataArray:
     do not start on the output's chunks: along such an axis the codes are cut to the output's
     chunks.
     """
+    from spoc_xr.store import covers_whole_chunks
+
     stored = _output_chunks(stack)
     chunks = {
-        dim: sizes if all(size % stored[dim] == 0 for size in sizes[:-1]) else stored[dim]
+        dim: sizes if covers_whole_chunks(sizes, stored[dim]) else stored[dim]
         for dim, sizes in ((dim, codes.chunksizes[dim]) for dim in ("y", "x"))
     }
     return codes.chunk(chunks)

@@ -501,14 +501,19 @@ def _on_a_zarr_grid(ds: xr.Dataset) -> xr.Dataset:
         cut = {
             axis: min(int(side), data.shape[axis])
             for axis, (sizes, side) in enumerate(zip(data.chunks, stored, strict=True))
-            if side > 0 and any(size % side for size in sizes[:-1])
+            if not covers_whole_chunks(sizes, side)
         }
         if not cut:
             continue
-        encoding = dict(var.encoding)
         ds[name] = var.copy(data=data.rechunk(cut))
-        ds[name].encoding = {**encoding, "chunks": tuple(int(side) for side in stored)}
+        ds[name].encoding = {**var.encoding, "chunks": tuple(int(side) for side in stored)}
     return ds
+
+
+def covers_whole_chunks(sizes: Sequence[int], side: int) -> bool:
+    """Whether Dask chunks of ``sizes`` along an axis each cover whole Zarr chunks of ``side``
+    (the last one ends the axis, anywhere), so that no two tasks write one Zarr chunk."""
+    return side <= 0 or all(size % side == 0 for size in sizes[:-1])
 
 
 #: Dask-backed variables up to this size are written by one task each (see
