@@ -67,9 +67,14 @@ DEFAULT_TOLERANCE = 3
 DEFAULT_BACKGROUND_SIZE = 31
 # A small object must exceed its local background by this many local spreads (CFAR).
 CFAR_FACTOR = 6.0
-# Small objects longer than this (px) are not boats or planes but wakes, roads or edges: 480 m
-# at 10 m, longer than the largest ships.
-MAX_SMALL_EXTENT = 48
+# Small objects longer than this (px) are not boats or planes but wakes, roads or edges. Ships
+# moored side by side or bow to stern join into one object far longer than one ship, and the real
+# sen2ships labels reach 53 px: at 48 px (session 19) 36 ports-stack boats of 1,000 were dropped,
+# real ones among them. Session 20, 48 -> 64 / 80 / 96 / 200 px: ports seed 0 real-date recall
+# algiers 0.815 -> 0.926, athens 0.896 -> 0.938 / 0.979 (80 and above), gdynia 0.950 -> 1.000;
+# boat F1 up at 6 of 8 ports, held-out seed 1 up at all 8 (0.002-0.006); precision unchanged
+# everywhere, even at 200 px. Each pixel of it widens every tile's halo by one.
+MAX_SMALL_EXTENT = 80
 # Pixels of context an object's test needs beyond the object (its 2 px ring plus neighbours).
 SMALL_CONTEXT = 6
 # Mean change 2 px around a small object must stay below this share of its peak.
@@ -1676,15 +1681,15 @@ def _classify_window(
 
 
 #: Side (px) up to which classification merges neighbouring chunks into one tile: each tile
-#: computes its halo (:attr:`DetectParams.depth`, 184 px by default) once, a smaller share of a
-#: larger tile (up to 2416² computed per 2048² kept, against 1392² per 1024²; windows stop at the
-#: image's edges). A tile's task holds about 40 bytes per window pixel of temporaries (~235 MB at
-#: 2416²).
+#: computes its halo (:attr:`DetectParams.depth`, 216 px by default) once, a smaller share of a
+#: larger tile (up to 2480² computed per 2048² kept, against 1456² per 1024²; windows stop at the
+#: image's edges). A tile's task holds about 40 bytes per window pixel of temporaries (~245 MB at
+#: 2480²).
 CLASSIFY_TILE = 2048
 #: Dask configuration key overriding :data:`CLASSIFY_TILE` (``DASK_SPOC_XR__CLASSIFY_TILE``).
 CLASSIFY_TILE_CONFIG_KEY = "spoc_xr.classify-tile"
 #: Workers of the current distributed client with a memory limit below this classify tiles of
-#: :data:`SMALL_WORKER_TILE` px instead: a 2048 px tile's task holds ~235 MB of temporaries and
+#: :data:`SMALL_WORKER_TILE` px instead: a 2048 px tile's task holds ~245 MB of temporaries and
 #: its reference products ~280 MB, which beside Python, the libraries and the compiled kernels
 #: (~450 MB) leave a 1 GB worker no room (measured, 40 dates of 2048²: 2 x 1 GB workers were
 #: killed; with 1024 px tiles the run completed in 29.8 s, peak 883 MB, spilling; with the 184 px

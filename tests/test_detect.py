@@ -16,6 +16,7 @@ from spoc_xr import kernels
 from spoc_xr.detect import (
     CLASSIFY_TILE_CONFIG_KEY,
     LARGE,
+    MAX_SMALL_EXTENT,
     OBJECT_REACH,
     SMALL,
     DetectParams,
@@ -205,8 +206,8 @@ def test_annotate_chunked_equals_single_chunk(stack):
 @pytest.mark.parametrize(
     ("y_chunks", "tiled"),
     [
-        (100, True),  # tiles are runs of whole chunks: written as they are
-        ((100, 150, 180), False),  # a tile starts inside a stored chunk: cut to them
+        (110, True),  # tiles are runs of whole chunks: written as they are
+        ((110, 130, 230), False),  # a tile starts inside a stored chunk: cut to them
     ],
 )
 def test_the_masks_are_stored_in_the_stacks_chunks_whatever_the_tiles(y_chunks, tiled, tmp_path):
@@ -214,18 +215,19 @@ def test_the_masks_are_stored_in_the_stacks_chunks_whatever_the_tiles(y_chunks, 
 
     from spoc_xr.store import write_dataset
 
-    assert 2 * PARAMS.depth < 410  # several tiles of 200 px (see the test above)
-    big = make_stack(n_time=3, shape=(430, 410), seed=2)
-    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 200}):
-        result = annotate(big.chunk({"time": 1, "y": y_chunks, "x": 100}), params=PARAMS)
-    # Tiles of 200 px, the short ones joined to a neighbour (y: 250 + 180 when irregular, so
-    # cut to the stored 100 px chunks; x stays in tiles).
-    expected_y = (200, 230) if tiled else (100,) * 4 + (30,)
-    assert result["mask"].chunks[1:] == (expected_y, (200, 210))
+    # Several tiles of 220 px (see the test below): no tile may be shorter than the halo.
+    assert PARAMS.depth <= 220 and 2 * PARAMS.depth < 450
+    big = make_stack(n_time=3, shape=(470, 450), seed=2)
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 220}):
+        result = annotate(big.chunk({"time": 1, "y": y_chunks, "x": 110}), params=PARAMS)
+    # Tiles of 220 px, the short ones joined to a neighbour (y: 240 + 230 when irregular, so
+    # cut to the stored 110 px chunks; x stays in tiles).
+    expected_y = (220, 250) if tiled else (110,) * 4 + (30,)
+    assert result["mask"].chunks[1:] == (expected_y, (220, 230))
     write_dataset(result, tmp_path / "out.zarr", overwrite=False)
     group = zarr.open_group(tmp_path / "out.zarr", mode="r")
     for name in ("mask", "valid", "heatmap", "water"):
-        assert group[name].chunks[-2:] == (100, 100), name
+        assert group[name].chunks[-2:] == (110, 110), name
     whole = annotate(big.chunk({"time": 1, "y": -1, "x": -1}), params=PARAMS).compute()
     stored = xr.open_zarr(tmp_path / "out.zarr", consolidated=False)
     for name in ("mask", "valid", "heatmap", "water"):
@@ -258,22 +260,23 @@ def test_annotate_outputs_the_shift_each_date_was_classified_with(stack):
 
 
 def test_classification_tiles_of_merged_chunks_equal_the_whole_image():
-    # Larger than twice the halo (PARAMS.depth), so that several classification tiles exist.
-    assert 2 * PARAMS.depth < 410
-    big = make_stack(n_time=3, shape=(430, 410), seed=2)
-    chunked, radiometry, reference, spread = _prepared(big, {"y": 100, "x": 100})
+    # Larger than twice the halo (PARAMS.depth), so that several classification tiles exist,
+    # each no shorter than the halo.
+    assert PARAMS.depth <= 220 and 2 * PARAMS.depth < 450
+    big = make_stack(n_time=3, shape=(470, 450), seed=2)
+    chunked, radiometry, reference, spread = _prepared(big, {"y": 110, "x": 110})
     products = reference_products(reference, spread, PARAMS)
     whole = classify(
         big.chunk({"time": 1}), products, radiometry.gains, radiometry.offsets, PARAMS
     ).values
-    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 200}):
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 220}):
         codes = classify(chunked, products, radiometry.gains, radiometry.offsets, PARAMS)
-    # Chunks merged into tiles up to 200 px (the 30 and 10 px left over joined to their
+    # Chunks merged into tiles up to 220 px (the 30 and 10 px left over joined to their
     # neighbours): 2 x 2 tiles per date, one chunk each.
     layers = codes.data.dask.layers
     tiles = [name for name in layers if name.startswith("classify-")]
     assert len(tiles) == 1 and len(layers[tiles[0]]) == 3 * 2 * 2
-    assert codes.chunks[1:] == ((200, 230), (200, 210))
+    assert codes.chunks[1:] == ((220, 250), (220, 230))
     np.testing.assert_array_equal(codes.values, whole)
     assert (whole == SMALL).any()
 
@@ -586,6 +589,22 @@ def test_a_hull_inside_a_cloud_body_stays_small_a_fading_puff_does_not():
     # The plain ring test alone drops the hull: its ring holds the cloud (20 > 0.15 x 50).
     clear = small_objects(candidates, score, np.zeros_like(score), score, threshold)
     assert not clear[18:21, 10:14].any()
+
+
+def test_ships_moored_in_a_row_stay_small_a_longer_streak_does_not():
+    threshold = 6.0
+    score = np.zeros((40, 200), dtype=np.float32)
+    # Three 24 px hulls bow to stern (the real sen2ships labels reach 53 px; rows of moored ships
+    # join into one object far longer than any one ship) ...
+    row = 3 * 24
+    score[10:14, 5 : 5 + row] = 30.0
+    # ... and a crisp streak longer than the longest object kept (a road's edge, a wake).
+    score[25:28, 5 : 5 + MAX_SMALL_EXTENT + 20] = 30.0
+    assert 48 < row <= MAX_SMALL_EXTENT
+    candidates = score > threshold
+    small = small_objects(candidates, score, np.zeros_like(score), score, threshold)
+    assert small[10:14, 5 : 5 + row].all()
+    assert not small[25:28].any()
 
 
 def _flat_scene(shape=(4, 120, 160), water=500.0, noise=10.0, seed=0):

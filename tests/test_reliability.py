@@ -211,10 +211,10 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
     from spoc_xr.detect import CLASSIFY_TILE_CONFIG_KEY, DetectParams
     from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
 
-    # Large enough for several classification tiles at the default halo (184 px).
-    assert 2 * DetectParams().depth < 410
-    src = write_scene(tmp_path / "src", n_time=4, side=410)
-    assert ingest_store(src, tmp_path / "stack.zarr", chunks=100) == "written"
+    # Large enough for several classification tiles at the default halo (216 px).
+    assert 2 * DetectParams().depth < 530
+    src = write_scene(tmp_path / "src", n_time=4, side=530)
+    assert ingest_store(src, tmp_path / "stack.zarr", chunks=130) == "written"
     stack = open_stack(tmp_path / "stack.zarr")
     whole = tmp_path / "whole.zarr"  # one classification tile, one window
     annotate_store(stack, whole, source=tmp_path / "stack.zarr")
@@ -231,10 +231,10 @@ def test_windows_of_tiles_write_the_same_store_one_compute_per_window(
     monkeypatch.setattr(st, "write_region", record)
     out = tmp_path / "out.zarr"
     # Tiles of 2 x 2 chunks (the 10 px left over joins the last), one tile per window.
-    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1, CLASSIFY_TILE_CONFIG_KEY: 200}):
+    with dask.config.set({TILE_GROUP_CONFIG_KEY: 1, CLASSIFY_TILE_CONFIG_KEY: 260}):
         windows = tile_windows(stack, DetectParams())
         annotate_store(stack, out, source=tmp_path / "stack.zarr")
-    edges = [slice(0, 200), slice(200, 410)]
+    edges = [slice(0, 260), slice(260, 530)]
     assert windows == [{"y": y, "x": x} for y in edges for x in edges]
     # Each date batch wrote every window once; together they cover the image exactly once.
     date_writes = [region for region in writes if "time" in region and "y" in region]
@@ -253,21 +253,21 @@ def test_tile_windows_follow_rows_of_classification_tiles_and_the_budget() -> No
     from spoc_xr.pipeline import TILE_GROUP_CONFIG_KEY, tile_windows
 
     stack = xr.DataArray(
-        da.zeros((2, 3, 700, 1300), chunks=(1, 3, 256, 256), dtype=np.uint16),
+        da.zeros((2, 3, 760, 1300), chunks=(1, 3, 256, 256), dtype=np.uint16),
         dims=("time", "band", "y", "x"),
     )
     params = DetectParams()
-    assert tile_windows(stack, params) == [{}]  # one 700 x 1300 tile fits the default budget
+    assert tile_windows(stack, params) == [{}]  # one 760 x 1300 tile fits the default budget
     with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 512}):
-        # Tiles 512 + 188 rows, 512 + 512 + 276 columns (the last 20 px join their neighbour).
+        # Tiles 512 + 248 rows, 512 + 512 + 276 columns (the last 20 px join their neighbour).
         per_tile = 10 * (512 + 2 * params.depth) ** 2 * 4
         with dask.config.set({TILE_GROUP_CONFIG_KEY: 2 * per_tile}):
             windows = tile_windows(stack, params)
     assert windows == [
         {"y": slice(0, 512), "x": slice(0, 1024)},
         {"y": slice(0, 512), "x": slice(1024, 1300)},
-        {"y": slice(512, 700), "x": slice(0, 1024)},
-        {"y": slice(512, 700), "x": slice(1024, 1300)},
+        {"y": slice(512, 760), "x": slice(0, 1024)},
+        {"y": slice(512, 760), "x": slice(1024, 1300)},
     ]
     with dask.config.set({TILE_GROUP_CONFIG_KEY: 0}), pytest.raises(SpocError, match="bytes"):
         tile_windows(stack, params)
