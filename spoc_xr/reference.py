@@ -769,16 +769,41 @@ def _nanmedian_last(values: np.ndarray) -> np.ndarray:
     return ((low + high) / 2)[..., 0]
 
 
-def noise_sample_indices(radiometry: Radiometry, max_dates: int) -> list[int]:
+#: A date with more than this share of its pixels changed or invalid (an overcast date) is no
+#: noise sample while enough cleaner dates remain (:func:`noise_sample_indices`): in a stack of 6
+#: dates, 2 of them overcast, their clouds were the spread at every boat pixel of the others (each
+#: date's own objects are left out of its samples) and the boats of the clear dates were lost.
+MAX_SAMPLE_DIRT = 0.5
+#: ... enough: two (one date gives no spread); with fewer the cleanest dates are taken whatever
+#: their dirt.
+MIN_CLEAN_SAMPLES = 2
+
+
+def noise_sample_indices(
+    radiometry: Radiometry, max_dates: int, min_dates: int = MIN_CLEAN_SAMPLES
+) -> list[int]:
     """The cleanest dates (fewest changed pixels, never the reference) for the noise model.
 
     Clouds on a sample date inflate the spread wherever they lie, so the cleanest dates give
-    the truest picture of ordinary date-to-date variation; ties keep time order.
+    the truest picture of ordinary date-to-date variation; ties keep time order. Dates more than
+    ``MAX_SAMPLE_DIRT`` changed or invalid are left out while ``min_dates`` cleaner ones remain:
+    in a short stack every date would otherwise be a sample, overcast ones too.
+
+    Examples
+    --------
+    >>> rad = Radiometry("date", 0, np.ones((5, 1)), np.zeros((5, 1)), np.ones(5),
+    ...                  np.array([0.0, 1.0, 0.01, 0.02, 0.9]), [])
+    >>> noise_sample_indices(rad, 8)
+    [2, 3]
+    >>> noise_sample_indices(rad, 8, min_dates=3)
+    [2, 3, 4]
     """
     n_time = radiometry.change_fraction.size
     dirt = radiometry.change_fraction + (1 - radiometry.valid_fraction)
     order = [int(t) for t in np.argsort(dirt, kind="stable") if t != radiometry.reference_index]
-    return sorted(order[:max_dates]) if n_time else []
+    clean = [t for t in order if dirt[t] <= MAX_SAMPLE_DIRT]
+    chosen = clean if len(clean) >= min_dates else order[: max(min_dates, len(clean))]
+    return sorted(chosen[:max_dates]) if n_time else []
 
 
 def is_lazy(array: xr.DataArray) -> bool:

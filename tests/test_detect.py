@@ -961,3 +961,21 @@ def test_windows_reach_depth_inside_and_edge_beyond_the_array(chunks, depth, edg
         expected.append(padded[:, start + reach : stop + reach])
         first += side
     np.testing.assert_array_equal(windows, np.concatenate(expected, axis=1))
+
+
+def test_overcast_dates_of_a_short_stack_do_not_hide_the_boats_of_the_clear_ones():
+    # Six dates, two of them overcast end to end: as noise samples their clouds were the spread
+    # at every boat pixel of the clear dates (each date's own objects are left out of its
+    # samples), and those boats were lost.
+    stack = make_stack(n_time=6, shape=(40, 48), seed=4)
+    values = stack.values.copy()
+    rng = np.random.default_rng(1)
+    boats = {0: (8, 6), 2: (20, 10), 4: (30, 14), 5: (12, 18)}  # clear date: a 2 x 3 hull on water
+    for t, (y, x) in boats.items():
+        values[t, :, y : y + 2, x : x + 3] += np.uint16(2500)
+    for t in (1, 3):
+        values[t] = (6000 + rng.normal(0, 300, values[t].shape)).astype(np.uint16)
+    result = annotate(stack.copy(data=values), params=PARAMS).compute()
+    for t, (y, x) in boats.items():
+        assert (result["mask"][t, y : y + 2, x : x + 3] == SMALL).any(), t
+    assert (result["mask"][[1, 3]] == LARGE).mean() > 0.9
