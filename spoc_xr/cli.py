@@ -276,6 +276,7 @@ def run_ingest(args: argparse.Namespace) -> None:
         inputs=[args.src_dir],
         overwrite=args.overwrite,
         storage_options=storage_options,
+        kind="stack",
     )
     open_geotiffs(args.src_dir, chunks=args.chunks)  # validates every file before any output
     with _client(args):
@@ -334,7 +335,11 @@ def run_annotate(args: argparse.Namespace) -> None:
         run_annotate_resumable(args, params)
         return
     check_output_path(
-        args.output, inputs=[args.stack], overwrite=args.overwrite, storage_options=storage_options
+        args.output,
+        inputs=[args.stack],
+        overwrite=args.overwrite,
+        storage_options=storage_options,
+        kind="annotations",
     )
     report_dir = None
     if not args.no_report:
@@ -372,7 +377,7 @@ def run_annotate_resumable(args: argparse.Namespace, params: Any) -> None:
     from spoc_xr.store import check_output_path, open_store
 
     # Input collisions only: an existing output is resumed, extended or refused by annotate_store.
-    check_output_path(args.output, inputs=[args.stack], overwrite=True)
+    check_output_path(args.output, inputs=[args.stack], overwrite=True, kind="annotations")
     report_dir = None
     if not args.no_report:
         from spoc_xr.report import check_report_dir, report_dir_for
@@ -461,7 +466,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     if args.json is not None:
         check_output_path(
-            args.json, inputs=[args.annotations, args.truth], overwrite=args.overwrite
+            args.json, inputs=[args.annotations, args.truth], overwrite=args.overwrite, kind="file"
         )
     from spoc_xr.objects import open_annotation_store
 
@@ -479,7 +484,7 @@ def run_objects(args: argparse.Namespace) -> None:
 
     inputs = [args.annotations] + ([args.stack] if args.stack is not None else [])
     for output in objects_outputs(args.objects, geojson=args.geojson):
-        check_output_path(output, inputs=inputs, overwrite=args.overwrite)
+        check_output_path(output, inputs=inputs, overwrite=args.overwrite, kind="file")
     check_object_inputs(args.annotations, stack=args.stack)
     with _client(args):
         table = object_table(args.annotations, stack=args.stack)
@@ -595,6 +600,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spoc-xr {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # A full disk or a folder that turned read-only mid-run: the system's reason, on one line.
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        reason = err.strerror or str(err)
+        print(
+            f"spoc-xr {args.command}: error: {reason}{where}; free space or choose a writable "
+            "output path (a resumable store can be resumed with the same command)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -303,7 +303,7 @@ def ingest(
     _check_chunks(chunks)
     inputs = [src_dir] if isinstance(src_dir, str | os.PathLike) else list(src_dir)
     out = check_output_path(
-        store, inputs=inputs, overwrite=overwrite, storage_options=storage_options
+        store, inputs=inputs, overwrite=overwrite, storage_options=storage_options, kind="stack"
     )
     stack, files = _open_geotiffs(src_dir, chunks=chunks)
     dataset = _stack_dataset(stack, files)
@@ -776,7 +776,7 @@ def ingest_store(
     if append and overwrite:
         raise ParameterError("--append and --overwrite exclude each other; pass one of them")
     inputs = [src_dir] if isinstance(src_dir, str | os.PathLike) else list(src_dir)
-    out = Path(check_output_path(store, inputs=inputs, overwrite=True))
+    out = Path(check_output_path(store, inputs=inputs, overwrite=True, kind="stack"))
     if append:
         return _append_store(src_dir, out, progress)
     stack, files = _open_geotiffs(src_dir, chunks=chunks)

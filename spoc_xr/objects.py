@@ -575,7 +575,7 @@ def write_objects(
     """
     outputs = objects_outputs(path, geojson=geojson)
     for out in outputs:
-        check_output_path(out, overwrite=overwrite)
+        check_output_path(out, overwrite=overwrite, kind="file")
     for out in outputs:
         remove_store(out)
     table.to_parquet(outputs[0])

@@ -771,7 +771,8 @@ def annotate_store(
     from spoc_xr import store as st
 
     stack, params = check_annotation_parameters(stack, reference=reference, params=params)
-    out = Path(output).expanduser()
+    # Whatever ``overwrite`` says, a store of another kind (a stack) is never replaced.
+    out = Path(st.check_output_path(output, overwrite=True, kind="annotations"))
     recipe = {
         "kind": "annotations",
         "version": __version__,

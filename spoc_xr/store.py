@@ -73,6 +73,7 @@ def check_output_path(
     inputs: Sequence[PathLike] = (),
     overwrite: bool,
     storage_options: StorageOptions = None,
+    kind: str | None = None,
 ) -> Path: ...
 
 
@@ -83,6 +84,7 @@ def check_output_path(
     inputs: Sequence[PathLike] = (),
     overwrite: bool,
     storage_options: StorageOptions = None,
+    kind: str | None = None,
 ) -> Path | str: ...
 
 
@@ -92,6 +94,7 @@ def check_output_path(
     inputs: Sequence[PathLike] = (),
     overwrite: bool,
     storage_options: StorageOptions = None,
+    kind: str | None = None,
 ) -> Path | str:
     """Check that ``output`` may be written, before any work is done; deletes nothing.
 
@@ -105,6 +108,10 @@ def check_output_path(
         Whether an existing ``output`` may be replaced.
     storage_options : dict, optional
         fsspec options when ``output`` is a URL.
+    kind : str, optional
+        What the command writes: a spoc_xr store's kind (``"stack"``, ``"annotations"``) or
+        ``"file"``. A local spoc_xr store of another kind (or any Zarr store, for a file) is
+        then never replaced, even with ``overwrite``: a mistyped output must not delete a stack.
 
     Returns
     -------
@@ -115,7 +122,8 @@ def check_output_path(
     ------
     OutputError
         If ``output`` is one of the inputs, lies inside an input store, contains an input, exists
-        while ``overwrite`` is False, or is a non-empty folder that is not a Zarr store.
+        while ``overwrite`` is False, is a non-empty folder that is not a Zarr store, or is a store
+        of another ``kind``.
 
     Examples
     --------
@@ -145,9 +153,11 @@ def check_output_path(
                 "choose an output path outside it"
             )
     if os.path.lexists(out):
+        _check_other_kind(out, kind)
         if not overwrite:
             raise OutputError(f"{str(out)!r} exists; pass --overwrite to replace it")
         _check_replaceable(out)
+    _check_writable_folder(out)
     return out
 
 
@@ -407,6 +417,32 @@ def open_store(
 
 def _is_zarr_store(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in _ZARR_METADATA)
+
+
+def _check_writable_folder(path: Path) -> None:
+    # The nearest existing folder above the output: writes (and the lock beside a store) go there.
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot write {str(path)!r}: the folder {str(folder)!r} is not writable (read-only "
+            "or no permission); choose an output path in a writable folder"
+        )
+
+
+def _check_other_kind(path: Path, kind: str | None) -> None:
+    if kind is None or not _is_zarr_store(path) or path.is_symlink():
+        return
+    meta = (read_attrs(path) or {}).get("spoc_xr")
+    found = meta.get("kind") if isinstance(meta, dict) else None
+    if kind == "file" or (found is not None and found != kind):
+        article = "an" if kind[0] in "aeiou" else "a"
+        wanted = "a file" if kind == "file" else f"{article} {kind} store"
+        raise OutputError(
+            f"{str(path)!r} is a spoc_xr {found or 'Zarr'} store, not {wanted}; refusing to "
+            "replace it, even with --overwrite: choose another output path"
+        )
 
 
 def _check_replaceable(path: Path) -> None:

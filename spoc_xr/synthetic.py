@@ -1559,6 +1559,16 @@ def read_truth(path: str | Path) -> xr.Dataset:
         ds["water"] = ds["water"].astype(np.uint8)
     else:
         ds["water"] = xr.ones_like(ds["boats"].isel(time=0, drop=True), dtype=np.uint8)
+    if MISREGISTRATION in ds:
+        shifts = ds[MISREGISTRATION]
+        if shifts.dims != ("time", "axis") or shifts.sizes["axis"] != len(SHIFT_AXES):
+            raise InputError(
+                f"truth {p}: '{MISREGISTRATION}' must have dims (time, axis) with "
+                f"{len(SHIFT_AXES)} values per date (dy, dx), not {dict(shifts.sizes)}; fix it or "
+                "leave it out (shifts are then not scored)"
+            )
+        if not np.issubdtype(shifts.dtype, np.number):
+            raise InputError(f"truth {p}: '{MISREGISTRATION}' must be numbers, not {shifts.dtype}.")
     ds["time"] = ds["time"].astype("datetime64[ns]")
     return ds
 

@@ -293,6 +293,18 @@ def test_existing_output_from_another_command_needs_overwrite(
     status, _, err = cli(capsys, "ingest", other, tmp_path / "folder", "--overwrite")
     assert_refused(status, err, "not a Zarr store")
     assert (tmp_path / "folder" / "keep.txt").exists()
+    # A mistyped output never replaces a store of another kind, even with --overwrite: the
+    # annotations are no stack, the stack no object table.
+    stack_before = (stack_store / "zarr.json").read_bytes()
+    for command in (
+        ("ingest", other, out, "--overwrite"),
+        ("annotate", tmp_path / "plain", stack_store, "--overwrite", "--no-report"),
+        ("objects", out, stack_store, "--overwrite"),
+    ):
+        status, _, err = cli(capsys, *command)
+        assert_refused(status, err, "even with --overwrite")
+    assert (out / "zarr.json").read_bytes() == before
+    assert (stack_store / "zarr.json").read_bytes() == stack_before
 
 
 @pytest.mark.parametrize(

@@ -324,3 +324,42 @@ def test_add_variables_keeps_the_store_and_remove_variable_deletes_only_that_arr
     remove_variable(store, "doubled")  # gone already: nothing to do
     assert sorted(open_store(store).data_vars) == ["cube"]
     assert (store / "cube" / "zarr.json").is_file()
+
+
+def test_a_store_of_another_kind_is_never_replaced_even_with_overwrite(tmp_path: Path) -> None:
+    import zarr
+
+    from spoc_xr.store import check_output_path
+
+    stack = tmp_path / "stack.zarr"
+    zarr.open_group(stack, mode="w", zarr_format=3).attrs["spoc_xr"] = {"kind": "stack"}
+    # A mistyped output: annotating (or writing an object table) onto the input stack.
+    for kind, wanted in (("annotations", "an annotations store"), ("file", "a file")):
+        with pytest.raises(OutputError, match=f"spoc_xr stack store, not {wanted}.*even with"):
+            check_output_path(stack, overwrite=True, kind=kind)
+    assert (stack / "zarr.json").is_file()
+    # The same kind, or no kind given (the Python writers), may be replaced with overwrite.
+    assert check_output_path(stack, overwrite=True, kind="stack") == stack
+    assert check_output_path(stack, overwrite=True) == stack
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w", zarr_format=3)
+    assert check_output_path(foreign, overwrite=True, kind="annotations") == foreign
+    with pytest.raises(OutputError, match="Zarr store, not a file"):
+        check_output_path(foreign, overwrite=True, kind="file")
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from spoc_xr import store
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Root ignores permission bits, so the folder's answer is given by os.access itself.
+    monkeypatch.setattr(store.os, "access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(OutputError, match=r"'.*locked' is not writable.*writable folder"):
+        store.check_output_path(locked / "new" / "out.zarr", overwrite=False)
+    assert not (locked / "new").exists() and os.listdir(locked) == []
+    assert store.check_output_path(tmp_path / "out.zarr", overwrite=False) == tmp_path / "out.zarr"

@@ -327,6 +327,10 @@ def test_truth_round_trip_zarr_and_npz(tmp_path: Path) -> None:
     assert dn["clouds"].values.max() == 0  # absent clouds mean none
     assert dn["water"].values.min() == 1  # absent water means everywhere
     np.testing.assert_array_equal(dn["time"].values, ds["time"].values)
+    # Three values per date is no (dy, dx) shift: refused by name, not a broadcasting error later.
+    np.savez(npz_dir / "truth.npz", boats=boats, time=stamps, misregistration=np.zeros((2, 3)))
+    with pytest.raises(InputError, match=r"'misregistration' must have dims \(time, axis\) with 2"):
+        read_truth(npz_dir)
 
 
 def test_read_truth_errors_name_the_path(tmp_path: Path) -> None:
