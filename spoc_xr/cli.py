@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from typing import Any
 from spoc_xr import __version__
 from spoc_xr.errors import SpocError
 
-DEFAULT_DEMO_DIR = "spoc_xr_demo"
+DEFAULT_DEMO_DIR = "demo_output"
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a synthetic harbour time stack with exact truth, run the whole "
         "pipeline on a local Dask cluster and print a summary.",
     )
-    demo.add_argument("out_dir", nargs="?", type=Path, default=Path(DEFAULT_DEMO_DIR))
+    demo.add_argument(
+        "out_dir",
+        nargs="?",
+        type=Path,
+        default=Path(DEFAULT_DEMO_DIR),
+        help=f"folder for the images, stores, report and scores ({DEFAULT_DEMO_DIR})",
+    )
     demo.add_argument("--dates", type=_parse_size, default=16, help="number of dates (16)")
     demo.add_argument("--size", type=_parse_size, default=512, help="image side in px (512)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -302,6 +309,10 @@ def run_ingest_resumable(args: argparse.Namespace) -> None:
 
     if not args.append:
         open_geotiffs(args.src_dir, chunks=args.chunks)  # validates every file before any output
+    before = 0
+    if args.append:
+        with contextlib.suppress(SpocError):  # ingest_store says what is wrong with the store
+            before = open_stack(args.stack).sizes["time"]
     with _client(args):
         started = time.perf_counter()
         status = ingest_store(
@@ -316,8 +327,11 @@ def run_ingest_resumable(args: argparse.Namespace) -> None:
         print(f"{args.stack} is already complete: nothing to do (pass --overwrite to redo it)")
         return
     stack = open_stack(args.stack)
+    count = f"{stack.sizes['time']} dates"
+    if status == "appended":
+        count = f"{stack.sizes['time'] - before} dates (now {stack.sizes['time']})"
     print(
-        f"{status} {stack.sizes['time']} dates x {stack.sizes['band']} bands "
+        f"{status} {count} x {stack.sizes['band']} bands "
         f"({', '.join(map(str, stack.band.values))}) of {stack.sizes['y']} x {stack.sizes['x']} px "
         f"into {args.stack} in {time.perf_counter() - started:.1f} s"
     )

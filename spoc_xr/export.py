@@ -135,22 +135,26 @@ class ExportSummary:
         Augmented chips (train split).
     annotations : int
         Object annotations over all chips.
+    notes : list of str
+        What the user should know about the result: a split that got no chip, no chip at all.
     """
 
     dest: Path
     chips: dict[str, dict[str, int]] = field(default_factory=dict)
     augmented: int = 0
     annotations: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [
             f"{name}: {c['positive']} with objects + {c['negative']} negatives"
             for name, c in self.chips.items()
         ]
-        return (
+        text = (
             f"exported to {self.dest}: " + "; ".join(parts) + f"; {self.augmented} augmented "
             f"chips; {self.annotations} annotations"
         )
+        return "\n".join([text, *(f"note: {note}" for note in self.notes)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -756,6 +760,20 @@ def export_chips(
         for t, i, j in positives + [empty[k] for k in picks]:
             chosen[t].append((int(i), int(j), s))
         summary.chips[name] = {"positive": len(positives), "negative": n_neg}
+        if ratios[s] > 0 and not positives and not n_neg:
+            blocks = int(np.unique(split_grid).size) if split_grid.size else 0
+            summary.notes.append(
+                f"the {name} split got no chip: the image holds {n_rows} x {n_cols} chips of "
+                f"{size} px in blocks of {block} x {block} chips ({blocks} split(s) in use); "
+                "pass a smaller --size or --block for every split to get chips"
+                if not (split_grid == s).any()
+                else f"the {name} split got no chip: its blocks hold no valid chip with objects"
+            )
+    if not any(c["positive"] for c in summary.chips.values()):
+        summary.notes.append(
+            "no chip holds an object: the annotation found no object (see its report); "
+            "chips without objects are exported only beside ones with objects (--negatives)"
+        )
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True)

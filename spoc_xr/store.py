@@ -382,6 +382,19 @@ def open_store(
             raise StoreError(f"no store at {str(path)!r}; check the path or create it first")
         if not _is_zarr_store(path):
             raise StoreError(f"{str(path)!r} is not a Zarr store; pass a store written by spoc-xr")
+    if kind is not None and isinstance(path, Path):
+        # Another kind of store (a truth store passed as a stack) is told as such, not as an
+        # interrupted write of the kind asked for.
+        attrs = read_attrs(path) or {}
+        meta = attrs.get("spoc_xr")
+        found = meta.get("kind") if isinstance(meta, dict) else None
+        recipe = (attrs.get(PROVENANCE_ATTR) or {}).get("recipe")
+        started = recipe.get("kind") if isinstance(recipe, dict) else None
+        if (found or started) != kind:
+            raise StoreError(
+                f"{str(path)!r} holds a {found or started or 'foreign'} store, not a {kind} store; "
+                "pass the right store"
+            )
     if not is_complete(path, storage_options=storage_options):
         raise StoreError(
             f"{str(path)!r} is incomplete (its write was interrupted or is still running); "

@@ -266,3 +266,18 @@ def test_cli_export_chips(scene, tmp_path: Path, no_cluster) -> None:
         cli.main(["export-chips", str(stack), str(tmp_path / "x.zarr"), str(tmp_path / "d")]) == 2
     )
     assert not (tmp_path / "d").exists()
+
+
+def test_splits_left_without_chips_are_named_in_the_summary(scene, tmp_path: Path) -> None:
+    stack, annotations, _ = scene
+    # One block covers the whole image: only one split can get chips, and the summary says so.
+    summary = export_chips(stack, annotations, tmp_path / "one", size=SIZE, block=8)
+    empty = [name for name, count in summary.chips.items() if not sum(count.values())]
+    assert len(empty) == 2
+    assert len(summary.notes) == 2 and all("smaller --size or --block" in n for n in summary.notes)
+    assert all(f"the {name} split got no chip" in str(summary) for name in empty)
+    # Small blocks: every split gets chips and nothing is noted.
+    summary = export_chips(
+        stack, annotations, tmp_path / "all", size=SIZE // 2, block=1, negatives=1.0
+    )
+    assert all(sum(count.values()) for count in summary.chips.values()) and not summary.notes

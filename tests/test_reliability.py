@@ -312,7 +312,7 @@ def test_append_adds_later_dates_and_annotates_only_those(
     old = st.open_store(out).load()
     monkeypatch.setattr(cli, "_client", lambda args, quiet=False: contextlib.nullcontext())
     assert cli.main(["ingest", str(later), str(stack_path), "--append"]) == 0
-    assert "appended 8 dates" in capsys.readouterr().out
+    assert "appended 3 dates (now 8)" in capsys.readouterr().out
     assert_same_store(stack_path, scene["stack"])
     assert cli.main(["ingest", str(later), str(stack_path), "--append"]) == 0
     assert "already complete" in capsys.readouterr().out
