@@ -536,14 +536,19 @@ def clean_date_values(
     in any band, their median takes its place. Outside both, not merely away from their mean: a
     ship moored on half of an even number of dates puts water and hull in the middle, and the
     water of the date would have been replaced by half a hull (seen on the semi-real ports: a
-    berth then departed on every date and its ships went unseen on all of them).
+    berth then departed on every date and its ships went unseen on all of them). The date's holes
+    (nodata: saturated or defective pixels, scan-line gaps) take the median too, band by band:
+    left unknown, every date was invalid there, and the tolerance window spread each hole over
+    its neighbours (1 % of scattered holes left 91 % of every date valid, against 99 % with a
+    median reference).
     """
     limit = (scale.astype(np.float32) * np.float32(OUTLIER_SIGMA))[:, None, None]
     median = (lower + upper) / np.float32(2)
     with np.errstate(invalid="ignore"):
         departs = ((date < lower - limit) | (date > upper + limit)).any(axis=0)
     departs &= np.isfinite(median).all(axis=0)
-    return np.where(departs[None], median, date).astype(np.float32)
+    cleaned = np.where(departs[None], median, date)
+    return np.where(np.isnan(cleaned), median, cleaned).astype(np.float32)
 
 
 def nanmiddle_pair(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -979,3 +979,18 @@ def test_overcast_dates_of_a_short_stack_do_not_hide_the_boats_of_the_clear_ones
     for t, (y, x) in boats.items():
         assert (result["mask"][t, y : y + 2, x : x + 3] == SMALL).any(), t
     assert (result["mask"][[1, 3]] == LARGE).mean() > 0.9
+
+
+def test_holes_of_the_reference_date_are_filled_not_spread_over_every_date():
+    # Scattered nodata pixels (saturated or defective), 1 % of each date: with a date reference
+    # left with holes, every date was invalid there and the tolerance window spread each hole
+    # over its neighbours (valid ~0.91 of every date); filled from the other dates' median, each
+    # date loses its own holes only.
+    stack = make_stack(n_time=6, shape=(60, 64), seed=5)
+    values = stack.values.copy()
+    holes = np.random.default_rng(2).random((6, 1, 60, 64)) < 0.01
+    values[np.broadcast_to(holes, values.shape)] = 0  # the stack's nodata
+    result = annotate(stack.copy(data=values), params=PARAMS).compute()
+    assert result.attrs["spoc_xr"]["reference_index"] is not None  # a date reference
+    for t in range(6):
+        np.testing.assert_array_equal(result["valid"][t].values, ~holes[t, 0])
