@@ -161,6 +161,12 @@ def check_annotation_parameters(
     stack = check_stack(stack)
     from spoc_xr.detect import parse_threshold
 
+    if stack.sizes["time"] < 2:
+        # One date has nothing to be compared with: every pixel would come out "clear".
+        raise InputError(
+            f"the stack holds {stack.sizes['time']} date; annotating needs at least 2 dates of "
+            "the same place (add dates with spoc-xr ingest --append)"
+        )
     if params is None:
         params = DetectParams(kernel=kernel, threshold=parse_threshold(threshold))
     params.check_against((stack.sizes["y"], stack.sizes["x"]))

@@ -32,7 +32,7 @@ from spoc_xr.detect import (
     visible_bands,
     window_span,
 )
-from spoc_xr.errors import ParameterError
+from spoc_xr.errors import ParameterError, SpocError
 from spoc_xr.pipeline import annotate, build_annotations, read_apart, reference_and_spread
 from spoc_xr.products import choose_water_index, uncover_water_values, water_threshold
 from spoc_xr.reference import compute_overview, plan_radiometry
@@ -994,3 +994,9 @@ def test_holes_of_the_reference_date_are_filled_not_spread_over_every_date():
     assert result.attrs["spoc_xr"]["reference_index"] is not None  # a date reference
     for t in range(6):
         np.testing.assert_array_equal(result["valid"][t].values, ~holes[t, 0])
+
+
+def test_a_stack_of_one_date_is_refused_before_any_work():
+    one = make_stack(n_time=1)
+    with raise_if_dask_computes(), pytest.raises(SpocError, match=r"1 date.*at least 2 dates"):
+        annotate(one.chunk({"time": 1}), params=PARAMS)
