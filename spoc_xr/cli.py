@@ -619,8 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         reason = err.strerror or str(err)
         print(
-            f"spoc-xr {args.command}: error: {reason}{where}; free space or choose a writable "
-            "output path (a resumable store can be resumed with the same command)",
+            f"spoc-xr {args.command}: error: {reason}{where}; check the path, the free space and "
+            "the permissions (an unfinished store is resumed by the same command)",
             file=sys.stderr,
         )
         return 2

@@ -337,3 +337,14 @@ def test_append_with_another_grid_is_refused(
     assert zarr.open_group(stack_store, mode="r")["stack"].shape[0] == 5
     with rasterio.open(src / "S2_2024-01-01.tif") as check:
         assert check.count == 4
+
+
+def test_a_system_error_during_a_run_ends_with_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(args: Any) -> None:
+        raise OSError(28, "No space left on device", str(tmp_path / "out.zarr"))
+
+    monkeypatch.setitem(cli_module.COMMANDS, "annotate", disk_full)
+    status, _, err = cli(capsys, "annotate", tmp_path / "stack.zarr", tmp_path / "out.zarr")
+    assert_refused(status, err, "No space left on device", "out.zarr", "free space")
