@@ -761,14 +761,16 @@ def export_chips(
             chosen[t].append((int(i), int(j), s))
         summary.chips[name] = {"positive": len(positives), "negative": n_neg}
         if ratios[s] > 0 and not positives and not n_neg:
-            blocks = int(np.unique(split_grid).size) if split_grid.size else 0
-            summary.notes.append(
-                f"the {name} split got no chip: the image holds {n_rows} x {n_cols} chips of "
-                f"{size} px in blocks of {block} x {block} chips ({blocks} split(s) in use); "
-                "pass a smaller --size or --block for every split to get chips"
-                if not (split_grid == s).any()
-                else f"the {name} split got no chip: its blocks hold no valid chip with objects"
-            )
+            if (split_grid == s).any():
+                why = "its blocks hold no valid chip with objects"
+            else:
+                in_use = np.unique(split_grid).size
+                why = (
+                    f"the image holds {n_rows} x {n_cols} chips of {size} px in blocks of "
+                    f"{block} x {block} chips ({in_use} split(s) in use); pass a smaller --size "
+                    "or --block for every split to get chips"
+                )
+            summary.notes.append(f"the {name} split got no chip: {why}")
     if not any(c["positive"] for c in summary.chips.values()):
         summary.notes.append(
             "no chip holds an object: the annotation found no object (see its report); "

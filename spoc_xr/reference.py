@@ -807,7 +807,7 @@ def noise_sample_indices(
     dirt = radiometry.change_fraction + (1 - radiometry.valid_fraction)
     order = [int(t) for t in np.argsort(dirt, kind="stable") if t != radiometry.reference_index]
     clean = [t for t in order if dirt[t] <= MAX_SAMPLE_DIRT]
-    chosen = clean if len(clean) >= min_dates else order[: max(min_dates, len(clean))]
+    chosen = clean if len(clean) >= min_dates else order[:min_dates]
     return sorted(chosen[:max_dates]) if n_time else []
 
 

@@ -385,14 +385,10 @@ def open_store(
     if kind is not None and isinstance(path, Path):
         # Another kind of store (a truth store passed as a stack) is told as such, not as an
         # interrupted write of the kind asked for.
-        attrs = read_attrs(path) or {}
-        meta = attrs.get("spoc_xr")
-        found = meta.get("kind") if isinstance(meta, dict) else None
-        recipe = (attrs.get(PROVENANCE_ATTR) or {}).get("recipe")
-        started = recipe.get("kind") if isinstance(recipe, dict) else None
-        if (found or started) != kind:
+        found = _store_kind(read_attrs(path) or {}, started=True)
+        if found != kind:
             raise StoreError(
-                f"{str(path)!r} holds a {found or started or 'foreign'} store, not a {kind} store; "
+                f"{str(path)!r} holds a {found or 'foreign'} store, not a {kind} store; "
                 "pass the right store"
             )
     if not is_complete(path, storage_options=storage_options):
@@ -414,8 +410,7 @@ def open_store(
             f"cannot open {str(path)!r} as a Zarr v3 store ({exc}); write it again with --overwrite"
         ) from exc
     if kind is not None:
-        meta = ds.attrs.get("spoc_xr")
-        found = meta.get("kind") if isinstance(meta, dict) else None
+        found = _store_kind(ds.attrs)
         if found != kind:
             raise StoreError(
                 f"{str(path)!r} holds a {found or 'foreign'!s} store, not a {kind} store; "
@@ -430,6 +425,17 @@ def open_store(
 
 def _is_zarr_store(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in _ZARR_METADATA)
+
+
+def _store_kind(attrs: dict[str, Any], *, started: bool = False) -> str | None:
+    """The kind a spoc_xr store records (``spoc_xr["kind"]``); with ``started``, else the kind its
+    unfinished write began as (its provenance's recipe); None for a foreign store."""
+    meta = attrs.get("spoc_xr")
+    found = meta.get("kind") if isinstance(meta, dict) else None
+    if found is None and started:
+        recipe = (attrs.get(PROVENANCE_ATTR) or {}).get("recipe")
+        found = recipe.get("kind") if isinstance(recipe, dict) else None
+    return found
 
 
 def _check_writable_folder(path: Path) -> None:
@@ -447,8 +453,7 @@ def _check_writable_folder(path: Path) -> None:
 def _check_other_kind(path: Path, kind: str | None) -> None:
     if kind is None or not _is_zarr_store(path) or path.is_symlink():
         return
-    meta = (read_attrs(path) or {}).get("spoc_xr")
-    found = meta.get("kind") if isinstance(meta, dict) else None
+    found = _store_kind(read_attrs(path) or {}, started=True)
     if kind == "file" or (found is not None and found != kind):
         article = "an" if kind[0] in "aeiou" else "a"
         wanted = "a file" if kind == "file" else f"{article} {kind} store"
