@@ -15,12 +15,15 @@ OpenCV runs its own thread pool inside every call, which fights the worker's thr
 ``cv2.setNumThreads(1)`` on every current and future worker, and :class:`LargeArrayMalloc`, which
 keeps glibc from mapping and unmapping every tile-sized temporary (2x faster workers), and
 :class:`QuickGilHandoff`, which keeps Zarr's I/O thread from waiting behind tile tasks. With your
-own client, do the same with ``register_worker_plugins(client)``.
+own client, do the same with ``register_worker_plugins(client)``. A local cluster's workers also
+get :class:`QuietFailedTasks`: they share the terminal, where a failed task's traceback log would
+come before the command's one-line error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -114,6 +117,32 @@ class QuickGilHandoff(WorkerPlugin):
         from spoc_xr.store import GIL_SWITCH_INTERVAL
 
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+
+
+class QuietFailedTasks(WorkerPlugin):
+    """Worker plugin for local clusters: no "Compute Failed" log with a traceback per failed task.
+
+    The failure comes back to the client, which re-raises it, and the command line then prints
+    one line naming the cause and the fix (a full disk, say); the workers of a LocalCluster share
+    that terminal, where their multi-kB log came first. Other worker warnings (memory) stay.
+
+    Examples
+    --------
+    >>> client.register_plugin(QuietFailedTasks())  # doctest: +SKIP
+    """
+
+    name = "spoc-xr-quiet-failed-tasks"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _DropFailedTaskRecords) for f in logger.filters):
+            logger.addFilter(_DropFailedTaskRecords())
+
+
+class _DropFailedTaskRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
 
 
 # glibc's mallopt parameters (malloc.h) and the values spoc-xr workers use.
@@ -234,13 +263,16 @@ def dask_client(
         "n_workers": n_workers,
         "threads_per_worker": threads,
         "processes": processes,
-        "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:0",
     }
+    if processes:
+        # Threads in this process talk in memory (inproc://), which takes no host.
+        cluster_kwargs["host"] = "127.0.0.1"
     if memory_limit is not None:
         cluster_kwargs["memory_limit"] = parse_memory_limit(memory_limit)
     with LocalCluster(**cluster_kwargs) as cluster, Client(cluster) as client:
         register_worker_plugins(client)
+        client.register_plugin(QuietFailedTasks())
         if not quiet:
             print(
                 f"Dask LocalCluster: {n_workers} worker(s) x {threads} thread(s) at "

@@ -248,9 +248,7 @@ def segmentation(window: np.ndarray, row_off: int, col_off: int, shape: tuple[in
     """
     polygons: list[list[float]] = []
     transform = Affine.translation(col_off, row_off)
-    for geom, _ in _shapes(
-        window.astype(np.uint8), mask=window, connectivity=8, transform=transform
-    ):
+    for geom, _ in _shapes(window, connectivity=8, transform=transform):
         rings = geom["coordinates"]
         if len(rings) > 1:
             full = np.zeros(shape, dtype=bool)

@@ -877,9 +877,13 @@ def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: b
             f"{str(out)!r} is not a stack store written by spoc-xr ingest; pass a stack store"
         )
     chunks = int(provenance["recipe"]["chunks"])
-    stored_names = {entry[0] for entry in provenance["files"]}
+    recorded = {entry[0]: entry for entry in provenance["files"]}
     stored_dates = list(provenance["dates"])
-    candidates = [path for path in _as_file_list(src_dir) if path.name not in stored_names]
+    given = _as_file_list(src_dir)
+    _check_unchanged(
+        [path for path in given if path.name in recorded], recorded, stored_dates, out, chunks
+    )
+    candidates = [path for path in given if path.name not in recorded]
     if not candidates:
         if st.COMPLETE_ATTR in attrs:
             return "complete"
@@ -935,6 +939,48 @@ def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: b
         st.update_attrs(out, {st.PROVENANCE_ATTR: record, "spoc_xr": info})
         st.mark_complete(out)
     return "appended"
+
+
+def _check_unchanged(
+    paths: Sequence[Path],
+    recorded: dict[str, list[Any]],
+    stored_dates: Sequence[str],
+    out: Path,
+    chunks: int,
+) -> None:
+    """Refuse a file already ingested (by name) whose pixels changed since: an append skips it.
+
+    Size and modification time pick the suspects (a plain ``ingest`` records neither); a suspect
+    whose pixels equal the stored date's (a copied or touched file) passes.
+    """
+    from spoc_xr.errors import InputError
+
+    for path in paths:
+        _, size, mtime = recorded[path.name]
+        if size is None or [path.stat().st_size, path.stat().st_mtime_ns] == [size, mtime]:
+            continue
+        when = str(parse_date(path))
+        if when not in stored_dates:
+            continue
+        new, _ = _open_geotiffs([path], chunks=chunks)
+        stored = xr.open_zarr(out, consolidated=False, zarr_format=3, chunks={})[STACK_NAME]
+        if not _same_pixels(new.isel(time=0).data, stored.isel(time=stored_dates.index(when)).data):
+            raise InputError(
+                f"{path.name!r} ({when}) differs from the date {str(out)!r} holds under that "
+                "name, and an append only adds new files: restore the ingested file, or re-create "
+                "the store with --overwrite to take the new pixels"
+            )
+
+
+def _same_pixels(fresh: da.Array, old: da.Array) -> bool:
+    """Whether two lazy images hold the same values (NaN equal to NaN), read chunk by chunk."""
+    if fresh.shape != old.shape or fresh.dtype != old.dtype:
+        return False
+    fresh = fresh.rechunk(old.chunks)
+    differ = fresh != old
+    if np.issubdtype(old.dtype, np.floating):
+        differ &= ~(da.isnan(fresh) & da.isnan(old))
+    return not bool(differ.any().compute())
 
 
 def _provenance_of_plain_stack(out: Path) -> dict[str, Any]:

@@ -38,14 +38,22 @@ Columns
 (centroid in WGS 84), ``length_m``, ``width_m`` (sides of the minimum rotated rectangle of the
 outline), ``mean_<band>`` (mean raw value of each band of the stack on that date over the object's
 pixels that are not nodata; only when the stack is given), ``on_water``, ``is_boat``,
-``water_index`` and ``geometry`` (outline along pixel edges, in the stack's CRS). Lengths and areas
-are in metres, so the stack must be in a projected CRS.
+``water_index`` and ``geometry`` (outline along pixel edges, in the stack's CRS).
+
+Lengths and areas are in metres. In a projected CRS they come from the grid itself (``area_m2``
+is pixel count x pixel area, the rectangle is measured in map units, converted to metres where the
+unit is another, such as the US survey foot). In a
+geographic CRS (e.g. EPSG:4326) each outline is projected into the UTM zone of its centroid, on
+the CRS's own datum, and measured there (UTM's scale error is at most about 0.1 % in length and
+0.2 % in area); the geometry, box and centroid columns stay in degrees of the stack's CRS. Any
+other CRS (engineering, geocentric, ...) is refused with a
+:class:`~spoc_xr.errors.GeoreferenceError`.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +64,12 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyproj
-import rasterio.errors
 import rasterio.features
 import shapely
 import xarray as xr
 from affine import Affine
+from pyproj.crs import ProjectedCRS
+from pyproj.crs.coordinate_operation import UTMConversion
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, shape
 
@@ -182,27 +191,48 @@ def label_objects(mask: np.ndarray, water: np.ndarray | None = None) -> LabeledD
     return LabeledDate(labels, n_small + n_large, classes, on_water)
 
 
+_TRACING = threading.Lock()
+
+
 def _shapes(
-    window: np.ndarray, *, mask: np.ndarray, connectivity: int, transform: Affine
+    window: np.ndarray, *, connectivity: int, transform: Affine
 ) -> list[tuple[dict[str, Any], float]]:
-    """``rasterio.features.shapes`` without its warning for pixel (identity) transforms."""
-    with warnings.catch_warnings():
-        # Chip polygons are meant in pixel coordinates; the identity transform is intended.
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        return list(
-            rasterio.features.shapes(
-                window, mask=mask, connectivity=connectivity, transform=transform
-            )
+    """``rasterio.features.shapes`` of the True pixels of ``window``, without rasterio's warnings.
+
+    rasterio warns (NotGeoreferencedWarning) for its in-memory mask, for an identity transform and,
+    now and then, when two threads trace at once; ``warnings.catch_warnings`` is not thread-safe
+    (chips and dates are traced in parallel tasks). So no mask is passed (the False regions are
+    traced and dropped), pixel-coordinate outlines are traced one pixel off and moved back,
+    exactly (integer coordinates), and one thread traces at a time.
+    """
+    moved = transform.is_identity
+    with _TRACING:
+        traced = rasterio.features.shapes(
+            window.astype(np.uint8),
+            connectivity=connectivity,
+            transform=Affine.translation(1, 1) if moved else transform,
         )
+        kept = [(geom, value) for geom, value in traced if value == 1]
+    if not moved:
+        return kept
+    return [
+        (
+            {
+                "type": geom["type"],
+                "coordinates": [
+                    [(x - 1.0, y - 1.0) for x, y in ring] for ring in geom["coordinates"]
+                ],
+            },
+            value,
+        )
+        for geom, value in kept
+    ]
 
 
 def outline(window: np.ndarray, transform: Affine) -> Polygon | MultiPolygon:
     """Outline of the True pixels of ``window`` along pixel edges, as a valid shapely geometry."""
     pieces = [
-        shape(geom)
-        for geom, _ in _shapes(
-            window.astype(np.uint8), mask=window, connectivity=CONNECTIVITY, transform=transform
-        )
+        shape(geom) for geom, _ in _shapes(window, connectivity=CONNECTIVITY, transform=transform)
     ]
     geom: Polygon | MultiPolygon = pieces[0] if len(pieces) == 1 else MultiPolygon(pieces)
     if not geom.is_valid:
@@ -223,6 +253,81 @@ def _rectangle_sides(geom: Polygon | MultiPolygon) -> tuple[float, float]:
         return 0.0, 0.0
     sides = np.hypot(*np.diff(corners[:3], axis=0).T)
     return float(sides.max()), float(sides.min())
+
+
+def _check_crs(crs: pyproj.CRS, where: str) -> None:
+    """Raise GeoreferenceError unless metres can be had from ``crs`` (projected or geographic)."""
+    if crs.is_projected or crs.is_geographic:
+        return
+    raise GeoreferenceError(
+        f"{where} is in CRS {crs.name!r} ({crs.type_name}), neither projected nor geographic, "
+        "so object areas and lengths cannot be given in metres: reproject the GeoTIFFs to a "
+        "projected or geographic CRS (e.g. gdalwarp -t_srs EPSG:32631 in.tif out.tif) and "
+        "ingest again"
+    )
+
+
+def _metres_per_unit(crs: pyproj.CRS) -> float:
+    """Length of a projected CRS's map unit in metres (1.0 for a geographic CRS: not used)."""
+    if not crs.is_projected or not crs.axis_info:
+        return 1.0
+    return float(crs.axis_info[0].unit_conversion_factor)
+
+
+def _utm_key(lon: float, lat: float) -> tuple[str, str]:
+    """UTM zone number and hemisphere of a point (longitude from the CRS's prime meridian)."""
+    # The plain 6-degree zone, without the Norway/Svalbard exceptions: those are conventions for
+    # maps, while the plain zone keeps the point nearest its central meridian (least scale error).
+    zone = int(np.floor((lon + 180.0) / 6.0)) % 60 + 1
+    return str(zone), "S" if lat < 0 else "N"
+
+
+def _geographic_sizes(
+    geoms: Sequence[Polygon | MultiPolygon], crs: pyproj.CRS, lon: np.ndarray, lat: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area (m²), length and width (m) of outlines in a geographic CRS.
+
+    Parameters
+    ----------
+    geoms : sequence of shapely geometries
+        Outlines in ``crs`` (x longitude, y latitude, in the CRS's angular unit).
+    crs : pyproj.CRS
+        The geographic CRS of the grid.
+    lon, lat : numpy.ndarray
+        WGS 84 centroid of each outline; picks its UTM zone.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``area_m2``, ``length_m`` and ``width_m``, one value per outline.
+    """
+    geodetic = crs.geodetic_crs
+    if geodetic is None:  # a geographic CRS always has one; this keeps the type checker sure
+        raise GeoreferenceError(f"{crs.name} has no geodetic CRS; reproject to a projected CRS")
+    meridian = crs.prime_meridian
+    # Longitudes of a CRS on a non-Greenwich meridian (e.g. NTF Paris) count from that meridian.
+    meridian_deg = (
+        0.0
+        if meridian is None
+        else float(np.degrees(float(meridian.longitude) * float(meridian.unit_conversion_factor)))
+    )
+    # UTM on the CRS's own datum: a pure projection, no datum shift between the outline and the
+    # plane it is measured on. One transformer per zone (building one takes tens of ms).
+    transformers: dict[tuple[str, str], pyproj.Transformer] = {}
+    sizes = np.zeros((len(geoms), 3))
+    for index, geom in enumerate(geoms):
+        key = _utm_key(float(lon[index]) - meridian_deg, float(lat[index]))
+        if key not in transformers:
+            utm = ProjectedCRS(UTMConversion(*key), geodetic_crs=geodetic)
+            transformers[key] = pyproj.Transformer.from_crs(crs, utm, always_xy=True)
+        to_utm = transformers[key]
+
+        def project(xy: np.ndarray, to_utm: pyproj.Transformer = to_utm) -> np.ndarray:
+            return np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1]))
+
+        metric = shapely.transform(geom, project)
+        sizes[index] = (metric.area, *_rectangle_sides(metric))
+    return sizes[:, 0], sizes[:, 1], sizes[:, 2]
 
 
 def date_objects(
@@ -246,7 +351,8 @@ def date_objects(
     transform : affine.Affine
         Pixel-edge transform of the grid.
     crs : pyproj.CRS or str
-        A projected CRS of the grid.
+        CRS of the grid, projected or geographic (see the module docstring for how metres are
+        had in a geographic CRS).
     date : datetime-like, optional
         Value of the ``date`` column.
     water : numpy.ndarray, optional
@@ -266,6 +372,11 @@ def date_objects(
     pandas.DataFrame
         With a ``geometry`` column of shapely objects.
 
+    Raises
+    ------
+    GeoreferenceError
+        If ``crs`` is neither projected nor geographic.
+
     Examples
     --------
     >>> m = np.zeros((4, 4), np.uint8); m[1:3, 1:3] = 1
@@ -273,8 +384,9 @@ def date_objects(
     >>> rows[["area_px", "minx", "maxy", "length_m"]].values.tolist()
     [[4.0, 10.0, 30.0, 20.0]]
     """
-    found = label_objects(mask, water)
     crs = pyproj.CRS.from_user_input(crs)
+    _check_crs(crs, "the grid")
+    found = label_objects(mask, water)
     columns = BASE_COLUMNS + [f"mean_{b}" for b in band_names] + TAIL_COLUMNS + ["geometry"]
     if found.count == 0:
         return pd.DataFrame({name: [] for name in columns})
@@ -289,7 +401,8 @@ def date_objects(
         rr, cc = np.nonzero(window)
         cx, cy = transform @ (c0 + cc.mean() + 0.5, r0 + rr.mean() + 0.5)
         geom = outline(window, transform @ Affine.translation(c0, r0))
-        length, width = _rectangle_sides(geom)
+        # In degrees the rectangle means nothing; a geographic CRS measures it after the loop.
+        length, width = _rectangle_sides(geom) if crs.is_projected else (np.nan, np.nan)
         minx, miny, maxx, maxy = _edge_box(transform, r0, c0, r1, c1)
         values = [r0, c0, r1, c1, minx, miny, maxx, maxy, cx, cy, length, width, geom]
         names = ["row_min", "col_min", "row_max", "col_max", "minx", "miny", "maxx", "maxy"]
@@ -298,6 +411,16 @@ def date_objects(
             rows[name].append(value)
     to_lonlat = pyproj.Transformer.from_crs(crs, WGS84, always_xy=True)
     lon, lat = to_lonlat.transform(np.asarray(rows["centroid_x"]), np.asarray(rows["centroid_y"]))
+    # Metres per map unit: 1 for metres, 0.3048 for feet (EPSG:2263 and the like).
+    metre = _metres_per_unit(crs)
+    area_m2: Any = area * pixel_m2 * metre**2
+    length_m: Any = np.asarray(rows["length_m"], dtype=np.float64) * metre
+    width_m: Any = np.asarray(rows["width_m"], dtype=np.float64) * metre
+    if crs.is_geographic:
+        # Degrees are no metres: measure each outline again in a local metric CRS.
+        area_m2, length_m, width_m = _geographic_sizes(
+            rows["geometry"], crs, np.atleast_1d(lon), np.atleast_1d(lat)
+        )
     classes = found.classes[1:]
     names_by_id = {v: k for k, v in CATEGORY_IDS.items()}
     table = pd.DataFrame(
@@ -307,12 +430,12 @@ def date_objects(
             "class": np.where(classes == SMALL, "small", "large"),
             "category": [names_by_id[c] for c in found.categories[1:]],
             "area_px": area.astype(np.float64),
-            "area_m2": area * pixel_m2,
+            "area_m2": area_m2,
             **{k: rows[k] for k in BASE_COLUMNS[6:16]},
             "lon": np.asarray(lon),
             "lat": np.asarray(lat),
-            "length_m": rows["length_m"],
-            "width_m": rows["width_m"],
+            "length_m": length_m,
+            "width_m": width_m,
         }
     )
     if image is not None:
@@ -427,14 +550,6 @@ def store_transform(ds: xr.Dataset) -> Affine:
     return Affine(dx, 0.0, x[0] - dx / 2, 0.0, dy, y[0] - dy / 2)
 
 
-def _check_projected(crs: pyproj.CRS, path: PathLike) -> None:
-    if not crs.is_projected:
-        raise GeoreferenceError(
-            f"{str(path)!r} is in a geographic CRS ({crs.name}); areas and lengths need metres: "
-            "reproject the GeoTIFFs to a projected CRS (e.g. UTM) and ingest again"
-        )
-
-
 def _raw_store(path: PathLike) -> xr.Dataset:
     # Inside a task: no Dask, lazily indexed, so only the chunks of one date are read.
     return xr.open_zarr(Path(path).expanduser(), chunks=None, consolidated=False, zarr_format=3)
@@ -483,7 +598,12 @@ def check_object_inputs(
     -------
     tuple
         The lazily opened annotation Dataset, the stack's band names (empty without a stack)
-        and the projected CRS.
+        and the CRS (projected or geographic).
+
+    Raises
+    ------
+    GeoreferenceError
+        If the annotation store has no CRS, or one neither projected nor geographic.
 
     Examples
     --------
@@ -495,8 +615,15 @@ def check_object_inputs(
         st = open_stack_store(stack)
         check_same_grid(ann, st, [str(annotations), str(stack)])
         bands = [str(b) for b in st["band"].values.tolist()]
-    crs = store_crs(ann)
-    _check_projected(crs, annotations)
+    try:
+        crs = store_crs(ann)
+    except GeoreferenceError as error:
+        raise GeoreferenceError(
+            f"{str(annotations)!r} carries no CRS (no spatial_ref coordinate), so object areas "
+            "and lengths cannot be given in metres: give the GeoTIFFs a CRS (gdal_edit.py -a_srs, "
+            "or gdalwarp -t_srs to reproject) and ingest again"
+        ) from error
+    _check_crs(crs, repr(str(annotations)))
     return ann, bands, crs
 
 
@@ -521,8 +648,8 @@ def object_table(annotations: PathLike, *, stack: PathLike | None = None) -> gpd
     Raises
     ------
     InputError, StoreError, GeoreferenceError
-        If a store is missing or not a spoc_xr store, the grids differ, or there is no
-        projected CRS.
+        If a store is missing or not a spoc_xr store, the grids differ, or the CRS is missing
+        or neither projected nor geographic.
 
     Examples
     --------

@@ -11,6 +11,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 import xarray as xr
 import xarray.ufuncs as xu
 import zarr
@@ -63,6 +64,7 @@ from spoc_xr.reference import (
     MISREGISTRATION,
     SHIFT_AXES,
     Radiometry,
+    ReferenceArgument,
     build_reference,
     clean_date_values,
     compute_overview,
@@ -73,6 +75,7 @@ from spoc_xr.reference import (
     overview_composite,
     parse_reference,
     plan_radiometry,
+    reference_text,
 )
 
 STACK_DIMS = ("time", "band", "y", "x")
@@ -93,13 +96,22 @@ def check_stack(stack: xr.DataArray) -> xr.DataArray:
         raise InputError("the stack has no date; ingest at least one GeoTIFF")
     if not (np.issubdtype(stack.dtype, np.integer) or np.issubdtype(stack.dtype, np.floating)):
         raise InputError(f"stack dtype {stack.dtype} is not numeric; ingest integer or float data")
+    times = pd.Index(stack.time.values)
+    repeated = times[times.duplicated()].unique()
+    if repeated.size:
+        # Two images of one time stamp would be compared as two dates (ingest refuses them too).
+        raise InputError(
+            f"the stack holds {repeated.size} time stamp(s) more than once (first "
+            f"{str(repeated[0])[:19]}); keep one image per date, e.g. "
+            "stack.drop_duplicates('time')"
+        )
     return stack.transpose(*STACK_DIMS)
 
 
 def annotate(
     stack: xr.DataArray,
     *,
-    reference: str = "auto",
+    reference: ReferenceArgument = "auto",
     kernel: int = 5,
     threshold: str | float | None = "auto",
     params: DetectParams | None = None,
@@ -114,8 +126,9 @@ def annotate(
     ----------
     stack : xarray.DataArray
         ``(time, band, y, x)`` raw values (e.g. from :func:`spoc_xr.open_stack`).
-    reference : str
-        ``"auto"`` (cleanest date), ``"median"`` (per-pixel temporal median) or a date.
+    reference : str, numpy.datetime64 or datetime
+        ``"auto"`` (cleanest date), ``"median"`` (per-pixel temporal median) or a date (a string
+        such as ``"2023-05-01"`` or one of the stack's time values).
     kernel : int
         Side of the k×k median filter (odd).
     threshold : "auto" or float
@@ -152,7 +165,7 @@ def annotate(
 def check_annotation_parameters(
     stack: xr.DataArray,
     *,
-    reference: str = "auto",
+    reference: ReferenceArgument = "auto",
     kernel: int = 5,
     threshold: str | float | None = "auto",
     params: DetectParams | None = None,
@@ -170,8 +183,6 @@ def check_annotation_parameters(
     if params is None:
         params = DetectParams(kernel=kernel, threshold=parse_threshold(threshold))
     params.check_against((stack.sizes["y"], stack.sizes["x"]))
-    if not isinstance(reference, str):
-        raise ParameterError(f"reference {reference!r} must be 'auto', 'median' or a date string")
     parse_reference(reference, stack.time)
     if stack.chunks is None:
         stack = stack.chunk({"time": 1})
@@ -181,7 +192,7 @@ def check_annotation_parameters(
 def plan_annotation(
     stack: xr.DataArray,
     *,
-    reference: str = "auto",
+    reference: ReferenceArgument = "auto",
     kernel: int = 5,
     threshold: str | float | None = "auto",
     params: DetectParams | None = None,
@@ -715,7 +726,7 @@ def annotate_store(
     stack: xr.DataArray,
     output: str | os.PathLike[str],
     *,
-    reference: str = "auto",
+    reference: ReferenceArgument = "auto",
     params: DetectParams | None = None,
     overwrite: bool = False,
     source: str | os.PathLike[str] | None = None,
@@ -741,8 +752,8 @@ def annotate_store(
         ``(time, band, y, x)`` raw values.
     output : str or os.PathLike
         Local path of the annotation store.
-    reference : str, default "auto"
-        ``"auto"``, ``"median"`` or a date.
+    reference : str, numpy.datetime64 or datetime, default "auto"
+        ``"auto"``, ``"median"`` or a date (as for :func:`annotate`).
     params : DetectParams, optional
         Detection parameters (defaults when omitted).
     overwrite : bool, default False
@@ -776,6 +787,7 @@ def annotate_store(
     """
     from spoc_xr import store as st
 
+    reference = reference_text(reference)
     stack, params = check_annotation_parameters(stack, reference=reference, params=params)
     # Whatever ``overwrite`` says, a store of another kind (a stack) is never replaced.
     out = Path(st.check_output_path(output, overwrite=True, kind="annotations"))

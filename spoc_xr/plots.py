@@ -340,6 +340,15 @@ def _outline() -> list[Any]:
     return [patheffects.withStroke(linewidth=2.5, foreground="black")]
 
 
+#: Height / width of a panel, clamped: a strip image (37 x 1001 px) made a figure too flat to lay
+#: out (matplotlib warned and drew nothing useful), a tall one a figure metres high.
+PANEL_ASPECT_RANGE = (0.3, 3.0)
+
+
+def _panel_aspect(height: int, width: int) -> float:
+    return min(max(height / width, PANEL_ASPECT_RANGE[0]), PANEL_ASPECT_RANGE[1])
+
+
 def _new_figure(width: float, height: float) -> Figure:
     # Figure() without pyplot: no global state, no GUI backend, nothing left open to leak.
     return Figure(figsize=(width, height), dpi=FIGURE_DPI, layout="constrained")
@@ -434,7 +443,7 @@ def quicklook(
     if ax is None:
         n_cols = min(len(indices), MAX_COLUMNS)
         n_rows = math.ceil(len(indices) / n_cols)
-        aspect = shown.shape[1] / shown.shape[2]
+        aspect = _panel_aspect(shown.shape[1], shown.shape[2])
         fig = _new_figure(3.2 * n_cols, 3.2 * n_rows * aspect + (0.6 if mask is not None else 0.3))
         axes = list(np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel())
     else:
@@ -561,7 +570,7 @@ def heatmap_figure(
     counts = np.nan_to_num(counts, nan=0.0)
     grey = grey_background(_subsample(reference, stride))
     if ax is None:
-        aspect = counts.shape[0] / counts.shape[1]
+        aspect = _panel_aspect(*counts.shape)
         fig = _new_figure(7.0, 6.0 * aspect + 0.4)
         ax = fig.subplots()
     else:

@@ -11,6 +11,7 @@ temporal median of the radiometrically normalised dates (``median``).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import itertools
 import math
@@ -363,8 +364,40 @@ def change_fractions(
     return shares, scale
 
 
-def parse_reference(reference: str, times: xr.DataArray) -> str | int:
+#: What ``reference=`` takes: "auto", "median" or a date (a string or one of the time values).
+ReferenceArgument = str | np.datetime64 | datetime.date | xr.DataArray
+
+
+def reference_text(reference: object) -> str:
+    """A ``reference`` argument as the text a store records: ``"auto"``, ``"median"`` or a date.
+
+    Dates may come as strings or as the stack's own time values (``numpy.datetime64``,
+    ``pandas.Timestamp``, ``datetime``, a 0-d array such as ``stack.time[3]``).
+
+    Examples
+    --------
+    >>> reference_text(np.datetime64("2023-05-01"))
+    '2023-05-01T00:00:00'
+    >>> reference_text("median")
+    'median'
+    """
+    if isinstance(reference, str):
+        return reference
+    if isinstance(reference, xr.DataArray | np.ndarray) and np.ndim(reference) == 0:
+        reference = np.asarray(reference)[()]
+    if isinstance(reference, np.datetime64 | datetime.date):  # a pandas.Timestamp is a datetime
+        stamp = pd.Timestamp(reference)
+        if not pd.isna(stamp):
+            return stamp.isoformat()
+    raise ParameterError(
+        f"reference {reference!r} must be 'auto', 'median' or a date: a string such as "
+        "'2023-05-01' or one of the stack's time values (numpy.datetime64, pandas.Timestamp)"
+    )
+
+
+def parse_reference(reference: object, times: xr.DataArray) -> str | int:
     """Check a ``reference`` argument: ``"auto"``, ``"median"`` or a date (returns its index)."""
+    reference = reference_text(reference)
     if reference in ("auto", "median"):
         return reference
     try:

@@ -45,6 +45,7 @@ Other tools and users may write truth in this format; :func:`read_truth` reads i
 from __future__ import annotations
 
 import shutil
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1356,7 +1357,8 @@ def _truth_dataset(
     coords: dict[str, np.ndarray] = {"time": time}
     if shifts is not None:
         data_vars[MISREGISTRATION] = (("time", "axis"), np.asarray(shifts, dtype=np.float32))
-        coords["axis"] = np.array(SHIFT_AXES)
+        # Object strings: numpy's fixed-width ones have no Zarr v3 data type (zarr warns).
+        coords["axis"] = np.array(SHIFT_AXES, dtype=object)
     if y is not None and x is not None:
         coords["y"] = np.asarray(y, dtype=np.float64)
         coords["x"] = np.asarray(x, dtype=np.float64)
@@ -1463,7 +1465,22 @@ def write_truth(
     return path
 
 
+#: The dims each array of a truth ``.npz`` must have.
+NPZ_DIMS = {
+    "boats": ("time", "y", "x"),
+    "clouds": ("time", "y", "x"),
+    "water": ("y", "x"),
+    MISREGISTRATION: ("time", "axis"),
+}
+
+
 def _open_npz(path: Path) -> xr.Dataset:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would take it for a pickle and say so, which tells the user nothing.
+        raise InputError(
+            f"truth file {path} is not a .npz archive; write one with numpy.savez(path, "
+            "boats=..., time=..., clouds=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -1478,16 +1495,16 @@ def _open_npz(path: Path) -> xr.Dataset:
         time = np.asarray(arrays["time"]).astype("datetime64[ns]")
     except ValueError as exc:
         raise InputError(f"truth file {path}: 'time' must hold ISO 8601 strings ({exc}).") from exc
-    boats = arrays["boats"]
-    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
-        "boats": (("time", "y", "x"), boats)
-    }
-    if "clouds" in arrays:
-        data_vars["clouds"] = (("time", "y", "x"), arrays["clouds"])
-    if "water" in arrays:
-        data_vars["water"] = (("y", "x"), arrays["water"])
-    if MISREGISTRATION in arrays:
-        data_vars[MISREGISTRATION] = (("time", "axis"), arrays[MISREGISTRATION])
+    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    for name, dims in NPZ_DIMS.items():
+        if name not in arrays:
+            continue
+        if arrays[name].ndim != len(dims):
+            raise InputError(
+                f"truth file {path}: {name!r} has shape {arrays[name].shape}, but must be "
+                f"({', '.join(dims)}); store one such array"
+            )
+        data_vars[name] = (dims, arrays[name])
     coords: dict[str, np.ndarray] = {"time": time}
     for c in ("y", "x"):
         if c in arrays:
@@ -1495,7 +1512,11 @@ def _open_npz(path: Path) -> xr.Dataset:
     try:
         return xr.Dataset(data_vars, coords=coords)
     except ValueError as exc:
-        raise InputError(f"truth file {path}: arrays do not fit together ({exc}).") from exc
+        sizes = {name: arrays[name].shape for name in data_vars}
+        raise InputError(
+            f"truth file {path}: the arrays' sizes do not fit together ({sizes}, time "
+            f"{arrays['time'].shape}); give every array the same number of dates and pixels"
+        ) from exc
 
 
 def read_truth(path: str | Path) -> xr.Dataset:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -340,6 +341,37 @@ def test_worker_plugins_set_opencv_threads_and_malloc_thresholds() -> None:
     assert "spoc-xr-quick-gil-handoff" in names
     assert list(threads.values()) == [1]
     assert list(intervals.values()) == [pytest.approx(GIL_SWITCH_INTERVAL)]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _fail_with_disk_full() -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_a_local_clusters_failed_task_is_not_logged_with_a_traceback_but_still_raised() -> None:
+    from distributed.worker import logger as worker_logger
+
+    records = _Records()
+    worker_logger.addHandler(records)
+    try:
+        # Threads in this process: the worker's log records reach the handler above.
+        with dask_client(workers=1, processes=False, quiet=True) as client:
+            with pytest.raises(OSError, match="No space left"):
+                client.submit(_fail_with_disk_full, pure=False).result()
+            # Other worker warnings still get through.
+            client.run(lambda: logging.getLogger("distributed.worker").warning("memory is high"))
+    finally:
+        worker_logger.removeHandler(records)
+    assert not any(m.startswith("Compute Failed") for m in records.messages), records.messages
+    assert "memory is high" in records.messages
 
 
 def _blas_threads() -> list[int]:

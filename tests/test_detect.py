@@ -5,6 +5,7 @@ from __future__ import annotations
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.ndimage as ndi
 import xarray as xr
@@ -32,7 +33,7 @@ from spoc_xr.detect import (
     visible_bands,
     window_span,
 )
-from spoc_xr.errors import ParameterError, SpocError
+from spoc_xr.errors import InputError, ParameterError, SpocError
 from spoc_xr.pipeline import annotate, build_annotations, read_apart, reference_and_spread
 from spoc_xr.products import choose_water_index, uncover_water_values, water_threshold
 from spoc_xr.reference import compute_overview, plan_radiometry
@@ -387,6 +388,34 @@ def test_threshold_auto_and_number():
 def test_reference_date_not_in_stack_rejected(stack):
     with pytest.raises(ParameterError, match="not in the stack"):
         annotate(stack, reference="1999-01-01")
+
+
+@pytest.mark.parametrize(
+    "as_given",
+    [str, np.datetime64, pd.Timestamp, lambda t: pd.Timestamp(t).to_pydatetime()],
+    ids=["string", "datetime64", "Timestamp", "datetime"],
+)
+def test_a_reference_date_may_be_one_of_the_stacks_own_time_values(stack, as_given):
+    value = stack.time.values[2]
+    result = annotate(stack, reference=as_given(value), params=PARAMS)
+    assert result.attrs["spoc_xr"]["reference_index"] == 2
+    from_coordinate = annotate(stack, reference=stack.time[3], params=PARAMS)
+    assert from_coordinate.attrs["spoc_xr"]["reference_index"] == 3
+
+
+@pytest.mark.parametrize("value", [2, 2.0, None, np.datetime64("NaT"), ["2023-03-11"]])
+def test_a_reference_that_is_no_date_is_refused_before_any_work(stack, value):
+    with pytest.raises(ParameterError, match="must be 'auto', 'median' or a date"):
+        annotate(stack, reference=value)
+
+
+def test_a_stack_with_a_repeated_time_stamp_is_refused(stack):
+    times = stack.time.values.copy()
+    times[3] = times[1]
+    with pytest.raises(InputError, match=r"1 time stamp\(s\) more than once .*drop_duplicates"):
+        annotate(stack.assign_coords(time=times), params=PARAMS)
+    # Unsorted but distinct time stamps are fine.
+    assert annotate(stack.isel(time=[2, 0, 1, 4, 3]), params=PARAMS).sizes["time"] == 5
 
 
 def test_reference_date_is_used_with_its_own_objects_removed(stack):

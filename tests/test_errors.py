@@ -7,6 +7,7 @@ tested in test_ingest.py and test_detect.py.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,26 @@ def test_date_already_in_the_store_on_append(
     status, _, err = cli(capsys, "ingest", src, stack_store, "--append")
     assert_refused(status, err, "copy_" + first.name, "already holds")
     assert (stack_store / "zarr.json").read_bytes() == before
+
+
+def test_an_ingested_file_whose_pixels_changed_is_refused_on_append(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, store = write_scene(tmp_path / "src"), tmp_path / "tracked.zarr"
+    assert cli(capsys, "ingest", src, store)[0] == 0
+    first = sorted(src.iterdir())[1]
+    # Touched only (a copy, a backup restored): same pixels, nothing to say.
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert cli(capsys, "ingest", src, store, "--append")[0] == 0
+    with rasterio.open(first) as old:
+        data, profile = old.read(), old.profile
+    data[:, 3, 3] += 7
+    with rasterio.open(first, "w", **profile) as new:
+        new.write(data)
+    before = zarr.open_group(store, mode="r")["stack"][1]
+    status, _, err = cli(capsys, "ingest", src, store, "--append")
+    assert_refused(status, err, first.name, "differs from the date", "--overwrite")
+    assert (zarr.open_group(store, mode="r")["stack"][1] == before).all()
 
 
 def test_append_of_an_earlier_date_is_refused(

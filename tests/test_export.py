@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,11 @@ def test_augmentation_masks_are_exact_and_boats_land_on_water(scene, tmp_path: P
 
 
 def test_segmentation_polygons_follow_pixel_edges() -> None:
-    assert segmentation(np.ones((2, 1), bool), 0, 0, (4, 4)) == [[0, 0, 0, 2, 1, 2, 1, 0]]
+    with warnings.catch_warnings():
+        # A chip at (0, 0) is traced without rasterio's NotGeoreferencedWarning.
+        warnings.simplefilter("error")
+        assert segmentation(np.ones((2, 1), bool), 0, 0, (4, 4)) == [[0, 0, 0, 2, 1, 2, 1, 0]]
+    assert segmentation(np.ones((2, 1), bool), 1, 2, (4, 4)) == [[2, 1, 2, 3, 3, 3, 3, 1]]
     ring = np.ones((3, 3), bool)
     ring[1, 1] = False
     rle = segmentation(ring, 0, 0, (3, 3))

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pyproj
 import pytest
 import rioxarray  # noqa: F401  (registers .rio)
 import xarray as xr
+from affine import Affine
 from scipy import ndimage
+from shapely import box as shapely_box
 
 from spoc_xr import cli
-from spoc_xr.errors import InputError, OutputError, StoreError
+from spoc_xr.errors import GeoreferenceError, InputError, OutputError, StoreError
 from spoc_xr.objects import (
+    _rectangle_sides,
     date_objects,
     label_objects,
     object_table,
@@ -46,8 +50,12 @@ def write_annotations(
     *,
     water: np.ndarray | None = None,
     chunks: dict[str, int] | None = None,
+    crs: str = "EPSG:32631",
+    xy: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     stack = make_stack(n_time=masks.shape[0], shape=masks.shape[1:])
+    if xy is not None:  # pixel-centre x/y of another grid (e.g. degrees for a lon/lat CRS)
+        stack = stack.assign_coords(x=xy[0], y=xy[1])
     if water is None:
         water = np.zeros(masks.shape[1:], dtype=np.uint8)
         water[:, : masks.shape[2] // 2] = 1
@@ -60,7 +68,7 @@ def write_annotations(
         },
         coords={"time": stack.time, "y": stack.y, "x": stack.x, "band": stack.band},
         attrs={"spoc_xr": {"kind": "annotations"}},
-    ).rio.write_crs("EPSG:32631")
+    ).rio.write_crs(crs)
     write_dataset(ds.chunk(chunks or CHUNKS), path, overwrite=False)
 
 
@@ -163,8 +171,6 @@ def test_rotated_rectangle_length_and_width() -> None:
     mask = np.zeros((20, 20), dtype=np.uint8)
     for k in range(8):  # a diagonal bar, 1 px wide
         mask[2 + k, 2 + k] = 1
-    from affine import Affine
-
     rows = date_objects(mask, Affine(10, 0, 0, 0, -10, 200), "EPSG:32631")
     assert len(rows) == 1
     assert rows.length_m[0] == pytest.approx(np.hypot(80, 80), rel=0.15)
@@ -238,3 +244,152 @@ def test_cli_objects_writes_parquet_and_geojson(stores, tmp_path: Path, no_clust
 def test_cli_objects_bad_input_returns_2(tmp_path: Path, no_cluster) -> None:
     assert cli.main(["objects", str(tmp_path / "none.zarr"), str(tmp_path / "o.parquet")]) == 2
     assert not (tmp_path / "o.parquet").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Metres in a geographic CRS
+
+GEOD = pyproj.Geod(ellps="WGS84")
+STEP = 0.0001  # degrees per pixel: about 11 m north-south, 8 m east-west at 45 degrees
+
+
+def geodesic_area(west: float, south: float, east: float, north: float) -> float:
+    """Geodesic area (m²) of a lon/lat box, from pyproj.Geod (no projection)."""
+    return abs(GEOD.geometry_area_perimeter(shapely_box(west, south, east, north))[0])
+
+
+def geodesic_rectangle(west: float, south: float, east: float, north: float) -> tuple[float, ...]:
+    """Geodesic area, long side and short side of a lon/lat box."""
+    area = geodesic_area(west, south, east, north)
+    _, _, ns = GEOD.inv(west, south, west, north)
+    # The east-west sides differ a little (parallels shrink poleward); take their mean.
+    ew = np.mean([GEOD.inv(west, lat, east, lat)[2] for lat in (south, north)])
+    return area, max(ns, ew), min(ns, ew)
+
+
+def relative_error(found: float, expected: float) -> float:
+    return abs(found - expected) / expected
+
+
+@pytest.mark.parametrize(
+    ("west", "north"),
+    [
+        (5.975, 45.02),  # objects on both sides of 6 E, the border of UTM zones 31 and 32
+        (-70.02, -59.98),  # southern hemisphere, high latitude
+    ],
+)
+def test_geographic_grid_sizes_match_geodesic(west: float, north: float) -> None:
+    mask = np.zeros((300, 500), dtype=np.uint8)
+    rectangles = [(40, 60, 100, 180), (120, 340, 280, 380)]  # rows r0:r1, cols c0:c1
+    for r0, c0, r1, c1 in rectangles:
+        mask[r0:r1, c0:c1] = 1
+    diagonal = np.zeros_like(mask, dtype=bool)
+    for k in range(120):  # a band 3 px thick, at 45 degrees in pixels
+        diagonal[170 + k // 2, 20 + k : 23 + k] = True
+    mask[diagonal] = 2
+    transform = Affine(STEP, 0, west, 0, -STEP, north)
+    rows = date_objects(mask, transform, "EPSG:4326")
+    assert len(rows) == 3
+    errors = []
+    for r0, c0, r1, c1 in rectangles:
+        row = rows[(rows.row_min == r0) & (rows.col_min == c0)].iloc[0]
+        (west_e, north_e), (east_e, south_e) = transform @ (c0, r0), transform @ (c1, r1)
+        expected = geodesic_rectangle(west_e, south_e, east_e, north_e)
+        found = (row.area_m2, row.length_m, row.width_m)
+        errors += [relative_error(f, e) for f, e in zip(found, expected, strict=True)]
+        # Geometry and boxes stay in degrees of the grid.
+        assert row.geometry.bounds == pytest.approx((west_e, south_e, east_e, north_e))
+        assert (row.minx, row.maxy) == (west_e, north_e)
+    band = rows[rows["class"] == "large"].iloc[0]
+    # Pixel count times the geodesic area of one pixel at the band's centroid.
+    lon, lat = transform @ (band.col_min, (band.row_min + band.row_max) / 2)
+    pixel = geodesic_area(lon, lat - STEP / 2, lon + STEP, lat + STEP / 2)
+    errors.append(relative_error(band.area_m2, diagonal.sum() * pixel))
+    assert band.length_m > 3 * band.width_m > 0
+    assert max(errors) < 0.01, errors
+    assert rows.lon.between(west, west + 0.05).all() and rows.lat.between(north - 0.03, north).all()
+
+
+# Web Mercator is far from true scale at 45 degrees: any reprojection would show.
+@pytest.mark.parametrize("crs", ["EPSG:32631", "EPSG:3857"])
+def test_projected_grid_sizes_are_the_pixel_and_map_values(crs: str) -> None:
+    # A projected grid keeps the plain values: pixel count x pixel area and the rectangle of the
+    # outline in map units, exactly (no reprojection, no rounding).
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[3:9, 4:16] = 1
+    mask[20:35, 5:30] = 2
+    for k in range(10):
+        mask[12 + k, 20 + k] = 1
+    rows = date_objects(mask, Affine(10, 0, 500000, 0, -10, 5600000), crs)
+    assert rows.area_m2.tolist() == (rows.area_px * 100.0).tolist()
+    sides = [_rectangle_sides(geom) for geom in rows.geometry]
+    assert rows.length_m.tolist() == [s[0] for s in sides]
+    assert rows.width_m.tolist() == [s[1] for s in sides]
+    first = rows[(rows.row_min == 3) & (rows.col_min == 4)].iloc[0]
+    assert (first.area_m2, first.length_m, first.width_m) == (7200.0, 120.0, 60.0)
+    assert rows.geometry.map(lambda g: g.area).tolist() == rows.area_m2.tolist()
+
+
+def test_a_grid_in_feet_gives_metres() -> None:
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[3:9, 4:6] = 1
+    # EPSG:2263 (New York Long Island) counts in US survey feet: 1200/3937 m each.
+    (row,) = date_objects(mask, Affine(10, 0, 1000000, 0, -10, 200000), "EPSG:2263").itertuples()
+    foot = 1200 / 3937
+    assert row.area_m2 == pytest.approx(12 * 100 * foot**2, rel=1e-9)
+    assert (row.length_m, row.width_m) == pytest.approx((60 * foot, 20 * foot), rel=1e-9)
+
+
+def lonlat_xy(shape: tuple[int, int], west: float, north: float) -> tuple[np.ndarray, ...]:
+    """Pixel-centre x/y coordinates of a north-up lon/lat grid of STEP-degree pixels."""
+    n_y, n_x = shape
+    return west + STEP * (np.arange(n_x) + 0.5), north - STEP * (np.arange(n_y) + 0.5)
+
+
+def test_object_table_of_a_lonlat_store(tmp_path: Path, no_cluster) -> None:
+    masks = hand_masks()
+    path = tmp_path / "lonlat.zarr"
+    write_annotations(path, masks, crs="EPSG:4326", xy=lonlat_xy(SHAPE, 12.5, 45.0))
+    table = object_table(path)
+    assert table.crs.to_epsg() == 4326
+    assert len(table) == sum(len(scipy_boxes(m)) for m in masks)
+    for column in ("area_m2", "length_m", "width_m"):
+        assert np.isfinite(table[column]).all() and (table[column] > 0).all(), column
+    # The 5 x 6 px object: 30 pixels of about 11.1 m x 7.9 m.
+    big = table[(table.row_min == 2) & (table.col_min == 3) & (table["class"] == "small")]
+    assert big.area_m2.to_numpy() == pytest.approx(30 * 11.1 * 7.87, rel=0.01)
+    assert table.geometry.total_bounds == pytest.approx([12.5, 45.0 - 15 * STEP, 12.5016, 45.0])
+    out = tmp_path / "objects.parquet"
+    assert cli.main(["objects", str(path), str(out), "--geojson"]) == 0
+    assert gpd.read_parquet(out).area_m2.tolist() == table.area_m2.tolist()
+
+
+ENGINEERING = (
+    'ENGCRS["site grid",EDATUM["site"],CS[Cartesian,2],AXIS["easting (x)",east,'
+    'LENGTHUNIT["metre",1]],AXIS["northing (y)",north,LENGTHUNIT["metre",1]]]'
+)
+
+
+def test_a_crs_neither_projected_nor_geographic_is_refused(tmp_path: Path, no_cluster) -> None:
+    path = tmp_path / "local.zarr"
+    write_annotations(path, hand_masks(n_time=1), crs=ENGINEERING)
+    with pytest.raises(GeoreferenceError, match=r"local\.zarr.*site grid.*gdalwarp -t_srs"):
+        object_table(path)
+    assert cli.main(["objects", str(path), str(tmp_path / "o.parquet")]) == 2
+    assert not (tmp_path / "o.parquet").exists()
+    with pytest.raises(GeoreferenceError, match="neither projected nor geographic"):
+        date_objects(np.ones((2, 2), np.uint8), Affine.identity(), "EPSG:4978")  # geocentric
+
+
+def test_a_store_without_crs_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "nocrs.zarr"
+    write_annotations(path, hand_masks(n_time=1))
+    ds = xr.open_zarr(path, consolidated=False)
+    assert "spatial_ref" in ds.coords
+    bare = ds.drop_vars("spatial_ref")
+    for name in bare.data_vars:
+        bare[name].attrs.pop("grid_mapping", None)
+        bare[name].encoding.pop("grid_mapping", None)
+    write_dataset(bare, tmp_path / "bare.zarr", overwrite=False)
+    with pytest.raises(GeoreferenceError, match=r"bare\.zarr.*no CRS.*-a_srs"):
+        object_table(tmp_path / "bare.zarr")

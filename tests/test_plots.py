@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -243,6 +244,20 @@ def test_save_figures_and_report_link_three_pngs(
     assert "<th>kernel</th><td>5</td>" in page
     assert "&lt;cleanest&gt;" in page  # notes are escaped
     assert "http" not in page  # no external asset
+
+
+@pytest.mark.parametrize("shape", [(12, 400), (400, 12)], ids=["strip", "column"])
+def test_figures_of_a_strip_image_lay_out_without_warnings_at_a_sane_size(
+    tmp_path: Path, shape: tuple[int, int]
+) -> None:
+    stack = make_stack(3, shape)
+    annotations = annotate(stack, params=DetectParams(kernel=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "constrained_layout not applied" among them
+        paths = save_figures(annotations, stack, tmp_path / "figs")
+    for path in paths.values():
+        height, width = mpimg.imread(path).shape[:2]
+        assert 0.1 < height / width < 10, (path.name, height, width)
 
 
 def test_report_folder_follows_the_overwrite_rule(tmp_path: Path) -> None:

@@ -341,6 +341,20 @@ def test_read_truth_errors_name_the_path(tmp_path: Path) -> None:
         read_truth(tmp_path / "bad.npz")
 
 
+def test_a_malformed_truth_npz_gets_one_plain_line_without_array_dumps(tmp_path: Path) -> None:
+    stamps = np.array(["2023-01-01", "2023-01-06"])
+    (tmp_path / "text.npz").write_text("boats,time\n")
+    with pytest.raises(InputError, match=r"text\.npz is not a \.npz archive.*numpy\.savez"):
+        read_truth(tmp_path / "text.npz")
+    np.savez(tmp_path / "flat.npz", boats=np.zeros((4, 5), np.int32), time=stamps)
+    with pytest.raises(InputError, match=r"'boats' has shape \(4, 5\), but must be \(time, y, x\)"):
+        read_truth(tmp_path / "flat.npz")
+    np.savez(tmp_path / "short.npz", boats=np.zeros((3, 4, 5), np.int32), time=stamps)
+    with pytest.raises(InputError, match=r"sizes do not fit together") as refused:
+        read_truth(tmp_path / "short.npz")
+    assert "\n" not in str(refused.value) and "array(" not in str(refused.value)
+
+
 @pytest.mark.slow
 def test_render_is_fast_enough() -> None:
     start = time.perf_counter()
