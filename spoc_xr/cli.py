@@ -92,6 +92,10 @@ def _parse_size(value: str) -> int:
     return number
 
 
+def _parse_band_names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``spoc-xr`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -121,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--append",
         action="store_true",
         help="add the GeoTIFFs not yet in STACK (later dates only) to an existing store",
+    )
+    ingest.add_argument(
+        "--band-names",
+        type=_parse_band_names,
+        metavar="NAME,NAME,...",
+        help="name the bands, in file order, in place of the files' band descriptions, e.g. "
+        "blue,green,red,nir,swir1,swir2 for Landsat SR_B2..SR_B7 (detection finds the green, NIR "
+        "and SWIR bands by name)",
     )
     _add_storage_options(ingest)
     _add_cluster_options(ingest)
@@ -285,7 +297,8 @@ def run_ingest(args: argparse.Namespace) -> None:
         storage_options=storage_options,
         kind="stack",
     )
-    open_geotiffs(args.src_dir, chunks=args.chunks)  # validates every file before any output
+    # Validates every file before any output.
+    open_geotiffs(args.src_dir, chunks=args.chunks, band_names=args.band_names)
     with _client(args):
         started = time.perf_counter()
         stack = ingest(
@@ -295,6 +308,7 @@ def run_ingest(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             progress=True,
             storage_options=storage_options,
+            band_names=args.band_names,
         )
     print(
         f"ingested {stack.sizes['time']} dates x {stack.sizes['band']} bands "
@@ -308,7 +322,8 @@ def run_ingest_resumable(args: argparse.Namespace) -> None:
     from spoc_xr.ingest import ingest_store, open_geotiffs, open_stack
 
     if not args.append:
-        open_geotiffs(args.src_dir, chunks=args.chunks)  # validates every file before any output
+        # Validates every file before any output.
+        open_geotiffs(args.src_dir, chunks=args.chunks, band_names=args.band_names)
     before = 0
     if args.append:
         with contextlib.suppress(SpocError):  # ingest_store says what is wrong with the store
@@ -322,6 +337,7 @@ def run_ingest_resumable(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             append=args.append,
             progress=True,
+            band_names=args.band_names,
         )
     if status == "complete":
         print(f"{args.stack} is already complete: nothing to do (pass --overwrite to redo it)")

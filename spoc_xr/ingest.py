@@ -23,7 +23,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,10 @@ def find_geotiffs(src_dir: PathLike) -> list[Path]:
 
 
 def open_geotiffs(
-    src: PathLike | Sequence[PathLike], *, chunks: int = DEFAULT_CHUNKS
+    src: PathLike | Sequence[PathLike],
+    *,
+    chunks: int = DEFAULT_CHUNKS,
+    band_names: Sequence[str] | None = None,
 ) -> xr.DataArray:
     """Open dated GeoTIFFs of one place as a lazy, validated time stack.
 
@@ -230,6 +233,10 @@ def open_geotiffs(
         A folder of GeoTIFFs, one GeoTIFF, or a list of GeoTIFFs.
     chunks : int, default 1024
         Edge of the spatial tiles in pixels; each chunk holds one date and all bands.
+    band_names : sequence of str, optional
+        Names for the bands, in file order, in place of the files' band descriptions (for files
+        without descriptions, or named in a way detection does not know, e.g. Landsat's
+        ``SR_B3``: name it ``green``).
 
     Returns
     -------
@@ -249,7 +256,7 @@ def open_geotiffs(
     >>> stack = open_geotiffs("scenes/", chunks=512)  # doctest: +SKIP
     >>> stack.sel(band="B04").isel(time=0).compute()  # doctest: +SKIP
     """
-    return _open_geotiffs(src, chunks=chunks)[0]
+    return _open_geotiffs(src, chunks=chunks, band_names=band_names)[0]
 
 
 def ingest(
@@ -260,6 +267,7 @@ def ingest(
     overwrite: bool = False,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    band_names: Sequence[str] | None = None,
 ) -> xr.DataArray:
     """Validate dated GeoTIFFs and write them to a Zarr v3 time-stack store.
 
@@ -281,6 +289,8 @@ def ingest(
         Show a progress bar while writing.
     storage_options : dict, optional
         fsspec options when ``store`` is a URL (see :mod:`spoc_xr.store`).
+    band_names : sequence of str, optional
+        Names for the bands in place of the files' descriptions (see :func:`open_geotiffs`).
 
     Returns
     -------
@@ -305,7 +315,7 @@ def ingest(
     out = check_output_path(
         store, inputs=inputs, overwrite=overwrite, storage_options=storage_options, kind="stack"
     )
-    stack, files = _open_geotiffs(src_dir, chunks=chunks)
+    stack, files = _open_geotiffs(src_dir, chunks=chunks, band_names=band_names)
     dataset = _stack_dataset(stack, files)
     if os.path.lexists(out):
         remove_store(out)
@@ -460,7 +470,7 @@ def _as_file_list(src: PathLike | Sequence[PathLike]) -> list[Path]:
 
 
 def _open_geotiffs(
-    src: PathLike | Sequence[PathLike], *, chunks: int
+    src: PathLike | Sequence[PathLike], *, chunks: int, band_names: Sequence[str] | None = None
 ) -> tuple[xr.DataArray, list[Path]]:
     chunks = _check_chunks(chunks)
     files = _as_file_list(src)
@@ -473,8 +483,30 @@ def _open_geotiffs(
                 "keep one file per date and time (move or rename the other)"
             )
     infos = _scan_files(dated)
-    _check_same_grid(infos)
+    _check_same_grid(infos, compare_names=band_names is None)
+    if band_names is not None:
+        names = _check_band_names(band_names, infos[0])
+        infos = [replace(info, band_names=names) for info in infos]
     return _build_stack(infos, chunks), [info.path for info in infos]
+
+
+def _check_band_names(band_names: Sequence[str], first: _FileInfo) -> tuple[str, ...]:
+    """Band names given by the user, checked against the files' band count."""
+    if isinstance(band_names, str):
+        band_names = band_names.split(",")
+    names = tuple(str(name).strip() for name in band_names)
+    if len(names) != len(first.band_names):
+        raise BandMismatchError(
+            f"{len(names)} band names given ({', '.join(names)}) but {first.path.name!r} has "
+            f"{len(first.band_names)} bands ({', '.join(first.band_names)}); give one name per "
+            "band, in file order"
+        )
+    if not all(names) or len(set(names)) != len(names):
+        raise ParameterError(
+            f"band names {list(names)} must be distinct and not empty; e.g. "
+            "--band-names blue,green,red,nir"
+        )
+    return names
 
 
 def _scan_files(dated: list[tuple[np.datetime64, Path]]) -> list[_FileInfo]:
@@ -572,7 +604,7 @@ def _same_crs(crs_a: rasterio.crs.CRS, crs_b: rasterio.crs.CRS) -> bool:
     return bool(ProjCRS.from_wkt(crs_a.to_wkt()).equals(ProjCRS.from_wkt(crs_b.to_wkt())))
 
 
-def _check_same_grid(infos: list[_FileInfo]) -> None:
+def _check_same_grid(infos: list[_FileInfo], *, compare_names: bool = True) -> None:
     ref = infos[0]
     pixel = max(abs(ref.transform.a), abs(ref.transform.e))
     for info in infos[1:]:
@@ -605,7 +637,8 @@ def _check_same_grid(infos: list[_FileInfo]) -> None:
                 f"{pair} have different band counts ({len(ref.band_names)} vs "
                 f"{len(info.band_names)}); give every date the same bands"
             )
-        if ref.band_names != info.band_names:
+        # Names given by the user replace the files' own, which may then differ (or be absent).
+        if compare_names and ref.band_names != info.band_names:
             raise BandMismatchError(
                 f"{pair} have different band names ({list(ref.band_names)} vs "
                 f"{list(info.band_names)}); give every date the same bands in the same order"
@@ -724,6 +757,7 @@ def ingest_store(
     overwrite: bool = False,
     append: bool = False,
     progress: bool = False,
+    band_names: Sequence[str] | None = None,
 ) -> str:
     """Write (or extend) a local stack store so that a killed run can be resumed.
 
@@ -743,9 +777,12 @@ def ingest_store(
     overwrite : bool, default False
         Delete an existing store first.
     append : bool, default False
-        Add new dates to an existing complete store.
+        Add new dates to an existing complete store (which renames their bands as it renamed
+        its own: ``band_names`` is then not needed).
     progress : bool, default False
         Show progress bars.
+    band_names : sequence of str, optional
+        Names for the bands in place of the files' descriptions (see :func:`open_geotiffs`).
 
     Returns
     -------
@@ -778,15 +815,19 @@ def ingest_store(
     inputs = [src_dir] if isinstance(src_dir, str | os.PathLike) else list(src_dir)
     out = Path(check_output_path(store, inputs=inputs, overwrite=True, kind="stack"))
     if append:
-        return _append_store(src_dir, out, progress)
-    stack, files = _open_geotiffs(src_dir, chunks=chunks)
+        return _append_store(src_dir, out, progress, band_names)
+    stack, files = _open_geotiffs(src_dir, chunks=chunks, band_names=band_names)
+    recipe: dict[str, Any] = {
+        "kind": "stack",
+        "version": spoc_xr.__version__,
+        "chunks": chunks,
+        "input": [str(Path(item).expanduser().resolve()) for item in inputs],
+    }
+    if band_names is not None:
+        # Recorded only when given, so stores made without it still resume and compare equal.
+        recipe["band_names"] = [str(name) for name in stack.band.values]
     provenance = {
-        "recipe": {
-            "kind": "stack",
-            "version": spoc_xr.__version__,
-            "chunks": chunks,
-            "input": [str(Path(item).expanduser().resolve()) for item in inputs],
-        },
+        "recipe": recipe,
         "files": _manifest(files),
         "dates": st.date_labels(stack.time.values),
     }
@@ -859,7 +900,12 @@ def _write_stack_store(
     st.mark_complete(out)
 
 
-def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: bool) -> str:
+def _append_store(
+    src_dir: PathLike | Sequence[PathLike],
+    out: Path,
+    progress: bool,
+    band_names: Sequence[str] | None = None,
+) -> str:
     from spoc_xr import store as st
     from spoc_xr.errors import InputError
 
@@ -877,6 +923,9 @@ def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: b
             f"{str(out)!r} is not a stack store written by spoc-xr ingest; pass a stack store"
         )
     chunks = int(provenance["recipe"]["chunks"])
+    # New dates are named as the store's first ones were, unless names are given again.
+    if band_names is None:
+        band_names = provenance["recipe"].get("band_names")
     recorded = {entry[0]: entry for entry in provenance["files"]}
     stored_dates = list(provenance["dates"])
     given = _as_file_list(src_dir)
@@ -901,7 +950,7 @@ def _append_store(src_dir: PathLike | Sequence[PathLike], out: Path, progress: b
                 f"{path.name!r} ({when}) is not after the store's last date ({last}); appends "
                 "must add later dates: re-create the store with --overwrite to insert it"
             )
-    new_stack, files = _open_geotiffs(candidates, chunks=chunks)
+    new_stack, files = _open_geotiffs(candidates, chunks=chunks, band_names=band_names)
     with st.store_lock(out):
         existing = xr.open_zarr(
             out, consolidated=False, zarr_format=3, chunks={}, decode_coords="all"
@@ -962,7 +1011,7 @@ def _check_unchanged(
         when = str(parse_date(path))
         if when not in stored_dates:
             continue
-        new, _ = _open_geotiffs([path], chunks=chunks)
+        new, _ = _open_geotiffs([path], chunks=chunks)  # pixels only: names do not matter
         stored = xr.open_zarr(out, consolidated=False, zarr_format=3, chunks={})[STACK_NAME]
         if not _same_pixels(new.isel(time=0).data, stored.isel(time=stored_dates.index(when)).data):
             raise InputError(

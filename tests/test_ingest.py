@@ -562,3 +562,44 @@ def test_ingest_stores_the_overview_annotate_would_read(tmp_path: Path) -> None:
     add_overview(tmp_path / "a.zarr")
     assert is_complete(tmp_path / "a.zarr")
     np.testing.assert_array_equal(read_overview(tmp_path / "a.zarr", stack), expected)
+
+
+# ------------------------------------------------------------------------------ band names
+
+
+def test_band_names_replace_the_descriptions_and_carry_over_to_appends(tmp_path: Path) -> None:
+    from spoc_xr.cli import main
+    from spoc_xr.ingest import open_stack
+    from spoc_xr.products import choose_water_index
+
+    first, later = sorted(DATES)[:3], sorted(DATES)[3:]
+    # Landsat Collection 2 numbering: SR_B3 is green and SR_B5 NIR on Landsat 8/9 only.
+    landsat = ("SR_B3", "SR_B5")
+    write_series(tmp_path / "src", descriptions=landsat, names=[f"LC08_{d}.tif" for d in first])
+    store = tmp_path / "stack.zarr"
+    assert choose_water_index(list(landsat)).name == "none"
+    args = ["ingest", str(tmp_path / "src"), str(store), "--band-names", "green, nir"]
+    assert main([*args, "--workers", "1"]) == 0
+    assert open_stack(store).band.values.tolist() == ["green", "nir"]
+    assert choose_water_index(["green", "nir"]).name == "NDWI"
+    assert main([*args, "--workers", "1"]) == 0  # the same recipe: complete, nothing to do
+    # The appended dates are named as the store's were, without the option again.
+    write_series(tmp_path / "src", descriptions=landsat, names=[f"LC08_{d}.tif" for d in later])
+    assert main(["ingest", str(tmp_path / "src"), str(store), "--append", "--workers", "1"]) == 0
+    grown = open_stack(store)
+    assert grown.sizes["time"] == len(DATES) and grown.band.values.tolist() == ["green", "nir"]
+
+
+def test_band_names_may_differ_in_the_files_but_not_in_count(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_series(src, names=[f"a_{DATES[0]}.tif"], descriptions=("B04", "B08"))
+    write_series(src, names=[f"b_{DATES[1]}.tif"], descriptions=None)  # no descriptions at all
+    with pytest.raises(BandMismatchError, match="different band names"):
+        open_geotiffs(src)
+    stack = open_geotiffs(src, band_names=["red", "nir"])
+    assert stack.band.values.tolist() == ["red", "nir"]
+    with pytest.raises(BandMismatchError, match=r"3 band names given .* has 2 bands"):
+        ingest(src, tmp_path / "s.zarr", band_names=["red", "nir", "swir1"])
+    with pytest.raises(ParameterError, match="distinct and not empty"):
+        ingest(src, tmp_path / "s.zarr", band_names=["red", "red"])
+    assert not (tmp_path / "s.zarr").exists()
