@@ -486,6 +486,8 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
     ]
     if empty:
         lines.append(f"{empty} date(s) hold no valid data and were not annotated (valid = 0)")
+    # The reference choice is said above; other notes are warnings the user should see.
+    lines += [f"note: {note}" for note in info.get("notes", []) if "auto reference" not in note]
     return "\n".join(lines)
 
 

@@ -210,6 +210,25 @@ def test_append_of_an_earlier_date_is_refused(
     assert (stack_store / "zarr.json").read_bytes() == before
 
 
+def test_annotate_prints_the_note_that_clouds_may_be_the_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    stack = make_stack(n_time=12, shape=(SIDE, SIDE))
+    for t in range(12):
+        data = stack.values[t].astype("float32")
+        if t % 2:  # a cloud bank over the top 60 % of rows on every other date but one
+            data[:, : SIDE * 6 // 10] += 4000 if t < 10 else 0
+        name = f"S2_{str(stack.time.values[t])[:10]}.tif"
+        write_tif(src / name, data.astype("uint16"), transform=TRANSFORM, descriptions=BANDS)
+    store = tmp_path / "stack.zarr"
+    assert cli(capsys, "ingest", src, store)[0] == 0
+    status, printed, _ = cli(capsys, "annotate", store, tmp_path / "out.zarr", "--no-report")
+    assert status == 0
+    assert "note: 5 of 12 dates differ from the temporal median" in printed
+
+
 def test_all_nodata_date_is_reported_not_called_empty(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,7 @@ from spoc_xr.reference import (
     middle_network,
     nanmedian_first,
     nanmiddle_pair,
+    plan_radiometry,
     robust_linear_fit,
     shift_windows,
     sorting_network,
@@ -289,3 +290,18 @@ def test_date_shifts_are_lazy_and_independent_of_the_chunks():
         results.append(lazy.compute())
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_allclose(results[0], shifts, atol=0.15)
+
+
+@pytest.mark.parametrize(("n_changed", "noted"), [(3, False), (5, True)])
+def test_a_run_says_when_so_many_dates_are_mostly_changed_that_clouds_may_be_the_reference(
+    n_changed: int, noted: bool
+) -> None:
+    rng = np.random.default_rng(0)
+    overview = 1000 + 20 * rng.standard_normal((12, 2, 64, 64))
+    # The top 60 % of rows differ (a cloud bank) on the first n_changed dates only.
+    overview[:n_changed, :, :38] += 4000 + 500 * rng.standard_normal((n_changed, 2, 38, 64))
+    notes = plan_radiometry(overview, "auto").notes
+    overcast = [note for note in notes if "overcast on half of the dates" in note]
+    assert bool(overcast) == noted, notes
+    if noted:
+        assert overcast[0].startswith(f"{n_changed} of 12 dates differ from the temporal median")
