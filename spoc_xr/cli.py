@@ -280,10 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note_skipped_subfolders(src_dir: Path) -> None:
+    from spoc_xr.ingest import geotiffs_in_subfolders
+
+    nested = geotiffs_in_subfolders(src_dir)
+    if nested:
+        print(
+            f"note: {len(nested)} GeoTIFF(s) in sub-folders of {src_dir} (e.g. {nested[0]}) are "
+            "not read: sub-folders are not searched"
+        )
+
+
 def run_ingest(args: argparse.Namespace) -> None:
     from spoc_xr.ingest import ingest, open_geotiffs
     from spoc_xr.store import check_output_path
 
+    _note_skipped_subfolders(args.src_dir)
     storage_options = _storage(args)
     if isinstance(args.stack, Path):
         run_ingest_resumable(args)

@@ -210,10 +210,37 @@ def find_geotiffs(src_dir: PathLike) -> list[Path]:
         and entry.is_file()
     )
     if not files:
+        nested = geotiffs_in_subfolders(folder)
+        where = (
+            f" (its sub-folders hold {len(nested)}, e.g. {str(nested[0])!r}, but sub-folders are "
+            "not searched: pass the sub-folder, or move the files up)"
+            if nested
+            else ""
+        )
         raise NoInputFilesError(
-            f"no GeoTIFF (.tif/.tiff) in {str(folder)!r}; put one GeoTIFF per date there"
+            f"no GeoTIFF (.tif/.tiff) in {str(folder)!r}{where}; put one GeoTIFF per date there"
         )
     return files
+
+
+def geotiffs_in_subfolders(src_dir: PathLike) -> list[Path]:
+    """GeoTIFFs one level down, in the sub-folders of ``src_dir``, which ingest does not read.
+
+    Examples
+    --------
+    >>> geotiffs_in_subfolders("scenes/")  # doctest: +SKIP
+    [PosixPath('scenes/2023/S2_20230501.tif')]
+    """
+    folder = Path(src_dir).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry
+        for sub in folder.iterdir()
+        if sub.is_dir() and not sub.name.startswith(".")
+        for entry in sub.iterdir()
+        if entry.suffix.lower() in GEOTIFF_SUFFIXES and not entry.name.startswith(".")
+    )
 
 
 def open_geotiffs(

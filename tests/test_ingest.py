@@ -171,6 +171,21 @@ def test_find_geotiffs_missing_or_empty_folder(tmp_path: Path) -> None:
         find_geotiffs(tmp_path)
 
 
+def test_geotiffs_in_sub_folders_are_named_not_silently_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spoc_xr.cli import main
+
+    write_series(tmp_path / "src" / "2023", names=[f"S2_{d}.tif" for d in DATES[:2]])
+    with pytest.raises(NoInputFilesError, match=r"sub-folders hold 2, e\.g\. .*2023.*pass the sub"):
+        find_geotiffs(tmp_path / "src")
+    write_series(tmp_path / "src", names=[f"S2_{d}.tif" for d in DATES[2:]])
+    assert main(["ingest", str(tmp_path / "src"), str(tmp_path / "s.zarr"), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: 2 GeoTIFF(s) in sub-folders" in printed
+    assert "written 2 dates" in printed
+
+
 # ------------------------------------------------------------------------------ round trip
 
 
