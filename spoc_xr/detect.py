@@ -303,8 +303,14 @@ class DetectParams:
 
     def check_against(self, shape: tuple[int, int]) -> None:
         """Raise :class:`ParameterError` when a window is larger than the image."""
-        for name in ("kernel", "tolerance"):
-            kernels.check_size(getattr(self, name), shape=shape, name=name)
+        kernels.check_size(self.kernel, shape=shape, name="kernel")
+        if min(shape) < self.tolerance:
+            # Not a command-line option: the advice is about the image, not the parameter.
+            raise ParameterError(
+                f"the image ({shape[0]} x {shape[1]} pixels) is smaller than the "
+                f"{self.tolerance} x {self.tolerance} px misregistration window detection needs; "
+                f"annotate images of at least {self.tolerance} px in each direction"
+            )
 
     def as_attrs(self) -> dict[str, Any]:
         """Parameters as Zarr-serialisable attributes."""

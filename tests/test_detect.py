@@ -374,6 +374,15 @@ def test_kernel_larger_than_image_rejected(stack):
         annotate(stack, kernel=41)
 
 
+def test_an_image_thinner_than_the_misregistration_window_is_refused_without_hidden_options():
+    strip = make_stack(n_time=3, shape=(2, 40))
+    with pytest.raises(
+        ParameterError, match=r"\(2 x 40 pixels\) is smaller .* at least 3 px"
+    ) as no:
+        annotate(strip, kernel=1)
+    assert "tolerance=" not in str(no.value)  # no option of that name to change
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "abc"])
 def test_bad_threshold_rejected(value):
     with pytest.raises(ParameterError):
