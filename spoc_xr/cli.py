@@ -92,10 +92,6 @@ def _parse_size(value: str) -> int:
     return number
 
 
-def _parse_band_names(value: str) -> list[str]:
-    return [name.strip() for name in value.split(",")]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``spoc-xr`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -128,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument(
         "--band-names",
-        type=_parse_band_names,
         metavar="NAME,NAME,...",
         help="name the bands, in file order, in place of the files' band descriptions, e.g. "
         "blue,green,red,nir,swir1,swir2 for Landsat SR_B2..SR_B7 (detection finds the green, NIR "
@@ -281,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _note_skipped_subfolders(src_dir: Path) -> None:
-    from spoc_xr.ingest import geotiffs_in_subfolders
+    from spoc_xr.ingest import find_geotiffs, geotiffs_in_subfolders
 
+    try:
+        find_geotiffs(src_dir)
+    except SpocError:
+        return  # the folder is refused below, and the refusal names them
     nested = geotiffs_in_subfolders(src_dir)
     if nested:
         print(

@@ -202,13 +202,7 @@ def find_geotiffs(src_dir: PathLike) -> list[Path]:
         raise NoInputFilesError(
             f"input {str(folder)!r} is not a folder; pass the folder that holds the GeoTIFFs"
         )
-    files = sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.suffix.lower() in GEOTIFF_SUFFIXES
-        and not entry.name.startswith(".")
-        and entry.is_file()
-    )
+    files = sorted(entry for entry in folder.iterdir() if _is_geotiff(entry))
     if not files:
         nested = geotiffs_in_subfolders(folder)
         where = (
@@ -239,7 +233,16 @@ def geotiffs_in_subfolders(src_dir: PathLike) -> list[Path]:
         for sub in folder.iterdir()
         if sub.is_dir() and not sub.name.startswith(".")
         for entry in sub.iterdir()
-        if entry.suffix.lower() in GEOTIFF_SUFFIXES and not entry.name.startswith(".")
+        if _is_geotiff(entry)
+    )
+
+
+def _is_geotiff(entry: Path) -> bool:
+    # Hidden files are left out: macOS's ``._x.tif`` resource forks are no images.
+    return (
+        entry.suffix.lower() in GEOTIFF_SUFFIXES
+        and not entry.name.startswith(".")
+        and entry.is_file()
     )
 
 
@@ -260,8 +263,9 @@ def open_geotiffs(
         A folder of GeoTIFFs, one GeoTIFF, or a list of GeoTIFFs.
     chunks : int, default 1024
         Edge of the spatial tiles in pixels; each chunk holds one date and all bands.
-    band_names : sequence of str, optional
-        Names for the bands, in file order, in place of the files' band descriptions (for files
+    band_names : sequence of str or str, optional
+        Names for the bands, in file order (a string is split at commas, as ``--band-names``
+        gives it), in place of the files' band descriptions (for files
         without descriptions, or named in a way detection does not know, e.g. Landsat's
         ``SR_B3``: name it ``green``).
 
@@ -1031,15 +1035,18 @@ def _check_unchanged(
     """
     from spoc_xr.errors import InputError
 
+    stored: xr.DataArray | None = None
     for path in paths:
         _, size, mtime = recorded[path.name]
-        if size is None or [path.stat().st_size, path.stat().st_mtime_ns] == [size, mtime]:
+        stat = path.stat()
+        if size is None or [stat.st_size, stat.st_mtime_ns] == [size, mtime]:
             continue
         when = str(parse_date(path))
         if when not in stored_dates:
             continue
         new, _ = _open_geotiffs([path], chunks=chunks)  # pixels only: names do not matter
-        stored = xr.open_zarr(out, consolidated=False, zarr_format=3, chunks={})[STACK_NAME]
+        if stored is None:
+            stored = xr.open_zarr(out, consolidated=False, zarr_format=3, chunks={})[STACK_NAME]
         if not _same_pixels(new.isel(time=0).data, stored.isel(time=stored_dates.index(when)).data):
             raise InputError(
                 f"{path.name!r} ({when}) differs from the date {str(out)!r} holds under that "
