@@ -69,10 +69,10 @@ from spoc_xr.reference import (
     clean_date_values,
     compute_overview,
     date_shifts,
+    fit_composite,
     nanmiddle_pair,
     noise_sample_indices,
     normalise_values,
-    overview_composite,
     parse_reference,
     plan_radiometry,
     reference_text,
@@ -205,9 +205,9 @@ def plan_annotation(
     choice = parse_reference(reference, stack.time)
     if overview is None:
         overview = compute_overview(stack)
-    composite = overview_composite(overview)
-    radiometry = plan_radiometry(overview, choice, composite)
-    cut = water_threshold(composite, [str(b) for b in stack.band.values])
+    fitted = fit_composite(overview)
+    radiometry = plan_radiometry(overview, choice, fitted)
+    cut = water_threshold(fitted.composite, [str(b) for b in stack.band.values])
     return stack, replace(radiometry, water_threshold=cut), params
 
 

@@ -1019,6 +1019,24 @@ def test_overcast_dates_of_a_short_stack_do_not_hide_the_boats_of_the_clear_ones
     assert (result["mask"][[1, 3]] == LARGE).mean() > 0.9
 
 
+def test_a_stack_overcast_on_half_of_its_dates_keeps_the_boats_of_the_clear_ones():
+    # Half the dates overcast end to end: the temporal median was half cloud, every date
+    # departed from it alike, and every date came out clear, the overcast ones too.
+    stack = make_stack(n_time=8, shape=(40, 48), seed=4)
+    values = stack.values.copy()
+    rng = np.random.default_rng(1)
+    boats = {0: (8, 6), 2: (20, 10), 4: (30, 14), 6: (12, 18)}  # clear date: a 2 x 3 hull on water
+    for t, (y, x) in boats.items():
+        values[t, :, y : y + 2, x : x + 3] += np.uint16(2500)
+    for t in (1, 3, 5, 7):
+        values[t] = (6000 + rng.normal(0, 300, values[t].shape)).astype(np.uint16)
+    result = annotate(stack.copy(data=values), params=PARAMS).compute()
+    assert result.attrs["spoc_xr"]["reference_index"] in boats
+    for t, (y, x) in boats.items():
+        assert (result["mask"][t, y : y + 2, x : x + 3] == SMALL).any(), t
+    assert (result["mask"][[1, 3, 5, 7]] == LARGE).mean() > 0.9
+
+
 def test_holes_of_the_reference_date_are_filled_not_spread_over_every_date():
     # Scattered nodata pixels (saturated or defective), 1 % of each date: with a date reference
     # left with holes, every date was invalid there and the tolerance window spread each hole

@@ -210,7 +210,7 @@ def test_append_of_an_earlier_date_is_refused(
     assert (stack_store / "zarr.json").read_bytes() == before
 
 
-def test_annotate_prints_the_note_that_clouds_may_be_the_reference(
+def test_annotate_prints_the_note_that_the_reference_was_chosen_among_the_clear_dates(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = tmp_path / "src"
@@ -226,7 +226,8 @@ def test_annotate_prints_the_note_that_clouds_may_be_the_reference(
     assert cli(capsys, "ingest", src, store)[0] == 0
     status, printed, _ = cli(capsys, "annotate", store, tmp_path / "out.zarr", "--no-report")
     assert status == 0
-    assert "note: 5 of 12 dates differ from the temporal median" in printed
+    assert "note: 5 of 12 dates differ from the clear dates" in printed
+    assert "chosen among the 7 dates that agree" in printed
 
 
 def test_all_nodata_date_is_reported_not_called_empty(

@@ -15,14 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spoc_xr.reference import (
+    CLEAR_QUANTILE,
     SHIFT_WINDOW,
     clean_date_values,
+    darker_quarter,
     date_shifts,
     estimate_shift,
+    fit_composite,
     fit_radiometry,
     middle_network,
     nanmedian_first,
     nanmiddle_pair,
+    overview_composite,
     plan_radiometry,
     robust_linear_fit,
     shift_windows,
@@ -262,6 +266,16 @@ def test_estimate_shift_is_unknown_where_nothing_correlates():
     assert np.isnan(estimate_shift([empty], [reference], np.ones(4), np.zeros(4), 0)).all()
 
 
+@pytest.mark.parametrize(("gain", "offset"), [(0.6, 13.0), (1.07, -20.3), (1.0, 0.0)])
+def test_a_flat_date_has_no_shift_to_measure(gain: float, offset: float) -> None:
+    # A uniform cloud deck: the blur's rounding leaves a constant residue (+-0.001 here),
+    # which once read as a -0.75 px shift.
+    flat = np.full((4, 128, 128), 9000, dtype=np.uint16)
+    gains, offsets = np.full(4, gain), np.full(4, offset)
+    measured = estimate_shift([flat], [_textured(0, (128, 128))], gains, offsets, nodata=0)
+    assert np.isnan(measured).all(), measured
+
+
 def test_shift_windows_sit_on_a_grid_fixed_by_the_image_shape():
     windows = shift_windows(700, 300)
     assert windows == [(slice(47, 303), slice(0, 300)), (slice(397, 653), slice(0, 300))]
@@ -292,16 +306,64 @@ def test_date_shifts_are_lazy_and_independent_of_the_chunks():
     np.testing.assert_allclose(results[0], shifts, atol=0.15)
 
 
-@pytest.mark.parametrize(("n_changed", "noted"), [(3, False), (5, True)])
-def test_a_run_says_when_so_many_dates_are_mostly_changed_that_clouds_may_be_the_reference(
-    n_changed: int, noted: bool
-) -> None:
+def _cloud_bank(n_cloudy: int, n_time: int = 12) -> np.ndarray:
+    """An overview whose top 60 % of rows are overcast (bright, textured) on the last dates."""
     rng = np.random.default_rng(0)
-    overview = 1000 + 20 * rng.standard_normal((12, 2, 64, 64))
-    # The top 60 % of rows differ (a cloud bank) on the first n_changed dates only.
-    overview[:n_changed, :, :38] += 4000 + 500 * rng.standard_normal((n_changed, 2, 38, 64))
-    notes = plan_radiometry(overview, "auto").notes
-    overcast = [note for note in notes if "overcast on half of the dates" in note]
-    assert bool(overcast) == noted, notes
+    overview = 1000 + 20 * rng.standard_normal((n_time, 2, 64, 64))
+    cloudy = slice(n_time - n_cloudy, None)
+    overview[cloudy, :, :38] += 4000 + 500 * rng.standard_normal((n_cloudy, 2, 38, 64))
+    return overview
+
+
+@pytest.mark.parametrize(("n_cloudy", "noted"), [(3, False), (5, True), (6, True), (7, True)])
+def test_a_cloud_bank_on_half_of_the_dates_or_more_does_not_become_the_reference(
+    n_cloudy: int, noted: bool
+) -> None:
+    # On half of the dates or more the median is cloud (or half cloud): every date departed
+    # from it alike, or the clear ones did, and a cloudy date became the reference.
+    radiometry = plan_radiometry(_cloud_bank(n_cloudy), "auto")
+    cloudy = np.arange(12) >= 12 - n_cloudy
+    np.testing.assert_array_equal(radiometry.change_fraction > 0.5, cloudy)
+    assert not cloudy[radiometry.reference_index]
+    said = [note for note in radiometry.notes if "differ from the clear dates" in note]
+    assert bool(said) == noted, radiometry.notes
     if noted:
-        assert overcast[0].startswith(f"{n_changed} of 12 dates differ from the temporal median")
+        assert said[0].startswith(f"{n_cloudy} of 12 dates differ from the clear dates")
+        assert f"among the {12 - n_cloudy} dates that agree" in said[0]
+
+
+def test_a_clean_stack_keeps_the_temporal_median_as_its_composite() -> None:
+    overview = _cloud_bank(0)
+    fitted = fit_composite(overview)
+    np.testing.assert_array_equal(fitted.composite, overview_composite(overview))
+    assert fitted.from_dates is None and fitted.notes == []
+
+
+def test_without_two_dates_that_agree_the_median_stays_and_the_user_is_told() -> None:
+    # Every date overcast on 60 % of its area, each in another place: no composite is clear.
+    rng = np.random.default_rng(3)
+    overview = 1000 + 20 * rng.standard_normal((8, 2, 40, 40))
+    for t in range(8):
+        cloud = rng.random((40, 40)) < 0.6
+        overview[t, :, cloud] += 5000 + 800 * rng.standard_normal((int(cloud.sum()), 2))
+    fitted = fit_composite(overview)
+    assert fitted.from_dates is None
+    np.testing.assert_array_equal(fitted.composite, overview_composite(overview))
+    assert "fewer than 2 dates agree" in fitted.notes[0], fitted.notes
+
+
+def test_a_median_reference_is_told_that_it_takes_the_overcast_dates_too() -> None:
+    notes = plan_radiometry(_cloud_bank(6), "median").notes
+    assert any("--reference median takes the median of every date" in note for note in notes)
+
+
+@given(
+    hnp.arrays(np.float64, (7, 1, 3, 4), elements=st.floats(-1e3, 1e3) | st.just(np.nan)),
+)
+def test_the_darker_quarter_is_the_nearest_rank_quantile_of_each_pixel(values) -> None:
+    expected = np.full(values.shape[1:], np.nan)
+    for index in np.ndindex(values.shape[1:]):
+        column = values[(slice(None), *index)]
+        if np.isfinite(column).any():
+            expected[index] = np.nanpercentile(column, CLEAR_QUANTILE, method="nearest")
+    np.testing.assert_array_equal(darker_quarter(values), expected)
