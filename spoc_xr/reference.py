@@ -87,6 +87,9 @@ class Radiometry:
         ``(gain, offset)`` per band that map a reference date onto the overview's temporal
         median, where the water index is read (``None`` for a median reference, which is in that
         radiometry already).
+    median_dates : tuple of int or None
+        The dates a median reference is the median of (:attr:`CompositeFit.from_dates`);
+        ``None`` for all of them.
     """
 
     reference: str
@@ -100,6 +103,7 @@ class Radiometry:
     brightness: np.ndarray | None = None
     water_threshold: float = 0.0
     water_mapping: tuple[np.ndarray, np.ndarray] | None = None
+    median_dates: tuple[int, ...] | None = None
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:
@@ -579,9 +583,10 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
             ],
         )
     note = (
-        f"{said} (clouds on the same area on half of the dates or more?): the reference date "
-        f"and the noise model are chosen among the {int(agree.sum())} dates that agree with "
-        "the darker quarter of each pixel's dates"
+        f"{said} (overcast, clouds being bright): the reference and the noise model are taken "
+        f"from the {int(agree.sum())} dates that agree with the darker quarter of each pixel's "
+        "dates, not from the median of all dates, which is cloud where the same area is "
+        "overcast on half of them"
     )
     return replace(
         _fit_to(overview, overview_composite(overview[agree]), CHECK_SCALE_QUANTILE),
@@ -617,14 +622,21 @@ def plan_radiometry(
     gains, offsets, changed, scale = fitted.gains, fitted.offsets, fitted.changed, fitted.scale
     notes = list(fitted.notes)
     if reference == "median":
-        if fitted.from_dates is not None:
-            notes.append(
-                "--reference median takes the median of every date, the overcast ones too: "
-                "the default 'auto' takes a date that agrees with the clear dates"
-            )
         levels = brightness_levels(overview, gains, offsets)
+        chosen = None
+        if fitted.from_dates is not None:
+            chosen = tuple(int(t) for t in np.flatnonzero(fitted.from_dates))
         return Radiometry(
-            "median", None, gains, offsets, valid_fraction, changed, notes, scale, levels
+            "median",
+            None,
+            gains,
+            offsets,
+            valid_fraction,
+            changed,
+            notes,
+            scale,
+            levels,
+            median_dates=chosen,
         )
     if reference == "auto":
         eligible = valid_fraction >= MIN_VALID_SHARE * valid_fraction.max()
@@ -680,14 +692,18 @@ def build_reference(stack: xr.DataArray, radiometry: Radiometry) -> xr.DataArray
     """Lazy full-resolution reference ``(band, y, x)`` float32 before cleaning, NaN where unknown.
 
     A date reference is that date as float; a median reference takes the per-pixel median over
-    all dates (to keep memory per task independent of the number of dates, the spatial blocks
-    shrink as the dates grow). :func:`clean_date_values` then removes a date reference's own
-    transient objects.
+    all dates, or over :attr:`Radiometry.median_dates` (to keep memory per task independent of
+    the number of dates, the spatial blocks shrink as the dates grow).
+    :func:`clean_date_values` then removes a date reference's own transient objects.
     """
     if radiometry.reference_index is not None:
         return to_float(stack.isel(time=radiometry.reference_index)).drop_vars("time")
-    normalised = normalise(stack, radiometry)
-    n_time, n_band = stack.sizes["time"], stack.sizes["band"]
+    dates = radiometry.median_dates
+    if dates is None:
+        normalised = normalise(stack, radiometry)
+    else:
+        normalised = normalise(stack.isel(time=list(dates)), radiometry, list(dates))
+    n_time, n_band = normalised.sizes["time"], normalised.sizes["band"]
     side = max(16, int(math.sqrt(MEDIAN_BLOCK_BYTES / (4 * n_time * n_band))))
     columns = normalised.chunk({"time": -1, "band": -1, "y": side, "x": side})
     median = temporal_median(columns)

@@ -1030,11 +1030,15 @@ def test_a_stack_overcast_on_half_of_its_dates_keeps_the_boats_of_the_clear_ones
         values[t, :, y : y + 2, x : x + 3] += np.uint16(2500)
     for t in (1, 3, 5, 7):
         values[t] = (6000 + rng.normal(0, 300, values[t].shape)).astype(np.uint16)
-    result = annotate(stack.copy(data=values), params=PARAMS).compute()
-    assert result.attrs["spoc_xr"]["reference_index"] in boats
-    for t, (y, x) in boats.items():
-        assert (result["mask"][t, y : y + 2, x : x + 3] == SMALL).any(), t
-    assert (result["mask"][[1, 3, 5, 7]] == LARGE).mean() > 0.9
+    for reference in ("auto", "median"):
+        result = annotate(stack.copy(data=values), reference=reference, params=PARAMS).compute()
+        assert (
+            result.attrs["spoc_xr"]["reference_index"]
+            in {"auto": boats, "median": [None]}[reference]
+        )
+        for t, (y, x) in boats.items():
+            assert (result["mask"][t, y : y + 2, x : x + 3] == SMALL).any(), (reference, t)
+        assert (result["mask"][[1, 3, 5, 7]] == LARGE).mean() > 0.9, reference
 
 
 def test_holes_of_the_reference_date_are_filled_not_spread_over_every_date():

@@ -227,7 +227,7 @@ def test_annotate_prints_the_note_that_the_reference_was_chosen_among_the_clear_
     status, printed, _ = cli(capsys, "annotate", store, tmp_path / "out.zarr", "--no-report")
     assert status == 0
     assert "note: 5 of 12 dates differ from the clear dates" in printed
-    assert "chosen among the 7 dates that agree" in printed
+    assert "taken from the 7 dates that agree" in printed
 
 
 def test_all_nodata_date_is_reported_not_called_empty(
