@@ -332,6 +332,17 @@ def test_a_cloud_bank_on_half_of_the_dates_or_more_does_not_become_the_reference
         assert f"from the {12 - n_cloudy} dates that agree" in said[0]
 
 
+def test_a_dark_change_on_a_third_of_the_dates_keeps_the_median() -> None:
+    # A flood over 60 % of the scene on 4 of 12 dates: the dry dates depart from the darker
+    # quarter, but the median is right (few dates depart from it, its scale did not grow).
+    rng = np.random.default_rng(0)
+    overview = 1800 + 20 * rng.standard_normal((12, 2, 64, 64))
+    overview[:4, :, :38] = 500 + 20 * rng.standard_normal((4, 2, 38, 64))
+    fitted = fit_composite(overview)
+    assert fitted.from_dates is None and fitted.notes == []
+    np.testing.assert_array_equal(fitted.changed > 0.5, np.arange(12) < 4)
+
+
 def test_a_clean_stack_keeps_the_temporal_median_as_its_composite() -> None:
     overview = _cloud_bank(0)
     fitted = fit_composite(overview)
