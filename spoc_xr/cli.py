@@ -156,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument(
         "--threshold", default="auto", help="change threshold in noise scales, or auto"
     )
+    annotate.add_argument(
+        "--open-size",
+        type=_parse_size,
+        metavar="PX",
+        help="odd side of the opening (and closing) that tells small objects from large ones "
+        "(15: 150 m at 10 m pixels; a note suggests sizes for finer pixels)",
+    )
+    annotate.add_argument(
+        "--background-size",
+        type=_parse_size,
+        metavar="PX",
+        help="odd side of the local background window of small objects (31: a ship covers "
+        "less than half of it)",
+    )
     annotate.add_argument("--overwrite", action="store_true", help="replace an existing store")
     annotate.add_argument(
         "--no-report",
@@ -370,7 +384,12 @@ def run_annotate(args: argparse.Namespace) -> None:
     from spoc_xr.pipeline import annotate
     from spoc_xr.store import check_output_path
 
-    params = DetectParams(kernel=args.kernel, threshold=parse_threshold(args.threshold))
+    sizes: dict[str, int] = {}
+    if args.open_size is not None:
+        sizes.update(open_size=args.open_size, close_size=args.open_size)
+    if args.background_size is not None:
+        sizes["background_size"] = args.background_size
+    params = DetectParams(kernel=args.kernel, threshold=parse_threshold(args.threshold), **sizes)
     storage_options = _storage(args)
     if isinstance(args.output, Path) and isinstance(args.stack, Path):
         run_annotate_resumable(args, params)

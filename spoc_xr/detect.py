@@ -37,6 +37,7 @@ padded by the depth the chain needs, so a chunked result equals the unchunked on
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -323,6 +324,52 @@ class DetectParams:
 #: Pixels of context :func:`noise_sample_objects` needs around a pixel: the reach of the local
 #: median's cells and the dilation of what departs (and the tolerance's reach, for the range).
 OBJECT_REACH = DetectParams().background_reach + 1
+
+
+#: The pixel size (metres) the size defaults stand for: Sentinel-2's 10 m (Landsat's 30 m pixels
+#: work with them too: ships are 1-3 px, clouds far wider than the opening).
+DEFAULT_PIXEL_METRES = 10.0
+#: Pixels finer than this (metres) get a note with sizes scaled to them: at 3 m a 60 m wide ship
+#: is 20 px, wider than the 15 px opening, and a 200 m long one outgrows the 31 px background.
+FINE_PIXEL_METRES = 5.0
+
+
+def sizes_for_pixels(metres: float) -> dict[str, int]:
+    """``open_size`` and ``background_size`` (odd px) that cover the defaults' ground extents.
+
+    Examples
+    --------
+    >>> sizes_for_pixels(3.0)
+    {'open_size': 51, 'background_size': 103}
+    """
+    scale = DEFAULT_PIXEL_METRES / metres
+
+    def odd(size: float) -> int:
+        return max(1, 2 * math.floor((size - 1) / 2 + 0.5) + 1)
+
+    return {
+        "open_size": odd(DEFAULT_OPEN_SIZE * scale),
+        "background_size": odd(DEFAULT_BACKGROUND_SIZE * scale),
+    }
+
+
+def pixel_size_note(metres: float | None, params: DetectParams) -> str | None:
+    """A note when the pixels are finer than ``FINE_PIXEL_METRES`` and the sizes are defaults."""
+    defaults = DetectParams()
+    sizes = (params.open_size, params.close_size, params.background_size)
+    if metres is None or metres >= FINE_PIXEL_METRES:
+        return None
+    if sizes != (defaults.open_size, defaults.close_size, defaults.background_size):
+        return None
+    scaled = sizes_for_pixels(metres)
+    return (
+        f"pixels of {metres:.3g} m: the default sizes are set for 10-30 m pixels (objects "
+        f"narrower than {defaults.open_size} px are small, over a {defaults.background_size} px "
+        f"local background); here a 60 m wide ship is {60 / metres:.0f} px wide and may be sent "
+        f"to the large class: pass --open-size {scaled['open_size']} --background-size "
+        f"{scaled['background_size']} (Python: DetectParams(open_size=..., close_size=..., "
+        "background_size=...))"
+    )
 
 
 def parse_threshold(value: str | float | None) -> float | None:

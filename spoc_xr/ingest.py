@@ -626,6 +626,45 @@ def _band_names(src: rasterio.DatasetReader, path: Path) -> tuple[str, ...]:
     return names
 
 
+#: Metres in a degree of latitude (and of longitude on the equator), on a sphere of the
+#: Earth's mean radius: pixel sizes need no more.
+METRES_PER_DEGREE = 6_371_008.8 * np.pi / 180
+
+
+def pixel_metres(stack: xr.DataArray) -> float | None:
+    """Side of the stack's pixels in metres (the geometric mean of both sides), or ``None``.
+
+    ``None`` when the stack has no CRS, no regular grid, or a CRS that is neither projected nor
+    geographic. A geographic grid's pixels are measured at the stack's middle latitude.
+
+    Examples
+    --------
+    >>> import rioxarray  # noqa: F401
+    >>> grid = xr.DataArray(np.zeros((1, 1, 3, 4)), dims=("time", "band", "y", "x"),
+    ...                     coords={"y": [25.0, 15.0, 5.0], "x": [5.0, 15.0, 25.0, 35.0]})
+    >>> pixel_metres(grid.rio.write_crs("EPSG:32631"))
+    10.0
+    """
+    import pyproj
+
+    crs = stack.rio.crs
+    if crs is None:
+        return None
+    try:
+        width, height = (abs(float(side)) for side in stack.rio.resolution())
+    except Exception:  # rioxarray raises its own errors for grids without a regular step
+        return None
+    crs = pyproj.CRS.from_user_input(crs)
+    if crs.is_projected and crs.axis_info:
+        unit = float(crs.axis_info[0].unit_conversion_factor)
+        return float(np.sqrt(width * height)) * unit
+    if crs.is_geographic:
+        latitude = float(np.mean(stack["y"].values[[0, -1]]))
+        across = width * METRES_PER_DEGREE * np.cos(np.radians(latitude))
+        return float(np.sqrt(across * height * METRES_PER_DEGREE))
+    return None
+
+
 def _same_crs(crs_a: rasterio.crs.CRS, crs_b: rasterio.crs.CRS) -> bool:
     if crs_a == crs_b:
         return True

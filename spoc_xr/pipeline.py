@@ -34,6 +34,7 @@ from spoc_xr.detect import (
     noise_sample_objects,
     pad_and_overlap,
     per_date_levels,
+    pixel_size_note,
     reference_products,
     sample_departures,
     spatial_chunks,
@@ -46,6 +47,7 @@ from spoc_xr.errors import (
     SpocError,
     StoreError,
 )
+from spoc_xr.ingest import pixel_metres
 from spoc_xr.products import (
     WaterIndex,
     choose_water_index,
@@ -208,7 +210,9 @@ def plan_annotation(
     fitted = fit_composite(overview)
     radiometry = plan_radiometry(overview, choice, fitted)
     cut = water_threshold(fitted.composite, [str(b) for b in stack.band.values])
-    return stack, replace(radiometry, water_threshold=cut), params
+    size_note = pixel_size_note(pixel_metres(stack), params)
+    notes = radiometry.notes + ([size_note] if size_note else [])
+    return stack, replace(radiometry, water_threshold=cut, notes=notes), params
 
 
 def build_annotations(

@@ -28,7 +28,9 @@ from spoc_xr.detect import (
     noise_sample_objects,
     pad_and_overlap,
     parse_threshold,
+    pixel_size_note,
     reference_products,
+    sizes_for_pixels,
     small_objects,
     visible_bands,
     window_span,
@@ -1060,3 +1062,44 @@ def test_a_stack_of_one_date_is_refused_before_any_work():
     one = make_stack(n_time=1)
     with raise_if_dask_computes(), pytest.raises(SpocError, match=r"1 date.*at least 2 dates"):
         annotate(one.chunk({"time": 1}), params=PARAMS)
+
+
+def _fine_stack(metres: float) -> xr.DataArray:
+    """Six dates of 240 px at ``metres`` per pixel; date 2 holds a 70 x 20 px ship on water."""
+    stack = make_stack(n_time=6, shape=(240, 240), seed=3)
+    centres = metres * (np.arange(240) + 0.5)
+    stack = stack.assign_coords(y=4650000.0 - centres, x=500000.0 + centres)
+    values = stack.values.copy()
+    values[2, :, 60:130, 30:50] += np.uint16(1500)
+    return stack.copy(data=values).rio.write_crs("EPSG:32631")
+
+
+def test_fine_pixels_get_a_note_whose_sizes_keep_a_wide_ship_small():
+    # At 3 m a 60 m wide ship is 20 px: wider than the 15 px opening, it went to the large
+    # class. The note's sizes (the defaults' ground extents) keep it small.
+    stack = _fine_stack(3.0)
+    defaults = annotate(stack).compute()
+    notes = defaults.attrs["spoc_xr"]["notes"]
+    said = [note for note in notes if note.startswith("pixels of 3 m")]
+    assert said and "--open-size 51 --background-size 103" in said[0], notes
+    assert (defaults["mask"][2, 60:130, 30:50] == LARGE).mean() > 0.5
+    scaled = DetectParams(open_size=51, close_size=51, background_size=103)
+    result = annotate(stack, params=scaled).compute()
+    assert (result["mask"][2, 60:130, 30:50] == SMALL).mean() > 0.9
+    assert not any(note.startswith("pixels of") for note in result.attrs["spoc_xr"]["notes"])
+
+
+@pytest.mark.parametrize(("metres", "noted"), [(10.0, False), (30.0, False), (4.0, True)])
+def test_the_pixel_size_note_is_given_below_5_m_only(metres: float, noted: bool) -> None:
+    assert (pixel_size_note(metres, DetectParams()) is not None) == noted
+    assert pixel_size_note(None, DetectParams()) is None
+
+
+@pytest.mark.parametrize(
+    ("metres", "sizes"),
+    [(10.0, (15, 31)), (3.0, (51, 103)), (0.5, (301, 621)), (30.0, (5, 11))],
+)
+def test_sizes_for_pixels_cover_the_defaults_ground_extents(metres, sizes) -> None:
+    scaled = sizes_for_pixels(metres)
+    assert (scaled["open_size"], scaled["background_size"]) == sizes
+    DetectParams(**scaled)  # odd and positive: accepted

@@ -280,6 +280,9 @@ def test_nans_in_a_float_stack_are_nodata(
         ("--kernel", "0", "kernel"),
         ("--kernel", "-3", "kernel"),
         ("--kernel", str(SIDE + 1), "kernel"),
+        ("--open-size", "6", "open_size"),
+        ("--open-size", "0", "open_size"),
+        ("--background-size", "-5", "background_size"),
         ("--threshold", "nan", "nan"),
         ("--threshold", "inf", "inf"),
         ("--threshold", "-2", "-2"),
@@ -300,6 +303,20 @@ def test_bad_parameters_are_refused_before_any_output(
     assert_refused(status, err, needle)
     assert not out.exists()
     assert not list(tmp_path.glob("out*"))
+
+
+def test_annotate_takes_the_sizes_and_the_store_records_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stack_store: Path
+) -> None:
+    out = tmp_path / "out.zarr"
+    options = ("--open-size", "9", "--background-size", "21", "--no-report")
+    assert cli(capsys, "annotate", stack_store, out, *options)[0] == 0
+    recorded = open_store(out).attrs["spoc_xr"]["parameters"]
+    assert (recorded["open_size"], recorded["close_size"], recorded["background_size"]) == (
+        9,
+        9,
+        21,
+    )
 
 
 def test_output_equal_to_the_input_is_refused(

@@ -31,7 +31,7 @@ from spoc_xr.errors import (
     ParameterError,
     SpocError,
 )
-from spoc_xr.ingest import find_geotiffs, ingest, open_geotiffs, parse_date
+from spoc_xr.ingest import find_geotiffs, ingest, open_geotiffs, parse_date, pixel_metres
 from spoc_xr.store import is_complete
 
 # 37 x 45 px in chunks of 16: tiles do not divide the shape, so edge tiles are exercised.
@@ -618,3 +618,27 @@ def test_band_names_may_differ_in_the_files_but_not_in_count(tmp_path: Path) -> 
     with pytest.raises(ParameterError, match="distinct and not empty"):
         ingest(src, tmp_path / "s.zarr", band_names=["red", "red"])
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("crs", "step", "metres"),
+    [
+        ("EPSG:32631", 10.0, 10.0),
+        ("EPSG:2263", 10.0, 3.048006),  # US survey feet
+        ("EPSG:4326", 0.0001, 11.119 * np.sqrt(0.5)),  # at 60 degrees north
+        (None, 10.0, None),
+    ],
+)
+def test_pixel_metres_reads_the_grid_in_metres(crs, step, metres) -> None:
+    grid = xr.DataArray(
+        np.zeros((1, 1, 3, 4)),
+        dims=("time", "band", "y", "x"),
+        coords={"y": 60.0 - step * np.arange(3), "x": 5.0 + step * np.arange(4)},
+    )
+    if crs is not None:
+        grid = grid.rio.write_crs(crs)
+    measured = pixel_metres(grid)
+    if metres is None:
+        assert measured is None
+    else:
+        assert measured == pytest.approx(metres, rel=1e-3)
