@@ -510,7 +510,8 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
         f"water index: {info['water_index_description']}",
         f"threshold: {info['parameters']['threshold']} "
         f"({info['parameters']['effective_threshold']:g} noise scales), "
-        f"kernel {info['parameters']['kernel']}",
+        f"kernel {info['parameters']['kernel']}, open {info['parameters']['open_size']} px, "
+        f"background {info['parameters']['background_size']} px",
         f"mean share of small-object pixels {np.nanmean(fractions.small_fraction.values):.3%}, "
         f"large {np.nanmean(fractions.large_fraction.values):.2%}",
     ]

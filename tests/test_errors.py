@@ -310,7 +310,9 @@ def test_annotate_takes_the_sizes_and_the_store_records_them(
 ) -> None:
     out = tmp_path / "out.zarr"
     options = ("--open-size", "9", "--background-size", "21", "--no-report")
-    assert cli(capsys, "annotate", stack_store, out, *options)[0] == 0
+    status, printed, _ = cli(capsys, "annotate", stack_store, out, *options)
+    assert status == 0
+    assert "kernel 5, open 9 px, background 21 px" in printed
     recorded = open_store(out).attrs["spoc_xr"]["parameters"]
     assert (recorded["open_size"], recorded["close_size"], recorded["background_size"]) == (
         9,
