@@ -335,17 +335,19 @@ FINE_PIXEL_METRES = 5.0
 
 
 def sizes_for_pixels(metres: float) -> dict[str, int]:
-    """``open_size`` and ``background_size`` (odd px) that cover the defaults' ground extents.
+    """``open_size`` and ``background_size``: the smallest odd sides in ``metres`` pixels that
+    cover the defaults' ground extents (at ``DEFAULT_PIXEL_METRES``).
 
     Examples
     --------
     >>> sizes_for_pixels(3.0)
-    {'open_size': 51, 'background_size': 103}
+    {'open_size': 51, 'background_size': 105}
     """
     scale = DEFAULT_PIXEL_METRES / metres
 
     def odd(size: float) -> int:
-        return max(1, 2 * math.floor((size - 1) / 2 + 0.5) + 1)
+        # The smallest odd side that covers the extent (less a rounding error's worth).
+        return max(1, 2 * math.ceil((size - 1) / 2 - 1e-6) + 1)
 
     return {
         "open_size": odd(DEFAULT_OPEN_SIZE * scale),

@@ -1081,9 +1081,9 @@ def test_fine_pixels_get_a_note_whose_sizes_keep_a_wide_ship_small():
     defaults = annotate(stack).compute()
     notes = defaults.attrs["spoc_xr"]["notes"]
     said = [note for note in notes if note.startswith("pixels of 3 m")]
-    assert said and "--open-size 51 --background-size 103" in said[0], notes
+    assert said and "--open-size 51 --background-size 105" in said[0], notes
     assert (defaults["mask"][2, 60:130, 30:50] == LARGE).mean() > 0.5
-    scaled = DetectParams(open_size=51, close_size=51, background_size=103)
+    scaled = DetectParams(open_size=51, close_size=51, background_size=105)
     result = annotate(stack, params=scaled).compute()
     assert (result["mask"][2, 60:130, 30:50] == SMALL).mean() > 0.9
     assert not any(note.startswith("pixels of") for note in result.attrs["spoc_xr"]["notes"])
@@ -1097,7 +1097,7 @@ def test_the_pixel_size_note_is_given_below_5_m_only(metres: float, noted: bool)
 
 @pytest.mark.parametrize(
     ("metres", "sizes"),
-    [(10.0, (15, 31)), (3.0, (51, 103)), (0.5, (301, 621)), (30.0, (5, 11))],
+    [(10.0, (15, 31)), (3.0, (51, 105)), (0.5, (301, 621)), (30.0, (5, 11))],
 )
 def test_sizes_for_pixels_cover_the_defaults_ground_extents(metres, sizes) -> None:
     scaled = sizes_for_pixels(metres)

@@ -623,8 +623,9 @@ def test_band_names_may_differ_in_the_files_but_not_in_count(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("crs", "step", "metres"),
     [
-        ("EPSG:32631", 10.0, 10.0),
+        ("EPSG:32631", 10.0, 10.004),  # UTM's scale 0.9996 near its central meridian
         ("EPSG:2263", 10.0, 3.048006),  # US survey feet
+        ("EPSG:3857", 10.0, 10.0 / 1.2673),  # Web Mercator at 37.9 degrees north
         ("EPSG:4326", 0.0001, 11.119 * np.sqrt(0.5)),  # at 60 degrees north
         (None, 10.0, None),
     ],
@@ -635,6 +636,11 @@ def test_pixel_metres_reads_the_grid_in_metres(crs, step, metres) -> None:
         dims=("time", "band", "y", "x"),
         coords={"y": 60.0 - step * np.arange(3), "x": 5.0 + step * np.arange(4)},
     )
+    if crs in ("EPSG:32631", "EPSG:2263", "EPSG:3857"):  # projected: place the grid on land
+        origin = {"EPSG:32631": (500_000, 4_983_000), "EPSG:2263": (980_000, 200_000)}.get(
+            crs, (2_627_000, 4_566_000)
+        )
+        grid = grid.assign_coords(x=grid.x + origin[0], y=grid.y + origin[1])
     if crs is not None:
         grid = grid.rio.write_crs(crs)
     measured = pixel_metres(grid)
