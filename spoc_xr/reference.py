@@ -583,7 +583,11 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
     )
     if dirty < OVERCAST_SHARE * n_time or not failed:
         return median
-    said = f"{dirty} of {n_time} dates differ from the clear dates on more than half of their area"
+    said = (
+        f"{dirty} of {n_time} dates depart on more than half of their area from the darker "
+        "quarter of each pixel's dates, and from the temporal median too (overcast dates: "
+        "clouds are bright; or a scene whose surface changes through the stack)"
+    )
     agree = (darker.changed <= MAX_SAMPLE_DIRT) & np.isfinite(view).all(axis=1).any(axis=(1, 2))
     if agree.sum() < MIN_CLEAN_SAMPLES:
         return replace(
@@ -596,10 +600,9 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
             ],
         )
     note = (
-        f"{said} (overcast, clouds being bright): the reference and the noise model are taken "
-        f"from the {int(agree.sum())} dates that agree with the darker quarter of each pixel's "
-        "dates, not from the median of all dates, which is cloud where the same area is "
-        "overcast on half of them"
+        f"{said}: the reference and the noise model are taken from the {int(agree.sum())} dates "
+        "that agree with that quarter, not from the median of all dates, which is cloud where "
+        "the same area is overcast on half of them"
     )
     return replace(
         _fit_to(overview, overview_composite(overview[agree]), CHECK_SCALE_QUANTILE),

@@ -226,7 +226,7 @@ def test_annotate_prints_the_note_that_the_reference_was_chosen_among_the_clear_
     assert cli(capsys, "ingest", src, store)[0] == 0
     status, printed, _ = cli(capsys, "annotate", store, tmp_path / "out.zarr", "--no-report")
     assert status == 0
-    assert "note: 5 of 12 dates differ from the clear dates" in printed
+    assert "note: 5 of 12 dates depart on more than half of their area" in printed
     assert "taken from the 7 dates that agree" in printed
 
 

@@ -325,10 +325,10 @@ def test_a_cloud_bank_on_half_of_the_dates_or_more_does_not_become_the_reference
     cloudy = np.arange(12) >= 12 - n_cloudy
     np.testing.assert_array_equal(radiometry.change_fraction > 0.5, cloudy)
     assert not cloudy[radiometry.reference_index]
-    said = [note for note in radiometry.notes if "differ from the clear dates" in note]
+    said = [note for note in radiometry.notes if "from the darker quarter" in note]
     assert bool(said) == noted, radiometry.notes
     if noted:
-        assert said[0].startswith(f"{n_cloudy} of 12 dates differ from the clear dates")
+        assert said[0].startswith(f"{n_cloudy} of 12 dates depart on more than half")
         assert f"from the {12 - n_cloudy} dates that agree" in said[0]
 
 
