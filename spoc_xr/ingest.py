@@ -659,13 +659,19 @@ def pixel_metres(stack: xr.DataArray) -> float | None:
         return None
     crs = pyproj.CRS.from_user_input(crs)
     if crs.is_projected and crs.axis_info:
-        unit = float(crs.axis_info[0].unit_conversion_factor)
-        return float(np.sqrt(width * height)) * unit / _map_scale(stack, crs)
+        return float(np.sqrt(width * height)) * metres_per_unit(crs) / _map_scale(stack, crs)
     if crs.is_geographic:
         latitude = float(np.mean(stack["y"].values[[0, -1]]))
         across = width * METRES_PER_DEGREE * np.cos(np.radians(latitude))
         return float(np.sqrt(across * height * METRES_PER_DEGREE))
     return None
+
+
+def metres_per_unit(crs: Any) -> float:
+    """Length of a projected CRS's map unit in metres (1.0 for a geographic CRS: not used)."""
+    if not crs.is_projected or not crs.axis_info:
+        return 1.0
+    return float(crs.axis_info[0].unit_conversion_factor)
 
 
 def _map_scale(stack: xr.DataArray, crs: Any) -> float:

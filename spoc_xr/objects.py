@@ -76,6 +76,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import GeoreferenceError, InputError, StoreError
 from spoc_xr.evaluate import boat_components
+from spoc_xr.ingest import metres_per_unit
 from spoc_xr.store import check_output_path, open_store, remove_store
 
 __all__ = [
@@ -267,13 +268,6 @@ def _check_crs(crs: pyproj.CRS, where: str) -> None:
     )
 
 
-def _metres_per_unit(crs: pyproj.CRS) -> float:
-    """Length of a projected CRS's map unit in metres (1.0 for a geographic CRS: not used)."""
-    if not crs.is_projected or not crs.axis_info:
-        return 1.0
-    return float(crs.axis_info[0].unit_conversion_factor)
-
-
 def _utm_key(lon: float, lat: float) -> tuple[str, str]:
     """UTM zone number and hemisphere of a point (longitude from the CRS's prime meridian)."""
     # The plain 6-degree zone, without the Norway/Svalbard exceptions: those are conventions for
@@ -412,7 +406,7 @@ def date_objects(
     to_lonlat = pyproj.Transformer.from_crs(crs, WGS84, always_xy=True)
     lon, lat = to_lonlat.transform(np.asarray(rows["centroid_x"]), np.asarray(rows["centroid_y"]))
     # Metres per map unit: 1 for metres, 0.3048 for feet (EPSG:2263 and the like).
-    metre = _metres_per_unit(crs)
+    metre = metres_per_unit(crs)
     area_m2: Any = area * pixel_m2 * metre**2
     length_m: Any = np.asarray(rows["length_m"], dtype=np.float64) * metre
     width_m: Any = np.asarray(rows["width_m"], dtype=np.float64) * metre

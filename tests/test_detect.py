@@ -1003,19 +1003,28 @@ def test_windows_reach_depth_inside_and_edge_beyond_the_array(chunks, depth, edg
     np.testing.assert_array_equal(windows, np.concatenate(expected, axis=1))
 
 
+def _overcast_stack(
+    n_time: int, boats: dict[int, tuple[int, int]], overcast: tuple[int, ...]
+) -> xr.DataArray:
+    """A 40 x 48 px stack: a 2 x 3 hull on water at ``boats[t]`` (its top-left corner) on clear
+    dates, the ``overcast`` dates a bright textured cloud end to end."""
+    stack = make_stack(n_time=n_time, shape=(40, 48), seed=4)
+    values = stack.values.copy()
+    rng = np.random.default_rng(1)
+    for t, (y, x) in boats.items():
+        values[t, :, y : y + 2, x : x + 3] += np.uint16(2500)
+    for t in overcast:
+        values[t] = (6000 + rng.normal(0, 300, values[t].shape)).astype(np.uint16)
+    return stack.copy(data=values)
+
+
 def test_overcast_dates_of_a_short_stack_do_not_hide_the_boats_of_the_clear_ones():
     # Six dates, two of them overcast end to end: as noise samples their clouds were the spread
     # at every boat pixel of the clear dates (each date's own objects are left out of its
     # samples), and those boats were lost.
-    stack = make_stack(n_time=6, shape=(40, 48), seed=4)
-    values = stack.values.copy()
-    rng = np.random.default_rng(1)
-    boats = {0: (8, 6), 2: (20, 10), 4: (30, 14), 5: (12, 18)}  # clear date: a 2 x 3 hull on water
-    for t, (y, x) in boats.items():
-        values[t, :, y : y + 2, x : x + 3] += np.uint16(2500)
-    for t in (1, 3):
-        values[t] = (6000 + rng.normal(0, 300, values[t].shape)).astype(np.uint16)
-    result = annotate(stack.copy(data=values), params=PARAMS).compute()
+    boats = {0: (8, 6), 2: (20, 10), 4: (30, 14), 5: (12, 18)}
+    stack = _overcast_stack(6, boats, overcast=(1, 3))
+    result = annotate(stack, params=PARAMS).compute()
     for t, (y, x) in boats.items():
         assert (result["mask"][t, y : y + 2, x : x + 3] == SMALL).any(), t
     assert (result["mask"][[1, 3]] == LARGE).mean() > 0.9
@@ -1024,16 +1033,10 @@ def test_overcast_dates_of_a_short_stack_do_not_hide_the_boats_of_the_clear_ones
 def test_a_stack_overcast_on_half_of_its_dates_keeps_the_boats_of_the_clear_ones():
     # Half the dates overcast end to end: the temporal median was half cloud, every date
     # departed from it alike, and every date came out clear, the overcast ones too.
-    stack = make_stack(n_time=8, shape=(40, 48), seed=4)
-    values = stack.values.copy()
-    rng = np.random.default_rng(1)
-    boats = {0: (8, 6), 2: (20, 10), 4: (30, 14), 6: (12, 18)}  # clear date: a 2 x 3 hull on water
-    for t, (y, x) in boats.items():
-        values[t, :, y : y + 2, x : x + 3] += np.uint16(2500)
-    for t in (1, 3, 5, 7):
-        values[t] = (6000 + rng.normal(0, 300, values[t].shape)).astype(np.uint16)
+    boats = {0: (8, 6), 2: (20, 10), 4: (30, 14), 6: (12, 18)}
+    stack = _overcast_stack(8, boats, overcast=(1, 3, 5, 7))
     for reference in ("auto", "median"):
-        result = annotate(stack.copy(data=values), reference=reference, params=PARAMS).compute()
+        result = annotate(stack, reference=reference, params=PARAMS).compute()
         assert (
             result.attrs["spoc_xr"]["reference_index"]
             in {"auto": boats, "median": [None]}[reference]
