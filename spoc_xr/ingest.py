@@ -634,8 +634,8 @@ METRES_PER_DEGREE = 6_371_008.8 * np.pi / 180
 def pixel_metres(stack: xr.DataArray) -> float | None:
     """Side of the stack's pixels in metres (the geometric mean of both sides), or ``None``.
 
-    ``None`` when the stack has no CRS, no regular grid, or a CRS that is neither projected nor
-    geographic. Measured on the ground at the stack's middle: a projected grid's map units are
+    ``None`` when the stack has no CRS, no regular grid, a CRS that is neither projected nor
+    geographic, or coordinates its CRS cannot hold (latitudes beyond the poles). Measured on the ground at the stack's middle: a projected grid's map units are
     divided by the projection's scale there (Web Mercator's 10 m at 38 degrees north are 7.9 m),
     a geographic grid's degrees are taken at its middle latitude.
 
@@ -658,13 +658,16 @@ def pixel_metres(stack: xr.DataArray) -> float | None:
     except Exception:  # rioxarray raises its own errors for grids without a regular step
         return None
     crs = pyproj.CRS.from_user_input(crs)
+    metres = None
     if crs.is_projected and crs.axis_info:
-        return float(np.sqrt(width * height)) * metres_per_unit(crs) / _map_scale(stack, crs)
-    if crs.is_geographic:
+        metres = float(np.sqrt(width * height)) * metres_per_unit(crs) / _map_scale(stack, crs)
+    elif crs.is_geographic:
         latitude = float(np.mean(stack["y"].values[[0, -1]]))
         across = width * METRES_PER_DEGREE * np.cos(np.radians(latitude))
-        return float(np.sqrt(across * height * METRES_PER_DEGREE))
-    return None
+        # A latitude beyond the poles is a grid in other units labelled as degrees.
+        if abs(latitude) < 90:
+            metres = float(np.sqrt(across * height * METRES_PER_DEGREE))
+    return metres if metres is not None and np.isfinite(metres) and metres > 0 else None
 
 
 def metres_per_unit(crs: Any) -> float:

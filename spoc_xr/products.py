@@ -41,11 +41,15 @@ class WaterIndex:
     threshold : float
         Water is where the index exceeds this (0, or the scene's own cut from
         :func:`water_threshold`).
+    searched : tuple of str
+        For ``"none"``, the stack's band names, which the message names so that the user can
+        see why none matched.
     """
 
     name: str
     bands: tuple[str, ...]
     threshold: float = 0.0
+    searched: tuple[str, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -55,9 +59,12 @@ class WaterIndex:
     def describe(self) -> str:
         """One line for command output and attributes."""
         if not self.available:
+            names = f" ({', '.join(self.searched)})" if self.searched else ""
             return (
-                "no water index (the bands lack green plus NIR or SWIR): the heatmap counts "
-                "all small objects"
+                f"no water index (the bands{names} lack green plus NIR or SWIR): the heatmap "
+                "counts all small objects; if the bands hold them under other names (Landsat's "
+                "SR_B3 is green on Landsat 8-9, red on 4-7), ingest again with --band-names, "
+                "e.g. blue,green,red,nir"
             )
         return f"{self.name} from bands {self.bands[0]} and {self.bands[1]} > {self.threshold:.3g}"
 
@@ -78,6 +85,8 @@ def choose_water_index(bands: list[str], threshold: float = 0.0) -> WaterIndex:
     'NDWI'
     >>> choose_water_index(["red", "nir", "swir1"]).name
     'none'
+    >>> choose_water_index(["SR_B3", "SR_B5"]).describe()[:48]
+    'no water index (the bands (SR_B3, SR_B5) lack gr'
     """
     green = _find_band(bands, GREEN_NAMES)
     swir = _find_band(bands, SWIR_NAMES)
@@ -86,7 +95,7 @@ def choose_water_index(bands: list[str], threshold: float = 0.0) -> WaterIndex:
         return WaterIndex("MNDWI", (green, swir), threshold)
     if green and nir:
         return WaterIndex("NDWI", (green, nir), threshold)
-    return WaterIndex("none", ())
+    return WaterIndex("none", (), searched=tuple(bands))
 
 
 def water_threshold(image: np.ndarray, bands: list[str]) -> float:

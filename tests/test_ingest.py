@@ -648,3 +648,14 @@ def test_pixel_metres_reads_the_grid_in_metres(crs, step, metres) -> None:
         assert measured is None
     else:
         assert measured == pytest.approx(metres, rel=1e-3)
+
+
+def test_pixel_metres_is_unknown_for_degrees_beyond_the_poles() -> None:
+    # A UTM grid labelled EPSG:4326 (a mislabelled file): its "latitudes" are in millions, and
+    # the pixel size must be unknown rather than NaN, which stopped annotate's planning.
+    grid = xr.DataArray(
+        np.zeros((1, 1, 3, 4)),
+        dims=("time", "band", "y", "x"),
+        coords={"y": 4e6 - 10.0 * np.arange(3), "x": 5e5 + 10.0 * np.arange(4)},
+    ).rio.write_crs("EPSG:4326")
+    assert pixel_metres(grid) is None
