@@ -48,11 +48,10 @@ import zarr
 
 from spoc_xr import kernels
 from spoc_xr.detect import (
+    band_roles,
     classify_tile,
-    nir_band,
     per_date_levels,
     reference_products,
-    visible_bands,
     window_span,
 )
 from spoc_xr.ingest import add_overview, open_stack, read_overview
@@ -630,8 +629,7 @@ def check_identical(
                 origin=(top, left),
                 scale=local["scale"],
                 levels=levels[t],
-                visible=visible_bands(band_names),
-                nir=nir_band(band_names),
+                **band_roles(band_names),
                 reference=local["reference"],
                 shift=shifts[t],
             )[core]

@@ -140,11 +140,31 @@ DENSITY_STEPS = 64.0
 # excess is a darkening seen in fewer than this many bands (one noise scale below the range) is a
 # radiometric residue of one band (e.g. SWIR over water), not a shadow.
 SHADOW_BANDS = 2
+# Snow is no cloud: it is as bright as a cloud in visible light but absorbs shortwave infrared, so
+# where snow falls on the ground the SWIR drops while visible light soars; a veil of cloud adds
+# light in SWIR as well (water clouds are 0.2-0.5 there), a shadow dims visible light too. A pixel
+# whose SWIR fell below its range by more than a noise scale and by more than SNOW_SWIR_SHARE of
+# the range's bottom, while a visible band rose SNOW_RISE_RATIO times as much (absolute), is snow,
+# a surface change (:func:`change_direction`), if the date's own snow index (brightest visible
+# band against that SWIR band, normalised difference) also exceeds SNOW_INDEX: a thick cloud over
+# bright desert (SWIR 0.45 -> 0.38, visible 0.25 -> 0.7) passes the first test, but its index is
+# 0.3 where snow's is 0.7-0.9. On the real Landsat stack (red, NIR, SWIR1) 40 % of the large
+# pixels on Fmask's snow pass both (SWIR 1,296 -> 639, red 344 -> 3,834 in the medians), 1.5 % of
+# those on its clouds (ice clouds absorb SWIR as snow does; no test without thermal tells them).
+SNOW_SWIR_SHARE = 0.1
+SNOW_RISE_RATIO = 3.0
+SNOW_INDEX = 0.4
 #: Band names (lower case) of visible light: Sentinel-2's coastal, blue, green and red bands and
 #: plain words. Landsat's numbered bands are left out: "B4" is red on Landsat 8, NIR on Landsat 5/7.
 VISIBLE_NAMES = frozenset({"b01", "b02", "b03", "b04", "coastal", "blue", "green", "red"})
 #: Band names (lower case) of near infrared, Sentinel-2 and Landsat style and plain words.
 NIR_NAMES = ("b08", "b8a", "nir", "nir08", "b8", "b5_nir", "nir1")
+#: Band names (lower case) of shortwave infrared for the snow test (:func:`swir_bands`):
+#: Sentinel-2's and plain words only. Landsat's "B6" is SWIR on Landsat 8-9 but thermal on 4-7,
+#: where clouds (cold) fall as snow does: taken for SWIR, every cloud would read as snow.
+SWIR_NAMES = frozenset(
+    {"b11", "b12", "swir", "swir1", "swir2", "swir16", "swir22", "swir_1", "swir_2"}
+)
 # An isolated single pixel needs this multiple of the threshold.
 ISOLATED_FACTOR = 2.0
 # Scores are capped here (noise scales) before quantisation; nothing real is above it.
@@ -700,6 +720,7 @@ def change_direction(
     *,
     levels: tuple[float, float] | None = None,
     visible: Sequence[int] | None = None,
+    swir: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where one date darkened (shadows) and where it is only thin haze, per pixel.
 
@@ -718,10 +739,20 @@ def change_direction(
     darker band up, or less down, than a brighter one, never the other way round. Measured on the
     demo harbour, seeds 0-3: cloud IoU 0.793 / 0.680 / 0.737 / 0.685 -> 0.802 / 0.683 / 0.741 /
     0.716 (fields greening between dates), boats unchanged; the 8 ports (seeds 0 and 1) and
-    Landsat unchanged.
+    Landsat unchanged. Snow is one too: with ``visible`` and ``swir`` (band indices), where a
+    SWIR band fell as ``SNOW_SWIR_SHARE`` and ``SNOW_RISE_RATIO`` say while visible light rose.
     """
     _, _, darker, thin = change_passes(
-        date, low, high, noise, gain, offset, levels=levels, visible=visible, score=False
+        date,
+        low,
+        high,
+        noise,
+        gain,
+        offset,
+        levels=levels,
+        visible=visible,
+        swir=swir,
+        score=False,
     )
     return darker, thin
 
@@ -738,6 +769,7 @@ def change_passes(
     known: np.ndarray | None = None,
     levels: tuple[float, float] | None = None,
     visible: Sequence[int] | None = None,
+    swir: Sequence[int] | None = None,
     score: bool = True,
     direction: bool = True,
     reference: np.ndarray | None = None,
@@ -769,6 +801,9 @@ def change_passes(
     dark, bright = (0.0, 0.0) if levels is None else levels
     is_visible = np.zeros(date.shape[0], dtype=bool)
     is_visible[list(visible or ())] = True
+    is_swir = np.zeros(date.shape[0], dtype=bool)
+    if visible:  # the snow test weighs SWIR's fall against visible light's rise
+        is_swir[list(swir or ())] = True
     directed = reach is not None
     if reach is not None:
         if reference is None:
@@ -807,6 +842,10 @@ def change_passes(
         np.float32(THIN_OPACITY),
         np.float32(THIN_ROOM_SHARE * (bright - dark)),
         np.float32(SURFACE_BAND_RATIO),
+        is_swir,
+        np.float32(SNOW_SWIR_SHARE),
+        np.float32(SNOW_RISE_RATIO),
+        np.float32(SNOW_INDEX),
         directed,
         np.ascontiguousarray(reference, dtype=np.float32),
         np.int64(pad),
@@ -878,6 +917,10 @@ def _change_rows(  # pragma: no cover - compiled
     thin_opacity,
     thin_room,
     surface_ratio,
+    is_swir,
+    snow_share,
+    snow_ratio,
+    snow_index,
     directed,
     reference,
     pad,
@@ -910,6 +953,14 @@ def _change_rows(  # pragma: no cover - compiled
     rise_top = np.empty(width, dtype=np.float32)
     fall_top = np.empty(width, dtype=np.float32)
     reach_top = np.empty(width, dtype=np.float32)
+    # For the snow test: the largest fall of a SWIR band (noise scales and absolute, with its
+    # range's bottom and its value), the largest absolute rise and value of a visible band.
+    swir_fall = np.empty(width, dtype=np.float32)
+    swir_drop = np.empty(width, dtype=np.float32)
+    swir_bottom = np.empty(width, dtype=np.float32)
+    swir_value = np.empty(width, dtype=np.float32)
+    visible_gain = np.empty(width, dtype=np.float32)
+    visible_value = np.empty(width, dtype=np.float32)
     for y in range(date.shape[1]):
         row_score = score[y]
         row_valid = valid[y]
@@ -926,9 +977,16 @@ def _change_rows(  # pragma: no cover - compiled
             bottoms[:] = 0
             rise_top[:] = 0
             fall_top[:] = 0
+            swir_fall[:] = 0
+            swir_drop[:] = 0
+            swir_bottom[:] = 0
+            swir_value[:] = 0
+            visible_gain[:] = 0
+            visible_value[:] = 0
         for band in range(date.shape[0]):
             values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
             g, o, seen = gain[band], offset[band], is_visible[band]
+            in_swir = is_swir[band]
             if directed:
                 # The top of the range over the reach only, used where it is lower than the
                 # window's by more than edge_contrast noise scales (see EDGE_CONTRAST); one
@@ -963,6 +1021,15 @@ def _change_rows(  # pragma: no cover - compiled
                         fall_top[x] = highest
                     if seen and risen > 1:
                         visible_rise[x] = True
+                    if seen and above > visible_gain[x]:  # np.fmax: NaN loses
+                        visible_gain[x] = above
+                    if seen and normalised > visible_value[x]:
+                        visible_value[x] = normalised
+                    if in_swir and fallen > swir_fall[x]:
+                        swir_fall[x] = fallen
+                        swir_drop[x] = below
+                        swir_bottom[x] = lowest
+                        swir_value[x] = normalised
                     if risen > rise[x]:
                         rise[x] = risen
                         rise_top[x] = highest
@@ -986,6 +1053,14 @@ def _change_rows(  # pragma: no cover - compiled
             for x in range(width):
                 # A band rose while a band darker in the reference fell: see change_direction.
                 surface = rise[x] > 1 and fall[x] > 1 and rise_top[x] > surface_ratio * fall_top[x]
+                # Snow: SWIR fell while visible light rose far more (see SNOW_SWIR_SHARE).
+                surface = surface or (
+                    swir_fall[x] > 1
+                    and swir_drop[x] > snow_share * swir_bottom[x]
+                    and visible_gain[x] > snow_ratio * swir_drop[x]
+                    and visible_value[x] - swir_value[x]
+                    > snow_index * (visible_value[x] + swir_value[x])
+                )
                 is_darker = (
                     (not surface)
                     and net[x] < 0
@@ -1503,6 +1578,7 @@ def classify_tile(
     levels: tuple[float, float] | None = None,
     visible: Sequence[int] | None = None,
     nir: int | None = None,
+    swir: Sequence[int] | None = None,
     reference: np.ndarray | None = None,
     shift: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -1520,9 +1596,11 @@ def classify_tile(
     ``visible`` indexes the bands of visible light (:func:`visible_bands`; see
     :func:`change_direction`) and ``nir`` the near-infrared band (:func:`nir_band`): with both,
     a pixel near haze whose rise is a hull's colour, not a veil's, is spared the haze factor
-    (``HULL_NIR_RATIO``). ``shift`` is the date's misregistration against the reference
-    (:func:`spoc_xr.reference.estimate_shift`); where it narrows the tolerance window
-    (:func:`shift_reach`), the range is taken from ``reference`` ``(band, y, x)``, the tile padded
+    (``HULL_NIR_RATIO``). ``swir`` indexes the shortwave-infrared bands (:func:`swir_bands`):
+    with ``visible``, snow is told from clouds (``SNOW_SWIR_SHARE``). ``shift`` is the date's
+    misregistration against the reference (:func:`spoc_xr.reference.estimate_shift`); where it
+    narrows the tolerance window (:func:`shift_reach`), the range is taken from ``reference``
+    ``(band, y, x)``, the tile padded
     by the tolerance's radius. Exposed for tests and for the reference implementation.
     """
     radius = params.tolerance // 2
@@ -1542,6 +1620,7 @@ def classify_tile(
         known=known,
         levels=levels,
         visible=visible,
+        swir=swir,
         reference=reference,
         reach=reach,
     )
@@ -1729,6 +1808,7 @@ def _classify_window(
         levels=levels,
         visible=settings["visible"],
         nir=settings["nir"],
+        swir=settings["swir"],
         reference=reference,
         shift=None if shift is None else shift[0],
     )
@@ -1821,6 +1901,34 @@ def visible_bands(bands: Sequence[str]) -> tuple[int, ...] | None:
     True
     """
     found = tuple(i for i, band in enumerate(bands) if str(band).lower() in VISIBLE_NAMES)
+    return found or None
+
+
+def band_roles(bands: Sequence[str]) -> dict[str, Any]:
+    """:func:`classify_tile`'s band arguments for a stack's band names: the indices of the
+    ``visible``, ``nir`` and ``swir`` bands (each ``None`` where the names do not tell).
+
+    Examples
+    --------
+    >>> band_roles(["B02", "B03", "B04", "B08", "B11"])
+    {'visible': (0, 1, 2), 'nir': 3, 'swir': (4,)}
+    """
+    return {"visible": visible_bands(bands), "nir": nir_band(bands), "swir": swir_bands(bands)}
+
+
+def swir_bands(bands: Sequence[str]) -> tuple[int, ...] | None:
+    """Indices of the shortwave-infrared bands among ``bands`` (``SWIR_NAMES``), or ``None``.
+
+    Examples
+    --------
+    >>> swir_bands(["B02", "B03", "B04", "B08", "B11", "B12"])
+    (4, 5)
+    >>> swir_bands(["red", "nir", "swir1"])
+    (2,)
+    >>> swir_bands(["B2", "B3", "B4", "B5", "B6"]) is None  # Landsat's B6: thermal on 4-7
+    True
+    """
+    found = tuple(i for i, band in enumerate(bands) if str(band).lower() in SWIR_NAMES)
     return found or None
 
 
@@ -2036,8 +2144,7 @@ def classify(
     settings = {
         "nodata": None if nodata is None else float(nodata),
         "params": params,
-        "visible": visible_bands(band_names),
-        "nir": nir_band(band_names),
+        **band_roles(band_names),
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)
     date_levels = per_date_levels(levels, len(gains32))

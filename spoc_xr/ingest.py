@@ -635,9 +635,10 @@ def pixel_metres(stack: xr.DataArray) -> float | None:
     """Side of the stack's pixels in metres (the geometric mean of both sides), or ``None``.
 
     ``None`` when the stack has no CRS, no regular grid, a CRS that is neither projected nor
-    geographic, or coordinates its CRS cannot hold (latitudes beyond the poles). Measured on the ground at the stack's middle: a projected grid's map units are
-    divided by the projection's scale there (Web Mercator's 10 m at 38 degrees north are 7.9 m),
-    a geographic grid's degrees are taken at its middle latitude.
+    geographic, or coordinates its CRS cannot hold (latitudes beyond the poles). Measured on the
+    ground at the stack's middle: a projected grid's map units are divided by the projection's
+    scale there (Web Mercator's 10 m at 38 degrees north are 7.9 m), a geographic grid's
+    degrees are taken at its middle latitude.
 
     Examples
     --------

@@ -26,6 +26,9 @@ from spoc_xr.detect import (
     MEAN_ABS_TO_SIGMA,
     SCORE_CEILING,
     SHADOW_BANDS,
+    SNOW_INDEX,
+    SNOW_RISE_RATIO,
+    SNOW_SWIR_SHARE,
     SURFACE_BAND_RATIO,
     THIN_OPACITY,
     THIN_ROOM_SHARE,
@@ -82,6 +85,7 @@ def numpy_direction(
     offset: np.ndarray,
     levels: tuple[float, float] | None,
     visible: Sequence[int] | None,
+    swir: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = date.shape[1:]
     net, rise, fall = (np.zeros(shape, dtype=np.float32) for _ in range(3))
@@ -89,9 +93,21 @@ def numpy_direction(
     rise_top, fall_top = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     dimmed = np.zeros(shape, dtype=np.uint8)
     visible_rise = np.zeros(shape, dtype=bool) if visible else np.ones(shape, dtype=bool)
+    swir_fall, swir_drop, swir_bottom, swir_value, visible_gain, visible_value = (
+        np.zeros(shape, dtype=np.float32) for _ in range(6)
+    )
     for band in range(date.shape[0]):
         values = np.multiply(date[band], gain[band], dtype=np.float32) + offset[band]
         above, below = values - high[band], low[band] - values
+        if visible and band in visible:
+            np.fmax(visible_gain, above, out=visible_gain)
+            np.fmax(visible_value, values, out=visible_value)
+        if visible and swir and band in swir:
+            falls = below / noise[band] > swir_fall
+            swir_drop = np.where(falls, below, swir_drop)
+            swir_bottom = np.where(falls, low[band], swir_bottom)
+            swir_value = np.where(falls, values, swir_value)
+            np.fmax(swir_fall, below / noise[band], out=swir_fall)
         net += above
         tops += high[band]
         bottoms += low[band]
@@ -105,6 +121,12 @@ def numpy_direction(
         rise_top = np.where(above > rise, high[band], rise_top)
         np.fmax(rise, above, out=rise)
     surface = (rise > 1) & (fall > 1) & (rise_top > np.float32(SURFACE_BAND_RATIO) * fall_top)
+    surface |= (
+        (swir_fall > 1)
+        & (swir_drop > np.float32(SNOW_SWIR_SHARE) * swir_bottom)
+        & (visible_gain > np.float32(SNOW_RISE_RATIO) * swir_drop)
+        & (visible_value - swir_value > np.float32(SNOW_INDEX) * (visible_value + swir_value))
+    )
     darker = (net < 0) & ~surface
     darker &= ((fall < rise) & visible_rise) | (dimmed >= min(SHADOW_BANDS, date.shape[0]))
     thin = surface.copy()
@@ -176,25 +198,31 @@ def test_the_score_counts_known_pixels_from_the_caller_when_given() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("levels", [None, (400.0, 2600.0), (400.0, float("nan"))])
-@pytest.mark.parametrize("visible", [None, (), (0, 2), (1,)])
+@pytest.mark.parametrize(
+    ("visible", "swir"), [(None, None), ((), None), ((0, 2), None), ((1,), None), ((0, 1), (2,))]
+)
 def test_the_compiled_direction_equals_numpy(
     dtype: type[np.generic],
     levels: tuple[float, float] | None,
     visible: tuple[int, ...] | None,
+    swir: tuple[int, ...] | None,
 ) -> None:
     date, low, high, noise, gain, offset = random_inputs(dtype, seed=7)
     darker, thin = change_direction(
-        date, low, high, noise, gain, offset, levels=levels, visible=visible
+        date, low, high, noise, gain, offset, levels=levels, visible=visible, swir=swir
     )
     usable = levels if levels is not None and np.isfinite(levels).all() else None
     with np.errstate(divide="ignore", invalid="ignore"):
-        expected = numpy_direction(date, low, high, noise, gain, offset, usable, visible)
+        expected = numpy_direction(date, low, high, noise, gain, offset, usable, visible, swir)
     np.testing.assert_array_equal(darker, expected[0])
     np.testing.assert_array_equal(thin, expected[1])
     assert 0 < darker.mean() < 1
     # Without levels only surface changes are thin (a band rose while a darker one fell).
     assert thin.mean() < 1
-    assert (thin.mean() > 0) if usable is not None or dtype != np.uint8 else not thin.any()
+    if usable is not None or dtype != np.uint8:
+        assert thin.mean() > 0
+    elif swir is None:  # uint8 values lie below most ranges: no band rose over one
+        assert not thin.any()
     assert not (thin & darker).any()
 
 
@@ -314,6 +342,32 @@ def test_a_surface_change_is_neither_darker_nor_a_cloud() -> None:
     greening = date[:, 0, 0]
     assert (greening - high[:, 0, 0]).sum() < 0
     assert ((low[:, 0, 0] - greening) / noise[:, 0, 0] > 1).sum() >= SHADOW_BANDS
+
+
+def test_snow_is_a_surface_change_and_a_cloud_is_not() -> None:
+    # Bands red, NIR, SWIR1 over forest (Landsat's medians on the shared stack), range +-20,
+    # noise 10: snow absorbs SWIR while it lights up the visible; a cloud brightens SWIR too.
+    reference = np.array([344.0, 2854.0, 1296.0], dtype=np.float32)[:, None].repeat(5, axis=1)
+    reference[:, 4] = [2500.0, 3000.0, 4500.0]  # desert
+    pixels = {
+        "snow": [3834.0, 4547.0, 639.0],
+        "cloud": [2809.0, 4201.0, 2685.0],
+        "shadow": [200.0, 900.0, 400.0],
+        "thin snow": [900.0, 3000.0, 1200.0],  # SWIR within a tenth of its range: undecided
+        # A thick cloud over bright desert: SWIR falls, visible soars, but its index is 0.3.
+        "desert cloud": [7000.0, 7200.0, 3800.0],
+    }
+    date = np.array(list(pixels.values()), dtype=np.float32).T[:, None, :]
+    low = reference[:, None, :] - 20
+    high, noise = low + 40, np.full(low.shape, 10.0, dtype=np.float32)
+    unit, zero = np.ones(3, dtype=np.float32), np.zeros(3, dtype=np.float32)
+    darker, thin = change_direction(date, low, high, noise, unit, zero, visible=(0,), swir=(2,))
+    assert thin[0].tolist() == [True, False, False, False, False]
+    assert darker[0].tolist() == [False, False, True, False, False]
+    # Without a SWIR band (or without a visible one) nothing is snow.
+    for visible, swir in (((0,), None), (None, (2,))):
+        _, thin = change_direction(date, low, high, noise, unit, zero, visible=visible, swir=swir)
+        assert not thin[0, 0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -21,6 +21,7 @@ from spoc_xr.detect import (
     OBJECT_REACH,
     SMALL,
     DetectParams,
+    band_roles,
     classification_chunks,
     classify,
     classify_tile,
@@ -159,8 +160,7 @@ def test_classify_equals_scipy_chain(stack, chunks, with_shifts, monkeypatch):
             params=PARAMS,
             scale=computed.scale.values,
             levels=tuple(levels[t]),
-            visible=visible_bands(list(stack.band.values)),
-            nir=nir_band(list(stack.band.values)),
+            **band_roles(list(stack.band.values)),
             reference=computed.reference.values if with_shifts else None,
             shift=None if shifts is None else shifts[t],
         )
@@ -1106,3 +1106,37 @@ def test_sizes_for_pixels_cover_the_defaults_ground_extents(metres, sizes) -> No
     scaled = sizes_for_pixels(metres)
     assert (scaled["open_size"], scaled["background_size"]) == sizes
     DetectParams(**scaled)  # odd and positive: accepted
+
+
+def _forest_stack(band_names: list[str]) -> xr.DataArray:
+    """8 dates of textured forest (red, NIR, SWIR1 as Landsat sees it): snow on date 3 and a
+    cloud on date 5, each over [10:34, 12:36]."""
+    rng = np.random.default_rng(2)
+    forest = np.array([344.0, 2854.0, 1296.0])[:, None, None] * (
+        1 + 0.08 * rng.standard_normal((1, 48, 48))
+    )
+    dates = [
+        forest * rng.uniform(0.95, 1.05, (3, 1, 1)) + rng.normal(0, 10, forest.shape)
+        for _ in range(8)
+    ]
+    patch = (slice(None), slice(10, 34), slice(12, 36))
+    dates[3][patch] = np.array([3834.0, 4547.0, 639.0])[:, None, None]
+    dates[5][patch] = np.array([2809.0, 4201.0, 2685.0])[:, None, None]
+    for t in (3, 5):
+        dates[t][patch] += rng.normal(0, 60, dates[t][patch].shape)
+    times = np.datetime64("2023-01-01", "ns") + np.arange(8) * np.timedelta64(16, "D")
+    return xr.DataArray(
+        np.clip(np.stack(dates), 1, None).astype(np.uint16),
+        dims=("time", "band", "y", "x"),
+        coords={"time": times, "band": band_names},
+    )
+
+
+def test_snow_is_not_large_where_a_swir_band_tells_it_from_cloud():
+    result = annotate(_forest_stack(["red", "nir", "swir1"]), params=PARAMS).compute()
+    inside = result["mask"][:, 14:30, 16:32]
+    assert (inside[5] == LARGE).mean() > 0.9  # the cloud
+    assert (inside[3] == LARGE).mean() < 0.05  # the snow: a surface change
+    # Landsat's "B6" may be thermal (Landsat 4-7): not taken for SWIR, the snow stays large.
+    unnamed = annotate(_forest_stack(["red", "nir", "B6"]), params=PARAMS).compute()
+    assert (unnamed["mask"][3, 14:30, 16:32] == LARGE).mean() > 0.9
