@@ -101,12 +101,12 @@ def numpy_direction(
         above, below = values - high[band], low[band] - values
         if visible and band in visible:
             np.fmax(visible_gain, above, out=visible_gain)
-            np.fmax(visible_value, values, out=visible_value)
+            np.fmax(visible_value, date[band].astype(np.float32), out=visible_value)
         if visible and swir and band in swir:
             falls = below / noise[band] > swir_fall
             swir_drop = np.where(falls, below, swir_drop)
             swir_bottom = np.where(falls, low[band], swir_bottom)
-            swir_value = np.where(falls, values, swir_value)
+            swir_value = np.where(falls, date[band].astype(np.float32), swir_value)
             np.fmax(swir_fall, below / noise[band], out=swir_fall)
         net += above
         tops += high[band]
