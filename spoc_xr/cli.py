@@ -506,7 +506,8 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
             f" ({result.reference.attrs.get('date', '')})"
             if info["reference_index"] is not None
             else ""
-        ),
+        )
+        + (f"; {info['reference_choice']}" if info.get("reference_choice") else ""),
         f"water index: {info['water_index_description']}",
         f"threshold: {info['parameters']['threshold']} "
         f"({info['parameters']['effective_threshold']:g} noise scales), "
@@ -517,8 +518,7 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
     ]
     if empty:
         lines.append(f"{empty} date(s) hold no valid data and were not annotated (valid = 0)")
-    # The reference choice is said above; other notes are warnings the user should see.
-    lines += [f"note: {note}" for note in info.get("notes", []) if "auto reference" not in note]
+    lines += [f"note: {note}" for note in info.get("notes", [])]
     return "\n".join(lines)
 
 

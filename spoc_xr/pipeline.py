@@ -298,6 +298,7 @@ def build_annotations(
             "parameters": params.as_attrs(),
             "reference": radiometry.reference,
             "reference_index": radiometry.reference_index,
+            "reference_choice": radiometry.choice,
             "water_index": index.name,
             "water_index_description": index.describe(),
             "notes": list(radiometry.notes),
@@ -961,6 +962,7 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
         # Stores written before the cut was fitted used 0, and the reference as it is.
         float(info.get("water_threshold", 0.0)),
         None if mapping is None else (np.asarray(mapping[0]), np.asarray(mapping[1])),
+        choice=str(info.get("reference_choice", "")),
     )
 
 

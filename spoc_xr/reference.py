@@ -90,6 +90,9 @@ class Radiometry:
     median_dates : tuple of int or None
         The dates a median reference is the median of (:attr:`CompositeFit.from_dates`);
         ``None`` for all of them.
+    choice : str
+        Why ``auto`` chose its date (empty for a reference the user named); ``notes`` hold
+        what the user should be warned of.
     """
 
     reference: str
@@ -104,6 +107,7 @@ class Radiometry:
     water_threshold: float = 0.0
     water_mapping: tuple[np.ndarray, np.ndarray] | None = None
     median_dates: tuple[int, ...] | None = None
+    choice: str = ""
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:
@@ -645,7 +649,7 @@ def plan_radiometry(
         fitted = fit_composite(overview)
     gains, offsets, changed, scale = fitted.gains, fitted.offsets, fitted.changed, fitted.scale
     notes = list(fitted.notes)
-    median_dates, water_mapping = None, None
+    median_dates, water_mapping, choice = None, None, ""
     if reference == "median":
         index = None
         if fitted.from_dates is not None:
@@ -654,9 +658,9 @@ def plan_radiometry(
         eligible = valid_fraction >= MIN_VALID_SHARE * valid_fraction.max()
         score = np.where(eligible, changed + (1 - valid_fraction), np.inf)
         index = int(np.argmin(score))
-        notes.append(
-            f"auto reference: date {index} has the fewest changed pixels "
-            f"({changed[index]:.1%}) among dates with >= {MIN_VALID_SHARE:.0%} of the best coverage"
+        choice = (
+            f"auto: the fewest changed pixels ({changed[index]:.1%}) among dates with >= "
+            f"{MIN_VALID_SHARE:.0%} of the best coverage"
         )
     else:
         index = int(reference)
@@ -683,6 +687,7 @@ def plan_radiometry(
         brightness_levels(overview, gains, offsets),
         water_mapping=water_mapping,
         median_dates=median_dates,
+        choice=choice,
     )
 
 

@@ -163,6 +163,8 @@ def render_html(
     reference = str(info.get("reference", "?"))
     if info.get("reference_index") is not None:
         reference += f" ({date_label(annotations.time.values[int(info['reference_index'])])})"
+    if info.get("reference_choice"):
+        reference += f"; {info['reference_choice']}"
     summary = {
         "dates": f"{n_time} ({date_label(annotations.time.values[0])} .. "
         f"{date_label(annotations.time.values[-1])})",

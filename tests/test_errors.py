@@ -313,6 +313,9 @@ def test_annotate_takes_the_sizes_and_the_store_records_them(
     status, printed, _ = cli(capsys, "annotate", stack_store, out, *options)
     assert status == 0
     assert "kernel 5, open 9 px, background 21 px" in printed
+    # Why auto chose its date is said on the reference's line; notes are kept for warnings.
+    assert "; auto: the fewest changed pixels" in printed.split("reference: ")[1].split("\n")[0]
+    assert "note: auto" not in printed
     recorded = open_store(out).attrs["spoc_xr"]["parameters"]
     assert (recorded["open_size"], recorded["close_size"], recorded["background_size"]) == (
         9,
