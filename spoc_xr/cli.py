@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -650,10 +651,33 @@ COMMANDS = {
 }
 
 
+#: Options whose value may start with a minus sign (a wrong share or threshold is then refused
+#: by its own check, with its own message).
+SIGNED_OPTIONS = ("--split", "--threshold", "--reference")
+
+
+def _attach_signed_values(argv: Sequence[str]) -> list[str]:
+    """``--split -1,1,1`` as ``--split=-1,1,1``: argparse takes a value that starts with a minus
+    sign and is no plain number for an option, and says "expected one argument"."""
+    tokens = list(argv)
+    attached: list[str] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        following = tokens[index + 1] if index + 1 < len(tokens) else ""
+        if token in SIGNED_OPTIONS and re.match(r"-[\d.]", following):
+            attached.append(f"{token}={following}")
+            index += 2
+        else:
+            attached.append(token)
+            index += 1
+    return attached
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spoc-xr``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_signed_values(sys.argv[1:] if argv is None else argv))
     try:
         COMMANDS[args.command](args)
     except SpocError as err:

@@ -259,7 +259,7 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_client", lambda args, quiet=False: contextlib.nullcontext())
 
 
-def test_cli_export_chips(scene, tmp_path: Path, no_cluster) -> None:
+def test_cli_export_chips(scene, tmp_path: Path, no_cluster, capsys) -> None:
     stack, annotations, _ = scene
     dest = tmp_path / "chips"
     args = ["export-chips", str(stack), str(annotations), str(dest), "--size", str(SIZE)]
@@ -267,6 +267,9 @@ def test_cli_export_chips(scene, tmp_path: Path, no_cluster) -> None:
     assert (dest / "annotations" / "train.json").is_file()
     assert cli.main(args) == 2
     assert cli.main([*args, "--overwrite", "--split", "0.5,0.6,0"]) == 2
+    # A negative share reaches the share's own check (argparse took it for an option).
+    assert cli.main([*args, "--overwrite", "--split", "-1,1,1"]) == 2
+    assert "split" in capsys.readouterr().err.splitlines()[-1]
     assert (
         cli.main(["export-chips", str(stack), str(tmp_path / "x.zarr"), str(tmp_path / "d")]) == 2
     )
