@@ -896,7 +896,13 @@ def _snow_rows(  # pragma: no cover - compiled
                     visible_value[x] = np.float32(values[x])
         for band in swir:
             values, lows, noises = date[band, y], low[band, y], noise[band, y]
+            # Illumination scales every band alike: a SWIR gain above visible light's is the
+            # fit mapping snow onto the reference (Landsat's snowy dates: SWIR 1.33-1.5 where red
+            # is 0.67-1.0), which hides the fall the test looks for.
             g, o = gain[band], offset[band]
+            for other in visible:
+                if gain[other] < g:
+                    g = gain[other]
             for x in range(width):
                 normalised = np.float32(values[x]) * g + o
                 below = lows[x] - normalised

@@ -103,11 +103,17 @@ def numpy_direction(
             np.fmax(visible_gain, above, out=visible_gain)
             np.fmax(visible_value, date[band].astype(np.float32), out=visible_value)
         if visible and swir and band in swir:
+            # SWIR normalised with no larger a gain than visible light's (see SNOW_SWIR_SHARE).
+            lowest_gain = min(gain[band], *(gain[v] for v in visible))
+            below = low[band] - (
+                np.multiply(date[band], lowest_gain, dtype=np.float32) + offset[band]
+            )
             falls = below / noise[band] > swir_fall
             swir_drop = np.where(falls, below, swir_drop)
             swir_bottom = np.where(falls, low[band], swir_bottom)
             swir_value = np.where(falls, date[band].astype(np.float32), swir_value)
             np.fmax(swir_fall, below / noise[band], out=swir_fall)
+            below = low[band] - values
         net += above
         tops += high[band]
         bottoms += low[band]
