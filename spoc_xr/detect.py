@@ -162,12 +162,12 @@ SNOW_INDEX = 0.4
 VISIBLE_NAMES = frozenset({"b01", "b02", "b03", "b04", "coastal", "blue", "green", "red"})
 #: Band names (lower case) of near infrared, Sentinel-2 and Landsat style and plain words.
 NIR_NAMES = ("b08", "b8a", "nir", "nir08", "b8", "b5_nir", "nir1")
-#: Band names (lower case) of shortwave infrared for the snow test (:func:`swir_bands`):
-#: Sentinel-2's and plain words only. Landsat's "B6" is SWIR on Landsat 8-9 but thermal on 4-7,
-#: where clouds (cold) fall as snow does: taken for SWIR, every cloud would read as snow.
-SWIR_NAMES = frozenset(
-    {"b11", "b12", "swir", "swir1", "swir2", "swir16", "swir22", "swir_1", "swir_2"}
-)
+#: Band names (lower case) of shortwave infrared, SWIR1 (1.6 um) first, as the water index
+#: prefers it (:func:`spoc_xr.products.choose_water_index`), and for the snow test
+#: (:func:`swir_bands`): Sentinel-2's and plain words only. "B6" is SWIR on Landsat 8-9, but red
+#: edge on Sentinel-2 (unpadded) and thermal on Landsat 4-7, where clouds (cold) fall as snow
+#: does: taken for SWIR, every cloud would read as snow, and MNDWI would find no water.
+SWIR_NAMES = ("b11", "swir1", "swir", "swir16", "swir_1", "b12", "swir2", "swir22", "swir_2")
 # An isolated single pixel needs this multiple of the threshold.
 ISOLATED_FACTOR = 2.0
 # Scores are capped here (noise scales) before quantisation; nothing real is above it.

@@ -9,12 +9,13 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from spoc_xr.detect import CLEAR, INVALID, LARGE, NIR_NAMES, SMALL, find_band
+from spoc_xr.detect import CLEAR, INVALID, LARGE, NIR_NAMES, SMALL, SWIR_NAMES, find_band
 from spoc_xr.reference import nanmedian_first
 
-# Band names that carry each spectral role, Sentinel-2 and Landsat style and plain words.
+# Band names that carry green, Sentinel-2 style (padded or not) and plain words ("B3" is red on
+# Landsat 4-7; with no NIR or SWIR name known there, no index is chosen and the message says how
+# to name the bands). NIR and SWIR names: spoc_xr.detect.
 GREEN_NAMES = ("b03", "green", "b3", "g")
-SWIR_NAMES = ("b11", "swir1", "swir", "swir16", "b6", "swir_1")
 # A pixel whose water shows on this share of the clean dates is water (see uncover_water),
 # given at least MIN_WET_DATES such dates.
 WET_SHARE = 0.25

@@ -33,6 +33,7 @@ from spoc_xr.detect import (
     reference_products,
     sizes_for_pixels,
     small_objects,
+    swir_bands,
     visible_bands,
     window_span,
 )
@@ -1140,3 +1141,20 @@ def test_snow_is_not_large_where_a_swir_band_tells_it_from_cloud():
     # Landsat's "B6" may be thermal (Landsat 4-7): not taken for SWIR, the snow stays large.
     unnamed = annotate(_forest_stack(["red", "nir", "B6"]), params=PARAMS).compute()
     assert (unnamed["mask"][3, 14:30, 16:32] == LARGE).mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    ("bands", "expected"),
+    [
+        (["B2", "B3", "B4", "B8", "B11"], ("MNDWI", ("B3", "B11"))),  # Sentinel-2, unpadded
+        (["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B12"], ("MNDWI", ("B3", "B12"))),
+        (["B02", "B03", "B04", "B08", "B12", "B11"], ("MNDWI", ("B03", "B11"))),  # SWIR1 first
+        # Landsat 4-7 numbering: B3 is red, B6 thermal: no index rather than a wrong one.
+        (["B1", "B2", "B3", "B4", "B5", "B6", "B7"], ("none", ())),
+    ],
+)
+def test_the_water_index_takes_no_ambiguous_landsat_number(bands, expected):
+    index = choose_water_index(bands)
+    assert (index.name, index.bands) == expected
+    # Sentinel-2's unpadded B6 is red edge and Landsat 4-7's B6 thermal: never SWIR.
+    assert "B6" not in [bands[i] for i in swir_bands(bands) or ()]
