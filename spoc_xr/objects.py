@@ -40,9 +40,11 @@ outline), ``mean_<band>`` (mean raw value of each band of the stack on that date
 pixels that are not nodata; only when the stack is given), ``on_water``, ``is_boat``,
 ``water_index`` and ``geometry`` (outline along pixel edges, in the stack's CRS).
 
-Lengths and areas are in metres. In a projected CRS they come from the grid itself (``area_m2``
-is pixel count x pixel area, the rectangle is measured in map units, converted to metres where the
-unit is another, such as the US survey foot). In a
+Lengths and areas are in metres on the ground. In a projected CRS they come from the grid itself
+(``area_m2`` is pixel count x pixel area, the rectangle is measured in map units, converted to
+metres where the unit is another, such as the US survey foot), divided by the projection's scale at
+the object where that departs from 1 by more than 1 % (Web Mercator's 10 m pixels are 5 m on the
+ground at 60 degrees north; UTM's scale stays within it). In a
 geographic CRS (e.g. EPSG:4326) each outline is projected into the UTM zone of its centroid, on
 the CRS's own datum, and measured there (UTM's scale error is at most about 0.1 % in length and
 0.2 % in area); the geometry, box and centroid columns stay in degrees of the stack's CRS. Any
@@ -268,6 +270,30 @@ def _check_crs(crs: pyproj.CRS, where: str) -> None:
     )
 
 
+#: A projection whose scale at an object departs from 1 by more than this has its map lengths
+#: and areas divided by it (Web Mercator: 1.27 at 38 degrees, 2 at 60): within it (UTM's
+#: 0.9996-1.001) an area stays pixel count x pixel area, as users of such grids count it.
+GROUND_SCALE_TOLERANCE = 0.01
+
+
+def _ground_scales(
+    crs: pyproj.CRS, lon: np.ndarray, lat: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The projection's linear and areal scale at each WGS 84 point (map over ground), 1 where
+    within ``GROUND_SCALE_TOLERANCE`` of it or unknown."""
+    ones = np.ones(lon.shape)
+    try:
+        geodetic = pyproj.Transformer.from_crs(WGS84, crs.geodetic_crs, always_xy=True)
+        factors = pyproj.Proj(crs).get_factors(*geodetic.transform(lon, lat))
+        linear = np.sqrt(np.asarray(factors.meridional_scale) * np.asarray(factors.parallel_scale))
+        areal = np.asarray(factors.areal_scale, dtype=np.float64)
+    except Exception:  # pyproj raises several kinds for CRSs without factors
+        return ones, ones
+    usable = np.isfinite(linear) & np.isfinite(areal) & (linear > 0) & (areal > 0)
+    off = usable & (np.abs(linear - 1) > GROUND_SCALE_TOLERANCE)
+    return np.where(off, linear, 1.0), np.where(off, areal, 1.0)
+
+
 def _utm_key(lon: float, lat: float) -> tuple[str, str]:
     """UTM zone number and hemisphere of a point (longitude from the CRS's prime meridian)."""
     # The plain 6-degree zone, without the Norway/Svalbard exceptions: those are conventions for
@@ -415,6 +441,9 @@ def date_objects(
         area_m2, length_m, width_m = _geographic_sizes(
             rows["geometry"], crs, np.atleast_1d(lon), np.atleast_1d(lat)
         )
+    elif found.count:
+        linear, areal = _ground_scales(crs, np.atleast_1d(lon), np.atleast_1d(lat))
+        area_m2, length_m, width_m = area_m2 / areal, length_m / linear, width_m / linear
     classes = found.classes[1:]
     names_by_id = {v: k for k, v in CATEGORY_IDS.items()}
     table = pd.DataFrame(

@@ -10,6 +10,7 @@ import numpy as np
 import pyproj
 import pytest
 import rioxarray  # noqa: F401  (registers .rio)
+import shapely
 import xarray as xr
 from affine import Affine
 from scipy import ndimage
@@ -310,11 +311,10 @@ def test_geographic_grid_sizes_match_geodesic(west: float, north: float) -> None
     assert rows.lon.between(west, west + 0.05).all() and rows.lat.between(north - 0.03, north).all()
 
 
-# Web Mercator is far from true scale at 45 degrees: any reprojection would show.
-@pytest.mark.parametrize("crs", ["EPSG:32631", "EPSG:3857"])
-def test_projected_grid_sizes_are_the_pixel_and_map_values(crs: str) -> None:
-    # A projected grid keeps the plain values: pixel count x pixel area and the rectangle of the
-    # outline in map units, exactly (no reprojection, no rounding).
+def test_projected_grid_sizes_are_the_pixel_and_map_values() -> None:
+    # A projected grid near true scale (UTM) keeps the plain values: pixel count x pixel area and
+    # the rectangle of the outline in map units, exactly (no reprojection, no rounding).
+    crs = "EPSG:32631"
     mask = np.zeros((40, 40), dtype=np.uint8)
     mask[3:9, 4:16] = 1
     mask[20:35, 5:30] = 2
@@ -328,6 +328,25 @@ def test_projected_grid_sizes_are_the_pixel_and_map_values(crs: str) -> None:
     first = rows[(rows.row_min == 3) & (rows.col_min == 4)].iloc[0]
     assert (first.area_m2, first.length_m, first.width_m) == (7200.0, 120.0, 60.0)
     assert rows.geometry.map(lambda g: g.area).tolist() == rows.area_m2.tolist()
+
+
+@pytest.mark.parametrize("latitude", [38.0, 60.0])
+def test_web_mercator_sizes_are_on_the_ground(latitude: float) -> None:
+    # Web Mercator's 10 m pixels are 10 cos(latitude) m on the ground (5 m at 60 degrees): the
+    # table gave map units, 4 times the ground area there.
+    from pyproj import Transformer
+
+    x0, y0 = Transformer.from_crs(4326, 3857, always_xy=True).transform(10.0, latitude)
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[3:9, 4:16] = 1
+    (row,) = date_objects(mask, Affine(10, 0, x0, 0, -10, y0), "EPSG:3857").itertuples()
+    # The same outline measured on the ground, in its UTM zone (within 1 %: Web Mercator is
+    # spherical on ellipsoidal coordinates, and pyproj's factors for it are off by 0.2-0.3 %).
+    to_utm = Transformer.from_crs(3857, 32632, always_xy=True)
+    utm = shapely.transform(row.geometry, lambda xy: np.column_stack(to_utm.transform(*xy.T)))
+    assert row.area_m2 == pytest.approx(utm.area, rel=1e-2)
+    scale = 1 / np.cos(np.radians(row.lat))
+    assert (row.length_m, row.width_m) == pytest.approx((120 / scale, 60 / scale), rel=1e-2)
 
 
 def test_a_grid_in_feet_gives_metres() -> None:
