@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,13 +242,7 @@ def dask_client(
                 "--workers and --memory-limit size a local cluster; they cannot be used with "
                 "--scheduler (size the remote cluster where it runs)"
             )
-        try:
-            client = Client(address, timeout="20s")
-        except OSError as err:
-            raise SpocError(
-                f"cannot reach the Dask scheduler at {address!r}: {err}; check the address "
-                f"(or unset {SCHEDULER_ENV})"
-            ) from err
+        client = _connect(check_scheduler_address(address))
         try:
             register_worker_plugins(client)
             yield client
@@ -279,6 +274,81 @@ def dask_client(
                 f"{cluster.scheduler_address}, dashboard {client.dashboard_link}"
             )
         yield client
+
+
+#: Schemes of the Dask comms that reach a scheduler over a network.
+NETWORK_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+#: Seconds to wait for a scheduler to answer.
+CONNECT_SECONDS = 20
+
+
+def check_scheduler_address(address: str) -> str:
+    """``address`` if it can name a Dask scheduler (``[tcp://]HOST:PORT``, ``tls://``, ...),
+    else a :class:`ParameterError` that says what one looks like.
+
+    Examples
+    --------
+    >>> check_scheduler_address("tcp://10.0.0.5:8786")
+    'tcp://10.0.0.5:8786'
+    >>> try:
+    ...     check_scheduler_address("10.0.0.5")
+    ... except ParameterError as err:
+    ...     print(str(err)[:61])
+    scheduler address '10.0.0.5' names no Dask scheduler (missing
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme in NETWORK_SCHEMES:
+            parse_host_port(location)
+        elif scheme != "inproc":
+            raise ValueError(f"{scheme}:// is no Dask comm")
+    except ValueError as err:
+        raise ParameterError(
+            f"scheduler address {address!r} names no Dask scheduler ({err}): give "
+            "tcp://HOST:PORT (port 8786 by default; tls:// with TLS), as the scheduler prints it "
+            f"at start, not its dashboard's http:// link (--scheduler or {SCHEDULER_ENV})"
+        ) from err
+    return address
+
+
+def _connect(address: str) -> Any:
+    """A ``distributed.Client`` of the scheduler at ``address``, or a :class:`SpocError` within
+    about ``CONNECT_SECONDS``. The client's own timeout covers the connection, not the
+    handshake: a port that accepts the connection but speaks another protocol (the dashboard's
+    8787 given for the scheduler's 8786) held it forever, so it is built in a thread of its own
+    that is given up on."""
+    from distributed import Client
+
+    outcome: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            outcome["client"] = Client(address, timeout=f"{CONNECT_SECONDS}s")
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=connect, name="spoc-xr-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS + 5)
+    hint = (
+        f"check the address: the scheduler's, as it prints it at start (tcp://HOST:8786 by "
+        f"default), not its dashboard's (8787); or unset {SCHEDULER_ENV}"
+    )
+    if thread.is_alive():
+        raise SpocError(
+            f"the Dask scheduler at {address!r} did not answer within {CONNECT_SECONDS + 5} s; "
+            + hint
+        )
+    error = outcome.get("error")
+    if isinstance(error, (OSError, ValueError, TimeoutError)):
+        raise SpocError(
+            f"cannot reach the Dask scheduler at {address!r}: {error}; " + hint
+        ) from error
+    if error is not None:
+        raise error
+    return outcome["client"]
 
 
 def active_client() -> Any | None:

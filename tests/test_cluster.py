@@ -29,9 +29,10 @@ import pytest
 import xarray as xr
 from distributed import Client, Security, get_task_stream
 
+from spoc_xr import cluster as spoc_cluster
 from spoc_xr.cli import main
 from spoc_xr.cluster import OPENCV_THREADS, dask_client
-from spoc_xr.errors import ParameterError
+from spoc_xr.errors import ParameterError, SpocError
 from spoc_xr.ingest import ingest, open_stack
 from spoc_xr.pipeline import annotate
 from spoc_xr.store import GIL_SWITCH_INTERVAL, open_store, write_dataset
@@ -278,6 +279,33 @@ def test_scheduler_refuses_local_sizing() -> None:
     refused = pytest.raises(ParameterError, match="--workers")
     with refused, dask_client(scheduler="tcp://127.0.0.1:1", workers=2):
         pass
+
+
+@pytest.mark.parametrize(
+    ("address", "needle"),
+    [
+        ("127.0.0.1", "missing port"),
+        ("myscheduler", "missing port"),
+        ("http://127.0.0.1:8787", "http:// is no Dask comm"),
+    ],
+)
+def test_an_address_that_names_no_scheduler_is_refused_before_connecting(address, needle):
+    with pytest.raises(ParameterError, match=needle), dask_client(scheduler=address):
+        pass
+
+
+def test_a_port_that_never_answers_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A port that accepts connections and never speaks Dask's protocol (the dashboard's, given
+    # for the scheduler's) held the client past its own timeout.
+    monkeypatch.setattr(spoc_cluster, "CONNECT_SECONDS", 1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        started = time.perf_counter()
+        with pytest.raises(SpocError, match="not its dashboard"), dask_client(scheduler=address):
+            pass
+    assert time.perf_counter() - started < 15
 
 
 # ------------------------------------------------------------------------------------------ TLS
