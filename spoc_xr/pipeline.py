@@ -64,6 +64,7 @@ from spoc_xr.products import (
 from spoc_xr.reference import (
     MIN_CLEANING_DATES,
     MISREGISTRATION,
+    QUANTISATION_SIGMA,
     SHIFT_AXES,
     Radiometry,
     ReferenceArgument,
@@ -589,6 +590,11 @@ def _reference_tile(
             upper,
             None if left_out is None else left_out[core],
         )
+    if samples_raw.dtype.kind in "iu":
+        # Integer data: no spread below the rounding's (QUANTISATION_SIGMA); NaN stays NaN.
+        step = np.median(np.asarray(settings["gains"], dtype=np.float32), axis=0)
+        floor = (np.float32(QUANTISATION_SIGMA) * step).astype(np.float32)[:, None, None]
+        np.maximum(out[1:], floor[None], out=out[1:])
     return out
 
 

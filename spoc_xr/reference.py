@@ -54,6 +54,12 @@ MAX_LOG_GAIN = float(np.log(1.5))
 MIN_FIT_SAMPLES = 64
 # MAD -> standard deviation for Gaussian noise.
 MAD_TO_SIGMA = 1.4826
+#: The spread of a difference of two values each rounded to a whole number (two uniform
+#: rounding errors of variance 1/12): on integer data whose noise is below 1 DN (8-bit imagery of
+#: a calm scene) the values flicker by 1 DN between dates, the spread measured is about 0, and
+#: every flicker (more so once normalised by gains near 1) would be many noise scales. Residual
+#: scales and the noise model are held at least this high (in DN, times the band's gain).
+QUANTISATION_SIGMA = float(1 / np.sqrt(6))
 # The least number of clean dates whose median may clean the reference date.
 MIN_CLEANING_DATES = 3
 # Memory per spatial block when all dates of a block are needed at once (temporal median).
@@ -355,11 +361,13 @@ def change_fractions(
     offsets: np.ndarray,
     *,
     scale_quantile: float = 0.5,
+    floor: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Share of valid pixels per date departing from ``target``, and the per-band residual scale.
 
     The scale is the ``scale_quantile`` of the absolute deviations, as a Gaussian's sigma (the
     median, 0.5, is the MAD): a lower quantile holds while more of the deviations are changes.
+    It is at least ``floor`` times the band's median gain (:func:`quantisation_sigma`).
     """
     # |normalised - target|, in place: this runs on every pixel of the overview, on the client.
     deviation = overview * gains[:, :, None, None]
@@ -379,6 +387,7 @@ def change_fractions(
 
     scale = np.array(map_on_cores(band_scale, range(deviation.shape[1])), dtype=np.float64)
     scale = np.where(scale > 0, scale, 1.0)
+    scale = np.maximum(scale, floor * np.median(gains, axis=0))
     outlier = (deviation > OUTLIER_SIGMA * scale[None, :, None, None]).any(axis=1)
     valid = np.isfinite(deviation).all(axis=1)
     counts = valid.sum(axis=(1, 2))
@@ -517,13 +526,27 @@ CHECK_SCALE_QUANTILE = 0.25
 
 
 def _fit_to(
-    overview: np.ndarray, composite: np.ndarray, scale_quantile: float = 0.5
+    overview: np.ndarray, composite: np.ndarray, scale_quantile: float = 0.5, floor: float = 0.0
 ) -> CompositeFit:
     gains, offsets = fit_radiometry(overview, composite)
     changed, scale = change_fractions(
-        overview, composite, gains, offsets, scale_quantile=scale_quantile
+        overview, composite, gains, offsets, scale_quantile=scale_quantile, floor=floor
     )
     return CompositeFit(composite, gains, offsets, changed, scale)
+
+
+def quantisation_sigma(values: np.ndarray) -> float:
+    """``QUANTISATION_SIGMA`` when every finite value is a whole number (integer data, as
+    an overview holds it in floats), else 0: float data have no step to floor the spread at.
+
+    Examples
+    --------
+    >>> quantisation_sigma(np.array([3.0, 4.0, np.nan])) > 0, quantisation_sigma(np.array([0.25]))
+    (True, 0.0)
+    """
+    finite = values[np.isfinite(values)]
+    whole = finite.size > 0 and bool(np.all(finite == np.round(finite)))
+    return QUANTISATION_SIGMA if whole else 0.0
 
 
 def darker_quarter(overview: np.ndarray) -> np.ndarray:
@@ -579,13 +602,14 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
     """
     if composite is None:
         composite = overview_composite(overview)
-    median = _fit_to(overview, composite)
+    floor = quantisation_sigma(overview)
+    median = _fit_to(overview, composite, floor=floor)
     n_time = overview.shape[0]
     # The median's own fit cannot tell: half cloud departs from cloud and from the surface
     # alike, and the residual scale grows to match. The darker quarter can, on a coarser view.
     step = max(1, -(-max(overview.shape[2:]) // CHECK_SIDE))
     view = overview[:, :, ::step, ::step]
-    darker = _fit_to(view, darker_quarter(view), CHECK_SCALE_QUANTILE)
+    darker = _fit_to(view, darker_quarter(view), CHECK_SCALE_QUANTILE, floor)
     dirty = int((darker.changed > MAX_SAMPLE_DIRT).sum())
     # Only where the median failed visibly: many dates depart from it too, or its residual
     # scale grew with the clouds. A dark change on a third of the dates (a flood) also leaves
@@ -617,7 +641,7 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
         "the same area is overcast on half of them"
     )
     return replace(
-        _fit_to(overview, overview_composite(overview[agree]), CHECK_SCALE_QUANTILE),
+        _fit_to(overview, overview_composite(overview[agree]), CHECK_SCALE_QUANTILE, floor),
         notes=[note],
         from_dates=agree,
     )

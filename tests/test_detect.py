@@ -559,7 +559,7 @@ def test_excess_spread_equals_numpy(stack, chunks):
         noise_floor,
         noise_sample_objects,
     )
-    from spoc_xr.reference import noise_sample_indices, normalise_values
+    from spoc_xr.reference import QUANTISATION_SIGMA, noise_sample_indices, normalise_values
 
     _, radiometry, reference, spread = _prepared(stack, chunks)
     indices = noise_sample_indices(radiometry, NOISE_DATES)
@@ -587,8 +587,10 @@ def test_excess_spread_equals_numpy(stack, chunks):
     samples[np.broadcast_to(left_out[:, None], samples.shape)] = np.nan
     low, high = (a[:, pad:-pad, pad:-pad] for a in (low, high))
     beyond = np.maximum(np.maximum(samples - high, low - samples), 0)
-    excess = np.nanmedian(beyond, axis=0) * MAD_TO_SIGMA
-    around = np.nanmedian(np.abs(samples - ref), axis=0) * MAD_TO_SIGMA
+    # Integer data: no spread below the rounding's, times the band's median gain.
+    rounding = QUANTISATION_SIGMA * np.median(radiometry.gains[indices], axis=0)[:, None, None]
+    excess = np.maximum(np.nanmedian(beyond, axis=0) * MAD_TO_SIGMA, rounding)
+    around = np.maximum(np.nanmedian(np.abs(samples - ref), axis=0) * MAD_TO_SIGMA, rounding)
     typical = 2 * noise_floor(xr.DataArray(around, dims=("band", "y", "x"))).values[:, None, None]
     expected = np.minimum(around, np.maximum(np.fmax(excess, typical), around / 2))
     np.testing.assert_allclose(spread.values, expected, rtol=1e-5)
@@ -1158,3 +1160,33 @@ def test_the_water_index_takes_no_ambiguous_landsat_number(bands, expected):
     assert (index.name, index.bands) == expected
     # Sentinel-2's unpadded B6 is red edge and Landsat 4-7's B6 thermal: never SWIR.
     assert "B6" not in [bands[i] for i in swir_bands(bands) or ()]
+
+
+def test_eight_bit_data_whose_noise_is_below_one_step_is_no_overcast_stack():
+    # Values that flicker by 1 DN between dates (noise 0.3 DN, rounded): the spread measured was
+    # about 0, every flicker many noise scales: the overcast fallback, 100-150 false one-pixel
+    # objects a date and a third of the image large on two dates.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    water = xx < 28
+    land = 40 + 8 * np.sin(xx / 7.0) * np.cos(yy / 11.0)
+    base = np.stack(
+        [np.where(water, level, land + 3 * b) for b, level in enumerate((18, 18, 5, 5))]
+    )
+    dates = []
+    for t in range(6):
+        image = base + rng.normal(0, 0.3, base.shape)
+        image[:, 10 + 6 * t : 12 + 6 * t, 8:11] += 120  # a 2 x 3 boat on water
+        dates.append(np.clip(np.round(image), 0, 255))
+    stack = xr.DataArray(
+        np.stack(dates).astype(np.uint8),
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": np.datetime64("2023-01-01", "ns") + np.arange(6) * np.timedelta64(30, "D"),
+            "band": ["B02", "B03", "B04", "B08"],
+        },
+    )
+    result = annotate(stack, params=PARAMS).compute()
+    assert (result["mask"] == SMALL).sum(("y", "x")).values.tolist() == [6] * 6
+    assert not (result["mask"] == LARGE).any()
+    assert not any("depart" in note for note in result.attrs["spoc_xr"]["notes"])
