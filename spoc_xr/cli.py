@@ -403,7 +403,9 @@ def run_annotate(args: argparse.Namespace) -> None:
         kind="annotations",
     )
     report_dir = None
-    if not args.no_report:
+    if args.no_report:
+        _remove_stale_report(args)
+    else:
         from spoc_xr.report import check_report_dir, report_dir_for
 
         local = [item for item in (args.stack, args.output) if isinstance(item, Path)]
@@ -431,6 +433,16 @@ def run_annotate(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def _remove_stale_report(args: argparse.Namespace) -> None:
+    """With ``--overwrite --no-report``, the report of the store being replaced goes too."""
+    if not args.overwrite or not isinstance(args.output, Path):
+        return
+    from spoc_xr.report import remove_stale_report, report_dir_for
+
+    if remove_stale_report(report_dir_for(args.output)):
+        print(f"removed the replaced store's report from {report_dir_for(args.output)}")
+
+
 def run_annotate_resumable(args: argparse.Namespace, params: Any) -> None:
     """``annotate`` into a local store: resumable after a kill, idempotent, appendable."""
     from spoc_xr.ingest import open_stack, read_overview
@@ -440,7 +452,9 @@ def run_annotate_resumable(args: argparse.Namespace, params: Any) -> None:
     # Input collisions only: an existing output is resumed, extended or refused by annotate_store.
     check_output_path(args.output, inputs=[args.stack], overwrite=True, kind="annotations")
     report_dir = None
-    if not args.no_report:
+    if args.no_report:
+        _remove_stale_report(args)
+    else:
         from spoc_xr.report import check_report_dir, report_dir_for
 
         report_dir = check_report_dir(

@@ -7,6 +7,7 @@ a file share offline.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -18,7 +19,13 @@ import numpy as np
 import xarray as xr
 
 from spoc_xr.errors import OutputError
-from spoc_xr.plots import check_annotations, date_label, object_counts, save_figures
+from spoc_xr.plots import (
+    FIGURE_NAMES,
+    check_annotations,
+    date_label,
+    object_counts,
+    save_figures,
+)
 from spoc_xr.reference import MISREGISTRATION
 
 REPORT_NAME = "report.html"
@@ -45,6 +52,24 @@ def report_dir_for(output: str | os.PathLike[str]) -> Path:
     """
     path = Path(output).expanduser()
     return path.with_name(path.with_suffix("").name + REPORT_SUFFIX)
+
+
+def remove_stale_report(report_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the files a report writes (``report.html`` and its PNGs) from ``report_dir``, and
+    the folder if nothing else is left in it; returns the files removed.
+
+    For a store replaced with ``--overwrite --no-report``: the old report beside it would
+    describe results and parameters that no longer exist. Nothing else in the folder is touched.
+    """
+    out = Path(report_dir).expanduser()
+    names = [REPORT_NAME, *(f"{name}.png" for name in FIGURE_NAMES)]
+    removed = [out / name for name in names if (out / name).is_file()]
+    for path in removed:
+        path.unlink()
+    with contextlib.suppress(OSError):  # not empty, or absent: left as it is
+        if removed:
+            out.rmdir()
+    return removed
 
 
 def check_report_dir(

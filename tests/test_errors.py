@@ -411,3 +411,20 @@ def test_a_system_error_during_a_run_ends_with_one_line_not_a_traceback(
     monkeypatch.setitem(cli_module.COMMANDS, "annotate", disk_full)
     status, _, err = cli(capsys, "annotate", tmp_path / "stack.zarr", tmp_path / "out.zarr")
     assert_refused(status, err, "No space left on device", "out.zarr", "free space")
+
+
+def test_overwrite_without_a_report_removes_the_replaced_stores_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stack_store: Path
+) -> None:
+    out = tmp_path / "out.zarr"
+    report = tmp_path / "out_report"
+    assert cli(capsys, "annotate", stack_store, out)[0] == 0
+    assert (report / "report.html").is_file()
+    (report / "notes.txt").write_text("mine")  # a file of the user's: never touched
+    status, printed, _ = cli(capsys, "annotate", stack_store, out, "--overwrite", "--no-report")
+    assert status == 0 and "removed the replaced store's report" in printed
+    assert sorted(p.name for p in report.iterdir()) == ["notes.txt"]
+    # Without --overwrite nothing is removed (the store is complete: nothing to do).
+    assert cli(capsys, "annotate", stack_store, out, "--overwrite")[0] == 0
+    assert cli(capsys, "annotate", stack_store, out, "--no-report")[0] == 0
+    assert (report / "report.html").is_file()
