@@ -444,6 +444,13 @@ def parse_reference(reference: object, times: xr.DataArray) -> str | int:
         # A date without a time of day picks the acquisition on that day.
         same_day = np.flatnonzero(stamps.normalize() == wanted.normalize())
         exact = same_day if wanted == wanted.normalize() else exact
+    if exact.size > 1:
+        times_of_day = ", ".join(stamps[i].strftime("%H:%M:%S") for i in exact)
+        raise ParameterError(
+            f"reference date {reference!r} matches {exact.size} acquisitions of that day "
+            f"({times_of_day}); give the time too, e.g. --reference "
+            f"{stamps[exact[0]].strftime('%Y-%m-%dT%H:%M:%S')}"
+        )
     if exact.size != 1:
         first, last = stamps.min().date(), stamps.max().date()
         raise ParameterError(

@@ -378,3 +378,15 @@ def test_the_darker_quarter_is_the_nearest_rank_quantile_of_each_pixel(values) -
         if np.isfinite(column).any():
             expected[index] = np.nanpercentile(column, CLEAR_QUANTILE, method="nearest")
     np.testing.assert_array_equal(darker_quarter(values), expected)
+
+
+def test_a_reference_day_with_two_acquisitions_asks_for_the_time() -> None:
+    from spoc_xr.errors import ParameterError
+    from spoc_xr.reference import parse_reference
+
+    stamps = ["2023-05-01T10:04:09", "2023-05-01T14:30:00", "2023-05-02T10:04:09"]
+    times = xr.DataArray(np.array(stamps, dtype="datetime64[ns]"), dims="time")
+    assert parse_reference("2023-05-02", times) == 2  # one acquisition that day
+    assert parse_reference("2023-05-01T14:30:00", times) == 1
+    with pytest.raises(ParameterError, match=r"matches 2 acquisitions .*10:04:09, 14:30:00"):
+        parse_reference("2023-05-01", times)
