@@ -64,6 +64,7 @@ from spoc_xr.products import (
 from spoc_xr.reference import (
     MIN_CLEANING_DATES,
     MISREGISTRATION,
+    OVERVIEW_SIDE,
     QUANTISATION_SIGMA,
     SHIFT_AXES,
     Radiometry,
@@ -76,6 +77,7 @@ from spoc_xr.reference import (
     nanmiddle_pair,
     noise_sample_indices,
     normalise_values,
+    overview_stride,
     parse_reference,
     plan_radiometry,
     reference_text,
@@ -213,7 +215,36 @@ def plan_annotation(
     cut = water_threshold(fitted.composite, [str(b) for b in stack.band.values])
     size_note = pixel_size_note(pixel_metres(stack), params)
     notes = radiometry.notes + ([size_note] if size_note else [])
+    notes += missing_band_notes(overview, stack)
     return stack, replace(radiometry, water_threshold=cut, notes=notes), params
+
+
+def missing_band_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:
+    """A note per date without a valid pixel whose raw bands hold data in some bands but none in
+    others: a pixel needs every band, so such a date is not annotated, and "no valid data" alone
+    would not say which band is missing. Only those dates are read, on a sparse grid of pixels
+    (the overview has no band of an invalid pixel)."""
+    empty = np.flatnonzero(~np.isfinite(overview).all(axis=1).any(axis=(1, 2)))
+    if not empty.size:
+        return []
+    stride = overview_stride((stack.sizes["y"], stack.sizes["x"]), OVERVIEW_SIDE // 4)
+    sample = stack.isel(time=empty, y=slice(None, None, stride), x=slice(None, None, stride))
+    raw = np.asarray(sample.transpose("time", "band", "y", "x").values)
+    seen: np.ndarray = np.isfinite(raw) if raw.dtype.kind == "f" else np.ones(raw.shape, bool)
+    nodata = stack.attrs.get("nodata")
+    if nodata is not None and not np.isnan(nodata):
+        seen &= raw != nodata
+    band_seen = np.any(seen, axis=(2, 3))  # (empty date, band)
+    notes = []
+    for row in np.flatnonzero(band_seen.any(axis=1) & ~band_seen.all(axis=1)):
+        t = empty[row]
+        missing = [str(stack.band.values[b]) for b in np.flatnonzero(~band_seen[row])]
+        notes.append(
+            f"date {str(stack.time.values[t])[:19]}: band(s) {', '.join(missing)} hold no valid "
+            "data while the others do; a pixel needs every band, so the date is not annotated: "
+            "export that date again with every band, or leave the band out of every file"
+        )
+    return notes
 
 
 def build_annotations(

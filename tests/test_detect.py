@@ -1190,3 +1190,13 @@ def test_eight_bit_data_whose_noise_is_below_one_step_is_no_overcast_stack():
     assert (result["mask"] == SMALL).sum(("y", "x")).values.tolist() == [6] * 6
     assert not (result["mask"] == LARGE).any()
     assert not any("depart" in note for note in result.attrs["spoc_xr"]["notes"])
+
+
+def test_a_date_missing_one_band_is_named_with_that_band():
+    stack = make_stack(n_time=5, shape=(31, 37), seed=2)
+    values = stack.values.copy()
+    values[1, 3] = 0  # B08 of date 1 is nodata (0) everywhere, the other bands are fine
+    result = annotate(stack.copy(data=values), params=PARAMS)
+    notes = [n for n in result.attrs["spoc_xr"]["notes"] if "hold no valid data" in n]
+    assert len(notes) == 1 and f"band(s) {stack.band.values[3]} hold" in notes[0]
+    assert float(result["valid_fraction"][1]) == 0.0
