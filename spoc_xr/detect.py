@@ -26,7 +26,7 @@ The method (each step chosen for a failure of the textbook version measured on h
    boat is ever large): clouds, shadows, construction, flooding; of what the closing added, only
    pixels that changed (or lie deep inside an object) stay. A pixel that brightened by less than
    a share of the room up to the date's own cloud brightness is thin haze, not a cloud; a pixel
-   darkened in one band alone is no shadow; the wide change must be dense in pixels that pass
+   darkened in one band alone is no shadow; snow (SWIR fell while visible light rose) is neither; the wide change must be dense in pixels that pass
    these tests, so that no sparse speckle is closed into an object. Small objects take
    precedence, so a boat seen through haze stays a boat.
 
