@@ -19,16 +19,17 @@ The method (each step chosen for a failure of the textbook version measured on h
    (``auto``: a fixed number of noise scales) and by several local spreads (a constant false-alarm
    rate where the change is textured) is a small-object candidate. Candidates keep only crisp
    objects (their surroundings changed much less than they did; inside a cloud body, stood out of
-   the cloud's own change much less than they did), up to 48 px long; isolated
+   the cloud's own change much less than they did), up to MAX_SMALL_EXTENT px long; isolated
    single pixels need twice the threshold, and next to haze or a cloud body five times.
 5. Morphology for the large class: the wide change above the threshold, closed (joins soft edges
    and haze fragments) then opened with an ``open_size`` square (removes anything narrower, so no
    boat is ever large): clouds, shadows, construction, flooding; of what the closing added, only
    pixels that changed (or lie deep inside an object) stay. A pixel that brightened by less than
    a share of the room up to the date's own cloud brightness is thin haze, not a cloud; a pixel
-   darkened in one band alone is no shadow; snow (SWIR fell while visible light rose) is neither; the wide change must be dense in pixels that pass
-   these tests, so that no sparse speckle is closed into an object. Small objects take
-   precedence, so a boat seen through haze stays a boat.
+   darkened in one band alone is no shadow; snow (SWIR fell while visible light rose) is
+   neither; the wide change must be dense in pixels that pass these tests, so that no sparse
+   speckle is closed into an object. Small objects take precedence, so a boat seen through haze
+   stays a boat.
 
 Everything after the reference products runs in one task per (date, tile), on tiles
 padded by the depth the chain needs, so a chunked result equals the unchunked one exactly.
