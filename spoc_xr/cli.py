@@ -688,6 +688,10 @@ def _attach_signed_values(argv: Sequence[str]) -> list[str]:
     return attached
 
 
+def _quiet_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` after an interrupt: exit handlers' errors go unreported."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spoc-xr``; returns the exit status."""
     parser = build_parser()
@@ -700,6 +704,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"spoc-xr {args.command}: interrupted", file=sys.stderr)
+        # Interrupted while its local cluster starts, distributed's exit handler still closes
+        # the cluster but reports a 30-line AssertionError ("Status.init") as it does: the
+        # cleanup runs, its report is not for the user.
+        sys.unraisablehook = _quiet_unraisable
         return 130
     except OSError as err:
         # A full disk or a folder that turned read-only mid-run: the system's reason, on one line.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -428,3 +429,17 @@ def test_overwrite_without_a_report_removes_the_replaced_stores_report(
     assert cli(capsys, "annotate", stack_store, out, "--overwrite")[0] == 0
     assert cli(capsys, "annotate", stack_store, out, "--no-report")[0] == 0
     assert (report / "report.html").is_file()
+
+
+def test_an_interrupt_is_one_line_and_silences_exit_handlers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_module.COMMANDS, "annotate", interrupted)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    status, _, err = cli(capsys, "annotate", "a.zarr", "b.zarr")
+    assert status == 130 and err.strip() == "spoc-xr annotate: interrupted"
+    # distributed's exit handler, interrupted while a local cluster started, raised in atexit.
+    assert sys.unraisablehook is cli_module._quiet_unraisable
