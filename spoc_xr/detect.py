@@ -1689,6 +1689,7 @@ def classify_tile(
     # be dense in pixels that pass (LARGE_DENSITY), so that the closing does not turn a sparse
     # speckle into a solid object (the pixels that do not pass, inside a dense region, are only
     # bridged: below, only pixels that changed by the same tests stay large).
+    changed = None
     if wide.any():
         qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
         cells = window_cells(params.background_size)
@@ -1707,6 +1708,14 @@ def classify_tile(
         large &= changed | kernels.binary_erosion(large, params.open_size)
     else:  # a clear date: nothing to close or open
         large = wide
+    # Mid-size objects (a cloud 2-3 local windows across): the local median shrinks an object by
+    # about half its window, so too little of it was wide to survive the opening, and it was
+    # too wide or too soft to be small. Whatever changed by the large class's own tests over a
+    # whole open_size square is large too (no boat is that wide).
+    if changed is None and np.count_nonzero(score > threshold) >= params.open_size**2:
+        _, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
+    if changed is not None:
+        large = large | kernels.binary_opening(changed, params.open_size)
     codes = large.view(np.uint8) * np.uint8(LARGE)
     np.copyto(codes, np.uint8(SMALL), where=small)
     np.copyto(codes, np.uint8(INVALID), where=~valid)

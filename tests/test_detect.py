@@ -1200,3 +1200,29 @@ def test_a_date_missing_one_band_is_named_with_that_band():
     notes = [n for n in result.attrs["spoc_xr"]["notes"] if "hold no valid data" in n]
     assert len(notes) == 1 and f"band(s) {stack.band.values[3]} hold" in notes[0]
     assert float(result["valid_fraction"][1]) == 0.0
+
+
+def test_a_cloud_two_or_three_local_windows_across_is_large():
+    # A soft round cloud 30 px across: the local median shrank it below the opening's square,
+    # and it was too wide and soft to be small: every one of its pixels came out clear.
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    side, n_time = 128, 8
+    base = rng.uniform(500, 3000, (4, 1, 1)) * (1 + 0.05 * rng.standard_normal((1, side, side)))
+    gains = rng.uniform(0.95, 1.05, (n_time, 4, 1, 1))
+    data = base * gains + rng.normal(0, 20, (n_time, 4, side, side))
+    yy, xx = np.mgrid[0:side, 0:side]
+    alpha = ndi.gaussian_filter(((yy - 50) ** 2 + (xx - 50) ** 2 < 15**2).astype(float), 3)
+    data[2] = data[2] * (1 - 0.8 * alpha) + 0.8 * alpha * 5000
+    stack = xr.DataArray(
+        np.clip(data, 1, None).astype(np.uint16),
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": np.datetime64("2023-01-01", "ns") + np.arange(n_time) * np.timedelta64(10, "D"),
+            "band": ["B02", "B03", "B04", "B08"],
+        },
+    )
+    mask = annotate(stack).compute()["mask"]
+    assert (mask[2].values[alpha > 0.5] == LARGE).mean() > 0.95
+    assert not (mask[[0, 1, 3, 4, 5, 6, 7]] == LARGE).any()
