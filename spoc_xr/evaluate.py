@@ -8,8 +8,10 @@ Truth format (written by :func:`spoc_xr.synthetic.write_truth`, read by
 - ``water`` ``(y, x)`` (optional, not used for scoring);
 - ``misregistration`` ``(time, axis)`` float (optional): each date's true shift ``(dy, dx)`` in
   pixels, as :func:`scipy.ndimage.shift` moves the scene;
-- ``time`` coordinate: the dates, matched to the annotation's dates (dates missing on either side
-  are not scored).
+- ``time`` coordinate: the dates, matched to the annotation's dates (a truth date without an
+  exact match takes the acquisitions of its day; dates missing on either side are not scored);
+- ``y``/``x`` coordinates (optional): the grid's; a truth stored the other way up is turned round,
+  one of another place is refused. Without them the truth is matched by array position.
 
 Scores:
 
@@ -170,6 +172,29 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
 
 
+def _on_the_annotation_grid(truth: xr.Dataset, annotations: xr.Dataset) -> xr.Dataset:
+    """``truth`` with its rows and columns in the annotation's order, where it carries ``y``/``x``
+    coordinates (a truth stored south-up is turned round), or an :class:`InputError` where its
+    coordinates are another place's: by array position alone it was scored as this stack's."""
+    for axis in ("y", "x"):
+        if axis not in truth.coords or axis not in annotations.coords:
+            continue
+        mine = np.asarray(truth[axis].values, dtype=np.float64)
+        theirs = np.asarray(annotations[axis].values, dtype=np.float64)
+        step = float(np.abs(np.diff(theirs)).min()) if theirs.size > 1 else 1.0
+        if np.allclose(mine, theirs, rtol=0, atol=step / 2):
+            continue
+        if np.allclose(mine[::-1], theirs, rtol=0, atol=step / 2):
+            truth = truth.isel({axis: slice(None, None, -1)})
+            continue
+        raise InputError(
+            f"truth's {axis} coordinates ({mine[0]:.9g} .. {mine[-1]:.9g}) are not the "
+            f"annotation's ({theirs[0]:.9g} .. {theirs[-1]:.9g}): pass the truth of this stack "
+            "(or one without y/x coordinates, matched by array position)"
+        )
+    return truth
+
+
 def evaluate(annotations: xr.Dataset, truth: xr.Dataset) -> Scores:
     """Score an annotation Dataset against a truth Dataset, date by date (bounded memory).
 
@@ -196,14 +221,13 @@ def evaluate(annotations: xr.Dataset, truth: xr.Dataset) -> Scores:
             f"truth is {truth.sizes['y']} x {truth.sizes['x']} px but the annotation is "
             f"{annotations.sizes['y']} x {annotations.sizes['x']}; pass the truth of this stack"
         )
-    matches = [(i, j) for j, t in enumerate(truth_times) for i in np.flatnonzero(ann_times == t)]
-    if not matches:
-        # Truth written with dates only matches acquisitions on the same day.
-        matches = [
-            (i, j)
-            for j, t in enumerate(truth_times.normalize())
-            for i in np.flatnonzero(ann_times.normalize() == t)
-        ]
+    truth = _on_the_annotation_grid(truth, annotations)
+    matches = []
+    for j, stamp in enumerate(truth_times):
+        same = np.flatnonzero(ann_times == stamp)
+        if not same.size:  # a truth date without its time of day: the acquisitions of that day
+            same = np.flatnonzero(ann_times.normalize() == stamp.normalize())
+        matches += [(int(i), j) for i in same]
     if not matches:
         raise InputError(
             "no date of the truth matches a date of the annotation; check that the truth belongs "

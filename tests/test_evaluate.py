@@ -162,3 +162,36 @@ def test_scores_json_has_no_nan(tmp_path) -> None:
     truth = _truth(masks.astype(np.int32), times)
     path = write_scores(evaluate(_annotations(masks, times), truth), tmp_path / "s.json")
     assert json.loads(path.read_text())["f1"] is None
+
+
+def _boat_pair() -> tuple[xr.Dataset, xr.Dataset]:
+    """Annotations and truth of two dates on a map grid, one boat found on each."""
+    times = np.array(["2023-01-01", "2023-01-06"], dtype="datetime64[ns]")
+    boats = np.zeros((2, *SHAPE), dtype=np.int32)
+    boats[:, 2:4, 2:5] = [[[1]], [[2]]]
+    masks = np.where(boats > 0, SMALL, 0).astype(np.uint8)
+    grid = {"y": 4e6 - 10.0 * np.arange(SHAPE[0]), "x": 5e5 + 10.0 * np.arange(SHAPE[1])}
+    return _annotations(masks, times).assign_coords(grid), _truth(boats, times).assign_coords(grid)
+
+
+def test_truth_is_lined_up_on_its_coordinates_or_refused() -> None:
+    annotations, truth = _boat_pair()
+    assert evaluate(annotations, truth).recall == 1.0
+    # Stored south-up: the same truth, turned round (by position alone it scored F1 0.08).
+    assert evaluate(annotations, truth.sortby("y")).recall == 1.0
+    elsewhere = truth.assign_coords(x=truth.x + 50_000)  # the same size, 50 km east
+    with pytest.raises(InputError, match=r"x coordinates .* are not the annotation's"):
+        evaluate(annotations, elsewhere)
+    # Without coordinates the truth is matched by position, as before.
+    assert evaluate(annotations, truth.drop_vars(["y", "x"])).recall == 1.0
+
+
+def test_each_truth_date_without_an_exact_match_takes_its_day() -> None:
+    annotations, truth = _boat_pair()
+    # One truth date at the acquisition's time, one at another time of that day: the second
+    # was dropped because the first matched exactly.
+    truth = truth.assign_coords(
+        time=np.array(["2023-01-01", "2023-01-06T10:30"], dtype="datetime64[ns]")
+    )
+    scores = evaluate(annotations, truth)
+    assert len(scores.dates) == 2 and scores.recall == 1.0
