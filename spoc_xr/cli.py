@@ -227,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--negatives", type=float, default=0.2, help="share of chips without objects (0.2)"
     )
     chips.add_argument(
-        "--augment", type=_parse_size, default=0, help="pasted copies per small object (0)"
+        "--augment",
+        type=_parse_size,
+        default=0,
+        help="pasted copies of every small train object, up to 8 per augmented chip (0)",
     )
     chips.add_argument("--block", type=_parse_size, default=4, help="split block side in chips (4)")
     chips.add_argument("--seed", type=int, default=0, help="random seed (0)")

@@ -5,7 +5,10 @@ Layout of ``DEST``
 ``images/<split>/<date>_r<row>_c<col>.tif``
     One chip of the stack on one date: all bands, the stack's raw dtype and nodata, the stack's
     CRS and the store's transform offset by the chip origin. Chips on the right and bottom edge
-    that run past the image are padded with nodata (mask 0) so no object is left out.
+    that run past the image are padded (mask 0) so no object is left out: with the stack's
+    nodata, with NaN (declared as nodata) for a float stack without one, and for an integer
+    stack without one with 0 under a GDAL mask (``masked=True`` in rasterio); ``chips.csv``
+    gives the image's extent in each chip (``image_width``, ``image_height``).
 ``masks/<split>/<same name>.tif``
     uint8 mask of the chip on the same grid: with ``format="coco"`` the instance mask (0
     background, 1..n objects of the chip, in the order of the COCO annotations; uint16 in the rare
@@ -312,6 +315,7 @@ def _write_tif(
     *,
     nodata: float | None = None,
     descriptions: Sequence[str] = (),
+    mask: np.ndarray | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
@@ -328,6 +332,8 @@ def _write_tif(
         compress="deflate",
     ) as dst:
         dst.write(data)
+        if mask is not None:
+            dst.write_mask(mask)
         for index, text in enumerate(descriptions, 1):
             dst.set_band_description(index, text)
 
@@ -413,10 +419,20 @@ def _write_date(
         if row not in strips:
             strips = {row: np.asarray(image[:, r0 : r0 + size, :])}
         strip = strips[row]
-        fill = 0 if nodata is None else nodata
+        chip_nodata = nodata
+        if chip_nodata is None and dtype.kind == "f":
+            chip_nodata = float("nan")  # padding a float stack without nodata: NaN, declared
+        fill = 0 if chip_nodata is None else chip_nodata
         data = np.full((len(bands), size, size), fill, dtype=dtype)
         piece = strip[:, :, c0 : c0 + size]
         data[:, : piece.shape[1], : piece.shape[2]] = piece
+        # An integer stack without nodata has no value to pad with: a GDAL mask says which
+        # pixels are the image's (read with rasterio's masked=True), and chips.csv how many.
+        covered = (piece.shape[1], piece.shape[2])
+        padding_mask = None
+        if chip_nodata is None and covered != (size, size):
+            padding_mask = np.zeros((size, size), dtype=np.uint8)
+            padding_mask[: covered[0], : covered[1]] = 255
         labels = np.zeros((size, size), dtype=np.int32)
         labels[: min(size, ny - r0), : min(size, nx - c0)] = found.labels[
             r0 : r0 + size, c0 : c0 + size
@@ -433,8 +449,9 @@ def _write_date(
             data,
             transform,
             job.crs_wkt,
-            nodata=nodata,
+            nodata=chip_nodata,
             descriptions=bands,
+            mask=padding_mask,
         )
         _write_tif(Path(job.dest) / mask_path, _mask_dtype(out_mask)[None], transform, job.crs_wkt)
         records.append(
@@ -447,6 +464,8 @@ def _write_date(
                 "col_off": c0,
                 "width": size,
                 "height": size,
+                "image_width": covered[1],
+                "image_height": covered[0],
                 "n_objects": len(anns),
                 "augmented": False,
                 "annotations": anns,
@@ -567,6 +586,8 @@ def _augment(
                     "col_off": col * size,
                     "width": size,
                     "height": size,
+                    "image_width": size,
+                    "image_height": size,
                     "n_objects": len(anns),
                     "augmented": True,
                     "annotations": anns,
@@ -813,6 +834,14 @@ def export_chips(
         bands=bands,
     )
     summary.augmented = len(augmented)
+    wanted = augment * len(cutouts) if backgrounds else 0
+    pasted = sum(r["n_objects"] for r in augmented)
+    if pasted < wanted:
+        summary.notes.append(
+            f"{wanted - pasted} of {wanted} pastes found no place (an object must fit, turned "
+            "any way, wholly on water or land and inside a chip, beside the others): larger "
+            "chips (--size) or fewer copies (--augment) place more"
+        )
     records += augmented
     summary.annotations = sum(r["n_objects"] for r in records)
     _write_index(out, records, fmt=format)
@@ -840,7 +869,8 @@ def export_chips(
 
 def _write_index(out: Path, records: list[dict[str, Any]], *, fmt: str) -> None:
     records.sort(key=lambda r: (SPLITS.index(r["split"]), r["augmented"], r["image"]))
-    keys = ["split", "image", "mask", "date", "row_off", "col_off", "n_objects", "augmented"]
+    keys = ["split", "image", "mask", "date", "row_off", "col_off", "image_width"]
+    keys += ["image_height", "n_objects", "augmented"]
     with (out / "chips.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()

@@ -19,6 +19,7 @@ from spoc_xr import cli
 from spoc_xr.errors import OutputError, ParameterError
 from spoc_xr.export import SPLITS, assign_splits, export_chips, parse_split, segmentation
 from spoc_xr.objects import store_transform
+from spoc_xr.store import write_dataset
 from tests.test_objects import write_annotations, write_stack
 
 SHAPE = (48, 52)  # not a multiple of the chip size: the last chip column is padded
@@ -163,6 +164,14 @@ def test_augmentation_masks_are_exact_and_boats_land_on_water(scene, tmp_path: P
         stack, annotations, dest, size=SIZE, split=(1, 0, 0), augment=3, seed=2, negatives=0.0
     )
     assert summary.augmented > 0
+    # Every paste is either in an augmented chip or counted in a note (dropped silently before).
+    pasted = sum(int(row["n_objects"]) for row in chips(dest) if row["augmented"] == "True")
+    notes = [n for n in summary.notes if "pastes found no place" in n]
+    if notes:
+        dropped, wanted = (int(w) for w in notes[0].split()[:3:2])
+        assert wanted - dropped == pasted and wanted % 3 == 0
+    else:
+        assert pasted % 3 == 0
     ann = xr.open_zarr(annotations, consolidated=False)
     reference = ann["reference"].values
     water = ann["water"].values.astype(bool)
@@ -289,3 +298,29 @@ def test_splits_left_without_chips_are_named_in_the_summary(scene, tmp_path: Pat
         stack, annotations, tmp_path / "all", size=SIZE // 2, block=1, negatives=1.0
     )
     assert all(sum(count.values()) for count in summary.chips.values()) and not summary.notes
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_padding_of_a_stack_without_nodata_is_marked(scene, tmp_path: Path, dtype) -> None:
+    # Without a nodata value the padding was 0 and undeclared: real zero reflectance to a loader.
+    _, annotations, stack = scene
+    plain = stack.astype(dtype)
+    plain.attrs = {k: v for k, v in stack.attrs.items() if k != "nodata"}
+    plain = plain.rio.write_nodata(None)
+    ds = plain.to_dataset()
+    ds.attrs["spoc_xr"] = {"kind": "stack"}
+    write_dataset(ds.chunk({"time": 1}), tmp_path / "plain.zarr", overwrite=False)
+    dest = tmp_path / "chips"
+    export_chips(tmp_path / "plain.zarr", annotations, dest, size=SIZE, format="masks")
+    padded = [row for row in chips(dest) if int(row["image_width"]) < SIZE]
+    assert padded and all(int(row["image_height"]) == SIZE for row in padded)
+    with rasterio.open(dest / padded[0]["image"]) as src:
+        width = int(padded[0]["image_width"])
+        if dtype == np.float32:
+            assert np.isnan(src.nodata)
+            assert np.isnan(src.read()[:, :, width:]).all()
+        else:
+            assert src.nodata is None
+            valid = src.read_masks(1)
+            assert (valid[:, :width] == 255).all() and (valid[:, width:] == 0).all()
+        assert np.isfinite(src.read()[:, :, :width]).all()
