@@ -681,18 +681,26 @@ def metres_per_unit(crs: Any) -> float:
 def _map_scale(stack: xr.DataArray, crs: Any) -> float:
     """The projection's linear scale at the stack's middle (map length over ground length): 1.27
     for Web Mercator at 38 degrees north, 0.9996 on a UTM central meridian; 1.0 where unknown."""
+    x, y = (np.mean(stack[axis].values[[0, -1]], keepdims=True) for axis in ("x", "y"))
+    return float(projection_scales(crs, x, y)[0][0])
+
+
+def projection_scales(crs: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A projected CRS's linear and areal scale (map over ground) at map points ``x``, ``y``:
+    the linear one the geometric mean of the meridional and parallel scales; 1.0 where pyproj
+    knows no factors or gives no positive finite value."""
     import pyproj
 
-    x, y = (float(np.mean(stack[axis].values[[0, -1]])) for axis in ("x", "y"))
+    ones = np.ones(np.shape(x))
     try:
-        lon, lat = pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(
-            x, y
-        )
-        factors = pyproj.Proj(crs).get_factors(lon, lat)
-        scale = float(np.sqrt(factors.meridional_scale * factors.parallel_scale))
+        to_geodetic = pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
+        factors = pyproj.Proj(crs).get_factors(*to_geodetic.transform(x, y))
+        linear = np.sqrt(np.asarray(factors.meridional_scale) * np.asarray(factors.parallel_scale))
+        areal = np.asarray(factors.areal_scale, dtype=np.float64)
     except Exception:  # pyproj raises several kinds for CRSs without factors
-        return 1.0
-    return scale if np.isfinite(scale) and scale > 0 else 1.0
+        return ones, ones
+    usable = np.isfinite(linear) & np.isfinite(areal) & (linear > 0) & (areal > 0)
+    return np.where(usable, linear, 1.0), np.where(usable, areal, 1.0)
 
 
 def _same_crs(crs_a: rasterio.crs.CRS, crs_b: rasterio.crs.CRS) -> bool:

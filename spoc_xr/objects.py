@@ -78,7 +78,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from spoc_xr.detect import LARGE, SMALL
 from spoc_xr.errors import GeoreferenceError, InputError, StoreError
 from spoc_xr.evaluate import boat_components
-from spoc_xr.ingest import metres_per_unit
+from spoc_xr.ingest import metres_per_unit, projection_scales
 from spoc_xr.store import check_output_path, open_store, remove_store
 
 __all__ = [
@@ -276,21 +276,11 @@ def _check_crs(crs: pyproj.CRS, where: str) -> None:
 GROUND_SCALE_TOLERANCE = 0.01
 
 
-def _ground_scales(
-    crs: pyproj.CRS, lon: np.ndarray, lat: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The projection's linear and areal scale at each WGS 84 point (map over ground), 1 where
-    within ``GROUND_SCALE_TOLERANCE`` of it or unknown."""
-    ones = np.ones(lon.shape)
-    try:
-        geodetic = pyproj.Transformer.from_crs(WGS84, crs.geodetic_crs, always_xy=True)
-        factors = pyproj.Proj(crs).get_factors(*geodetic.transform(lon, lat))
-        linear = np.sqrt(np.asarray(factors.meridional_scale) * np.asarray(factors.parallel_scale))
-        areal = np.asarray(factors.areal_scale, dtype=np.float64)
-    except Exception:  # pyproj raises several kinds for CRSs without factors
-        return ones, ones
-    usable = np.isfinite(linear) & np.isfinite(areal) & (linear > 0) & (areal > 0)
-    off = usable & (np.abs(linear - 1) > GROUND_SCALE_TOLERANCE)
+def _ground_scales(crs: pyproj.CRS, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The projection's linear and areal scale at map points (map over ground), 1 where within
+    ``GROUND_SCALE_TOLERANCE`` of it or unknown (:func:`spoc_xr.ingest.projection_scales`)."""
+    linear, areal = projection_scales(crs, x, y)
+    off = np.abs(linear - 1) > GROUND_SCALE_TOLERANCE
     return np.where(off, linear, 1.0), np.where(off, areal, 1.0)
 
 
@@ -442,7 +432,11 @@ def date_objects(
             rows["geometry"], crs, np.atleast_1d(lon), np.atleast_1d(lat)
         )
     elif found.count:
-        linear, areal = _ground_scales(crs, np.atleast_1d(lon), np.atleast_1d(lat))
+        linear, areal = _ground_scales(
+            crs,
+            np.asarray(rows["centroid_x"], dtype=np.float64),
+            np.asarray(rows["centroid_y"], dtype=np.float64),
+        )
         area_m2, length_m, width_m = area_m2 / areal, length_m / linear, width_m / linear
     classes = found.classes[1:]
     names_by_id = {v: k for k, v in CATEGORY_IDS.items()}
