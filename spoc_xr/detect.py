@@ -853,12 +853,20 @@ def change_passes(
     if direction and visible and swir:
         # A pass of its own, on stacks with SWIR only: folded into the pass above, its few
         # comparisons per band stopped numba vectorising that loop (8x slower on every stack).
+        gain32, offset32 = _float32(gain, offset)
+        # Illumination scales every band alike: a SWIR gain above visible light's is the fit
+        # mapping snow onto the reference (Landsat's snowy dates: SWIR 1.33-1.5 where red is
+        # 0.67-1.0), which hides the fall the test looks for.
+        swir_gain = gain32.copy()
+        swir_gain[list(swir)] = np.minimum(gain32[list(swir)], gain32[list(visible)].min())
         _snow_rows(
             _compiled_date(date),
             low,
             high,
             noise,
-            *_float32(gain, offset),
+            gain32,
+            swir_gain,
+            offset32,
             np.asarray(visible, dtype=np.int64),
             np.asarray(swir, dtype=np.int64),
             np.float32(SNOW_SWIR_SHARE),
@@ -872,9 +880,23 @@ def change_passes(
 
 @_compiled
 def _snow_rows(  # pragma: no cover - compiled
-    date, low, high, noise, gain, offset, visible, swir, share, ratio, index, darker, thin
+    date,
+    low,
+    high,
+    noise,
+    gain,
+    swir_gain,
+    offset,
+    visible,
+    swir,
+    share,
+    ratio,
+    index,
+    darker,
+    thin,
 ):
-    """Snow (see SNOW_SWIR_SHARE) is a surface change: neither darker nor a cloud (thin)."""
+    """Snow (see SNOW_SWIR_SHARE) is a surface change: neither darker nor a cloud (thin).
+    ``swir_gain`` is ``gain`` with the SWIR bands' no larger than visible light's."""
     width = date.shape[2]
     visible_gain = np.empty(width, dtype=np.float32)
     visible_value = np.empty(width, dtype=np.float32)
@@ -899,13 +921,7 @@ def _snow_rows(  # pragma: no cover - compiled
                     visible_value[x] = np.float32(values[x])
         for band in swir:
             values, lows, noises = date[band, y], low[band, y], noise[band, y]
-            # Illumination scales every band alike: a SWIR gain above visible light's is the
-            # fit mapping snow onto the reference (Landsat's snowy dates: SWIR 1.33-1.5 where red
-            # is 0.67-1.0), which hides the fall the test looks for.
-            g, o = gain[band], offset[band]
-            for other in visible:
-                if gain[other] < g:
-                    g = gain[other]
+            g, o = swir_gain[band], offset[band]
             for x in range(width):
                 normalised = np.float32(values[x]) * g + o
                 below = lows[x] - normalised
