@@ -43,6 +43,11 @@ from spoc_xr.errors import (
     StoreError,
 )
 
+try:
+    import fcntl
+except ImportError:  # Windows: stale locks are moved aside instead
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "COMPLETE_ATTR",
     "check_output_path",
@@ -1243,9 +1248,25 @@ def _is_young(lock: Path) -> bool:
 def _take_stale_lock(lock: Path, stale: dict[str, Any] | None) -> None:
     """Remove a dead writer's lock, unless another run replaced it since it was read.
 
-    The lock is moved aside first (one mover wins); if what moved is not the stale record that
-    was judged dead, it is a live run's new lock and goes back.
+    Takeovers are serialised by an advisory lock on the lock's folder, and the lock is removed
+    only when it still holds the record judged dead: a live run's lock never leaves its path, so
+    no third run can create one beside it (moving it aside and back left such a gap).
     """
+    if fcntl is None:
+        _move_stale_lock_aside(lock, stale)
+        return
+    folder = os.open(lock.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if _read_lock(lock) == stale and (stale is not None or not _is_young(lock)):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+    finally:
+        os.close(folder)  # closing releases the advisory lock
+
+
+def _move_stale_lock_aside(lock: Path, stale: dict[str, Any] | None) -> None:
+    """:func:`_take_stale_lock` where advisory locks do not exist (Windows)."""
     aside = lock.with_name(f"{lock.name}.{os.getpid()}.stale")
     try:
         os.replace(lock, aside)

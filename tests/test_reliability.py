@@ -414,6 +414,34 @@ def test_writers_racing_for_the_lock_never_hold_it_together(tmp_path: Path) -> N
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+def test_a_takeover_never_leaves_a_live_lock_path_empty(tmp_path: Path) -> None:
+    # A run that read a dead writer's record after another run had replaced that lock with its
+    # own once moved the live lock aside and back; a third run created its lock in that gap
+    # and two runs wrote (session 24: taken within a few hundred tries here).
+    lock = st.lock_path(tmp_path / "out.zarr")
+    live = {"pid": os.getpid(), "host": socket.gethostname()}
+    lock.write_text(json.dumps(live))
+    stop = threading.Event()
+    created = []
+
+    def third_run() -> None:
+        while not stop.is_set():
+            if st._create_lock(lock, {"pid": 1, "host": "third"}):
+                created.append(True)
+                stop.set()
+
+    racer = threading.Thread(target=third_run)
+    racer.start()
+    try:
+        for _ in range(3000):
+            st._take_stale_lock(lock, {"pid": 999_999_999, "host": socket.gethostname()})
+    finally:
+        stop.set()
+        racer.join()
+    assert created == []
+    assert json.loads(lock.read_text()) == live
+
+
 def test_an_unreadable_lock_is_held_while_young_and_taken_over_when_old(tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
     lock = st.lock_path(out)
