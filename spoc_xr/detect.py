@@ -1705,9 +1705,11 @@ def classify_tile(
     # be dense in pixels that pass (LARGE_DENSITY), so that the closing does not turn a sparse
     # speckle into a solid object (the pixels that do not pass, inside a dense region, are only
     # bridged: below, only pixels that changed by the same tests stay large).
+    # Mid-size objects (below) need the large class's tests too when nothing is wide.
     changed = None
-    if wide.any():
+    if wide.any() or np.count_nonzero(score > threshold) >= params.open_size**2:
         qualifies, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
+    if wide.any():
         cells = window_cells(params.background_size)
         share = density(qualifies, cells, origin)
         wide &= share > np.float32(LARGE_DENSITY * DENSITY_STEPS)
@@ -1728,8 +1730,6 @@ def classify_tile(
     # about half its window, so too little of it was wide to survive the opening, and it was
     # too wide or too soft to be small. Whatever changed by the large class's own tests over a
     # whole open_size square is large too (no boat is that wide).
-    if changed is None and np.count_nonzero(score > threshold) >= params.open_size**2:
-        _, changed = _large_tests(darker, thin, score, valid, background, scale, threshold)
     if changed is not None:
         large = large | kernels.binary_opening(changed, params.open_size)
     codes = large.view(np.uint8) * np.uint8(LARGE)
