@@ -536,7 +536,9 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
     ]
     if empty:
         lines.append(f"{empty} date(s) hold no valid data and were not annotated (valid = 0)")
-    lines += [f"note: {note}" for note in info.get("notes", [])]
+    from spoc_xr.pipeline import shift_notes
+
+    lines += [f"note: {note}" for note in [*info.get("notes", []), *shift_notes(result)]]
     return "\n".join(lines)
 
 

@@ -23,9 +23,11 @@ from dask.highlevelgraph import HighLevelGraph
 from spoc_xr import __version__, kernels
 from spoc_xr.detect import (
     DEFAULT_TOLERANCE,
+    MAX_REALIGN,
     NOISE_DATES,
     NOISE_FLOOR_SHARE,
     OBJECT_REACH,
+    REALIGN_FROM,
     DetectParams,
     classification_chunks,
     classify,
@@ -244,6 +246,33 @@ def missing_band_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:
             "data while the others do; a pixel needs every band, so the date is not annotated: "
             "export that date again with every band, or leave the band out of every file"
         )
+    return notes
+
+
+def shift_notes(annotations: xr.Dataset) -> list[str]:
+    """Notes on the dates that detection realigned by whole pixels
+    (:func:`spoc_xr.detect.whole_pixel_shift`),
+    and on those shifted further than it realigns, from the stored ``misregistration``."""
+    if MISREGISTRATION not in annotations:
+        return []
+    shifts = np.asarray(annotations[MISREGISTRATION].values, dtype=np.float64)
+    size = np.where(np.isfinite(shifts), np.abs(shifts), 0.0).max(axis=1)
+    labels = [str(time)[:19] for time in annotations.time.values]
+    notes = []
+    moved = np.flatnonzero(size >= REALIGN_FROM)
+    if moved.size:
+        notes.append(
+            f"{moved.size} date(s) shifted by {REALIGN_FROM:g} px or more against the reference "
+            f"were compared with it moved by whole pixels (largest: {labels[moved[0]]}, "
+            f"{size[moved].max():.1f} px; misregistration holds each date's shift); the pixels "
+            "at the image's edge that the reference never saw are not valid there"
+        )
+    notes.extend(
+        f"date {labels[t]} is shifted by {size[t]:.1f} px against the reference, more than "
+        f"the {MAX_REALIGN} px that detection realigns: its edges may show as objects; "
+        "co-register the dates before ingesting"
+        for t in np.flatnonzero(size > MAX_REALIGN + 0.5)
+    )
     return notes
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from spoc_xr.errors import OutputError
+from spoc_xr.pipeline import shift_notes
 from spoc_xr.plots import (
     FIGURE_NAMES,
     check_annotations,
@@ -208,7 +209,7 @@ def render_html(
         "<h2>Parameters</h2>",
         _table((k, _plain(v)) for k, v in dict(info.get("parameters", {})).items()),
     ]
-    notes = [str(n) for n in info.get("notes", [])]
+    notes = [str(n) for n in [*info.get("notes", []), *shift_notes(annotations)]]
     if notes:
         parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     captions = {

@@ -16,7 +16,10 @@ from hypothesis import strategies as st
 from spoc_xr import kernels
 from spoc_xr.detect import (
     CLASSIFY_TILE_CONFIG_KEY,
+    CLEAR,
+    INVALID,
     LARGE,
+    MAX_REALIGN,
     MAX_SMALL_EXTENT,
     OBJECT_REACH,
     SMALL,
@@ -35,10 +38,17 @@ from spoc_xr.detect import (
     small_objects,
     swir_bands,
     visible_bands,
+    whole_pixel_shift,
     window_span,
 )
 from spoc_xr.errors import InputError, ParameterError, SpocError
-from spoc_xr.pipeline import annotate, build_annotations, read_apart, reference_and_spread
+from spoc_xr.pipeline import (
+    annotate,
+    build_annotations,
+    read_apart,
+    reference_and_spread,
+    shift_notes,
+)
 from spoc_xr.products import choose_water_index, uncover_water_values, water_threshold
 from spoc_xr.reference import compute_overview, plan_radiometry
 from tests.helpers import make_stack, raise_if_dask_computes
@@ -133,8 +143,29 @@ def test_reference_products_equal_scipy(stack, chunks):
     np.testing.assert_array_equal(products["noise"].values[above], expected["noise"][above])
 
 
-#: Dates shifted either way along each axis, unknown, and within the margin.
-SHIFTS = np.array([[0.5, -0.5], [np.nan, np.nan], [0.0, 0.1], [-0.3, 0.4], [0.25, -0.25]])
+#: Dates shifted either way along each axis, unknown, within the margin, and by whole pixels
+#: (date 3, realigned by (-2, 1) with (-0.2, -0.2) left; date 2 carries the boat).
+SHIFTS = np.array([[0.5, -0.5], [np.nan, np.nan], [0.0, 0.1], [-2.2, 0.8], [0.25, -0.25]])
+
+
+def realigned_scipy_codes(monkeypatch, date, shift, *arguments, **options):
+    """:func:`scipy_codes` of ``date`` moved back by the whole pixels of ``shift`` (edges
+    replicated), its codes moved to the date's pixels; invalid where the reference has none."""
+    step = whole_pixel_shift(shift)
+    height, width = date.shape[1:]
+    padded = np.pad(date, ((0, 0), (MAX_REALIGN,) * 2, (MAX_REALIGN,) * 2), mode="edge")
+    rows = slice(MAX_REALIGN + step[0], MAX_REALIGN + step[0] + height)
+    columns = slice(MAX_REALIGN + step[1], MAX_REALIGN + step[1] + width)
+    residual = None if shift is None else shift - np.asarray(step)
+    aligned = scipy_codes(
+        monkeypatch, padded[:, rows, columns], *arguments, shift=residual, **options
+    )
+    expected = np.full((height, width), INVALID, dtype=np.uint8)
+    dy, dx = step
+    expected[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = aligned[
+        max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)
+    ]
+    return expected
 
 
 @pytest.mark.parametrize("with_shifts", [False, True])
@@ -149,9 +180,10 @@ def test_classify_equals_scipy_chain(stack, chunks, with_shifts, monkeypatch):
     codes = classify(*arguments, shifts=shifts).values
     computed = products.compute()
     for t in range(stack.sizes["time"]):
-        expected = scipy_codes(
+        expected = realigned_scipy_codes(
             monkeypatch,
             stack.values[t],
+            None if shifts is None else shifts[t],
             computed.low.values,
             computed.high.values,
             computed.noise.values,
@@ -163,13 +195,48 @@ def test_classify_equals_scipy_chain(stack, chunks, with_shifts, monkeypatch):
             levels=tuple(levels[t]),
             **band_roles(list(stack.band.values)),
             reference=computed.reference.values if with_shifts else None,
-            shift=None if shifts is None else shifts[t],
         )
         np.testing.assert_array_equal(codes[t], expected, err_msg=f"date {t}")
     assert (codes == SMALL).any() and (codes == LARGE).any()
     if with_shifts:
         # Dates 1 and 2 keep the whole tolerance window: exactly the unshifted codes.
         np.testing.assert_array_equal(codes[1:3], classify(*arguments).values[1:3])
+        # Date 3 moved 2 px up and 1 px right: its last 2 rows and first column showed ground
+        # the reference has not seen.
+        assert (codes[3, -2:] == INVALID).all() and (codes[3, :, 0] == INVALID).all()
+        assert (codes[3, :-2, 1:] != INVALID).all()
+
+
+def test_a_date_shifted_by_whole_pixels_is_realigned_before_it_is_compared():
+    # Textured land right of water; date 4's content moved down 1 px and right 2 px. Compared
+    # in place, its coast and every land edge changed (367 large and 3 small pixels here).
+    rng = np.random.default_rng(5)
+    height, width, n_time = 96, 120, 6
+    texture = ndi.gaussian_filter(rng.normal(0, 1, (height, width)), 2)
+    land = np.arange(width)[None, :] >= 60
+    base = np.where(land, 1800 + 400 * texture / texture.std(), 400.0)
+    base = base[None] * np.array([1.0, 1.1, 1.2, 1.5])[:, None, None]
+    dates = []
+    for t in range(n_time):
+        image = base * rng.uniform(0.95, 1.05, (4, 1, 1)) + rng.normal(0, 8, (4, height, width))
+        if t == 4:
+            image = np.pad(image, ((0, 0), (1, 0), (2, 0)), mode="edge")[:, :height, :width]
+        dates.append(image)
+    data = np.clip(np.stack(dates), 1, 65535).astype(np.uint16)
+    stack = make_stack(n_time=n_time, shape=(height, width)).copy(data=data)
+    result = annotate(stack.chunk({"time": 1, "y": 40, "x": 50}), params=PARAMS).compute()
+    assert whole_pixel_shift(result.misregistration.values[4]) == (1, 2)
+    assert (result["mask"].values == CLEAR).all()
+    # Its first row and two columns show ground the reference has not seen: not "clear".
+    valid = result["valid"].values[4].astype(bool)
+    assert not valid[0].any() and not valid[:, :2].any() and valid[1:, 2:].all()
+    assert result["valid"].values[[0, 1, 2, 3, 5]].all()
+    # The run says so, and names a date shifted further than detection realigns.
+    (note,) = shift_notes(result)
+    assert note.startswith("1 date(s) shifted by 0.75 px or more") and "2.0 px" in note
+    result["misregistration"][2] = [0.0, -6.2]
+    notes = shift_notes(result)
+    assert len(notes) == 2 and "2023-03-11" in notes[1] and "6.2 px" in notes[1]
 
 
 def test_a_boat_against_a_quay_is_found_on_a_date_shifted_away_from_the_quay():
