@@ -316,7 +316,99 @@ def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
     offsets = np.zeros((n_time, n_band))
     for (t, b), (gain, offset) in zip(pairs, fits, strict=True):
         gains[t, b], offsets[t, b] = gain, offset
+    for t in range(n_time):
+        common = common_offset_fit(overview[t], target, gains[t], offsets[t])
+        if common is not None:
+            gains[t], offsets[t] = common
     return gains, offsets
+
+
+#: A date whose every band differs from the target by one constant is a processing offset
+#: (Sentinel-2 L2A from processing baseline 04.00 stores reflectance + 1000 DN; a stack that
+#: spans January 2022 mixes both), not a changed scene: fitted as a gain (a probe, 6 of 12
+#: dates + 1000 DN), its visible gains sat at their limits and 94 % of those dates became large.
+#: It is taken for one when, in every band, that constant explains at least as many pixels as
+#: the gain fit (within RATIO_INLIER_WIDTH), in some band COMMON_OFFSET_GAIN_FACTOR times as
+#: many, the bands' offsets agree within COMMON_OFFSET_AGREEMENT of their median, and the gains
+#: refitted on those pixels stay within COMMON_OFFSET_MAX_LOG_GAIN of 1. A veil of haze or thin
+#: cloud adds more to blue than to NIR and dims what lies under it: it stays a change.
+COMMON_OFFSET_AGREEMENT = 0.1
+COMMON_OFFSET_GAIN_FACTOR = 1.25
+COMMON_OFFSET_MAX_LOG_GAIN = float(np.log(1.1))
+#: Only dates whose gain fit explains less than this share of some band's pixels are checked.
+COMMON_OFFSET_CHECK_SHARE = 0.5
+
+
+def common_offset_fit(
+    date: np.ndarray, target: np.ndarray, gains: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Gains and offsets ``(band,)`` mapping ``date`` onto ``target`` (both ``(band, h, w)``)
+    when the date differs from it by one constant in every band (see
+    ``COMMON_OFFSET_AGREEMENT``), else None; ``gains``/``offsets`` are the date's gain fits.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> target = rng.uniform(100, 3000, (4, 64, 64))
+    >>> gains, offsets = common_offset_fit(target + 1000, target, np.full(4, 2 / 3), np.zeros(4))
+    >>> np.round(gains, 3).tolist(), np.round(offsets).tolist()
+    ([1.0, 1.0, 1.0, 1.0], [-1000.0, -1000.0, -1000.0, -1000.0])
+    """
+    if date.shape[0] < 2:
+        return None  # one band cannot tell an offset from a veil
+    pairs = []
+    for band in range(date.shape[0]):
+        x, y = (values.ravel().astype(np.float64) for values in (date[band], target[band]))
+        usable = np.isfinite(x) & np.isfinite(y) & (y > 0)
+        pairs.append((x[usable], y[usable]))
+    explained = [
+        _explained(x, y, gain, offset)
+        for (x, y), gain, offset in zip(pairs, gains, offsets, strict=True)
+    ]
+    if all(
+        count >= COMMON_OFFSET_CHECK_SHARE * x.size
+        for count, (x, _) in zip(explained, pairs, strict=True)
+    ):
+        return None  # the gains explain the date: most dates
+    fitted, wins = [], False
+    for (x, y), before in zip(pairs, explained, strict=True):
+        if x.size < MIN_FIT_SAMPLES:
+            return None
+        offset = _difference_mode(x, y)
+        near = x + offset > 0
+        near[near] = np.abs(np.log(y[near] / (x[near] + offset))) < RATIO_INLIER_WIDTH
+        count = int(near.sum())
+        if count < max(before, MIN_FIT_SAMPLES) or np.ptp(x[near]) == 0:
+            return None
+        wins |= count >= COMMON_OFFSET_GAIN_FACTOR * before
+        fitted.append(_least_squares_line(x[near], y[near]))
+    gains_out, offsets_out = (np.array(values) for values in zip(*fitted, strict=True))
+    middle = float(np.median(offsets_out))
+    if not (
+        wins
+        and (gains_out > 0).all()
+        and (np.abs(np.log(gains_out)) <= COMMON_OFFSET_MAX_LOG_GAIN).all()
+        and (np.abs(offsets_out - middle) <= COMMON_OFFSET_AGREEMENT * abs(middle)).all()
+    ):
+        return None
+    return gains_out, offsets_out
+
+
+def _explained(x: np.ndarray, y: np.ndarray, gain: float, offset: float) -> int:
+    """How many pairs the line ``gain * x + offset`` puts within ``RATIO_INLIER_WIDTH`` of ``y``
+    (in log ratio)."""
+    fitted = gain * x + offset
+    positive = fitted > 0
+    return int((np.abs(np.log(y[positive] / fitted[positive])) < RATIO_INLIER_WIDTH).sum())
+
+
+def _difference_mode(x: np.ndarray, y: np.ndarray) -> float:
+    """The most common ``y - x`` (a histogram over ``RATIO_RANGE`` times the typical ``x`` or
+    ``y``, the larger, in ``RATIO_BINS`` bins, smoothed as the ratios' is)."""
+    reach = RATIO_RANGE * max(float(np.median(x)), float(np.median(y)))
+    counts, edges = np.histogram(y - x, bins=RATIO_BINS, range=(-reach, reach))
+    peak = int(np.argmax(ndi.gaussian_filter1d(counts.astype(np.float64), RATIO_SMOOTHING_BINS)))
+    return float(0.5 * (edges[peak] + edges[peak + 1]))
 
 
 # Quantiles (percent) of a normalised date's band mean taken as its dark and bright levels: the

@@ -18,6 +18,7 @@ from spoc_xr.reference import (
     CLEAR_QUANTILE,
     SHIFT_WINDOW,
     clean_date_values,
+    common_offset_fit,
     darker_quarter,
     date_shifts,
     estimate_shift,
@@ -390,3 +391,51 @@ def test_a_reference_day_with_two_acquisitions_asks_for_the_time() -> None:
     assert parse_reference("2023-05-01T14:30:00", times) == 1
     with pytest.raises(ParameterError, match=r"matches 2 acquisitions .*10:04:09, 14:30:00"):
         parse_reference("2023-05-01", times)
+
+
+def _coast(n_time: int = 12) -> np.ndarray:
+    """An overview of water (about 300-600) beside textured land (1,000-3,000), 4 bands."""
+    rng = np.random.default_rng(4)
+    land = np.arange(64)[None, :] >= 24
+    surface = np.where(land, rng.uniform(1000, 3000, (4, 64, 64)), rng.uniform(300, 600, (4, 1, 1)))
+    gains = rng.uniform(0.97, 1.03, (n_time, 4, 1, 1))
+    return surface[None] * gains + 10 * rng.standard_normal((n_time, 4, 64, 64))
+
+
+def test_a_constant_added_to_every_band_on_some_dates_is_normalised_away() -> None:
+    # Sentinel-2 L2A from processing baseline 04.00 stores reflectance + 1000 DN: a stack that
+    # spans January 2022 has it on its later dates. As gains, 94 % of those dates were large.
+    overview = _coast()
+    overview[6:] += 1000
+    radiometry = plan_radiometry(overview, "auto")
+    offset_dates = np.arange(12) >= 6
+    reference_has_it = offset_dates[radiometry.reference_index]
+    expected = np.where(
+        offset_dates != reference_has_it, -1000.0 if not reference_has_it else 1000.0, 0
+    )
+    np.testing.assert_allclose(radiometry.offsets, expected[:, None].repeat(4, 1), atol=60)
+    np.testing.assert_allclose(radiometry.gains, 1.0, atol=0.06)
+    assert (radiometry.change_fraction < 0.05).all()
+
+
+@pytest.mark.parametrize(
+    ("added", "dimmed"),
+    [
+        ((800.0, 600.0, 450.0, 250.0), 1.0),  # haze: more in blue than in NIR
+        ((600.0, 600.0, 600.0, 600.0), 0.75),  # a grey veil of thin cloud dims the surface
+    ],
+)
+def test_a_veil_over_a_whole_date_is_no_processing_offset(added, dimmed) -> None:
+    overview = _coast()
+    date = overview[3] * dimmed + np.asarray(added)[:, None, None]
+    target = overview[0]
+    fits = [robust_linear_fit(date[band], target[band]) for band in range(4)]
+    gains, offsets = (np.array(values) for values in zip(*fits, strict=True))
+    assert common_offset_fit(date, target, gains, offsets) is None
+    # The same date with one constant added to every band, undimmed, is one.
+    offset_only = overview[3] + 600.0
+    fits = [robust_linear_fit(offset_only[band], target[band]) for band in range(4)]
+    gains, offsets = (np.array(values) for values in zip(*fits, strict=True))
+    fitted = common_offset_fit(offset_only, target, gains, offsets)
+    assert fitted is not None
+    np.testing.assert_allclose(fitted[1], -600.0, atol=40)
