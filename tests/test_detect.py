@@ -1293,3 +1293,12 @@ def test_a_cloud_two_or_three_local_windows_across_is_large():
     mask = annotate(stack).compute()["mask"]
     assert (mask[2].values[alpha > 0.5] == LARGE).mean() > 0.95
     assert not (mask[[0, 1, 3, 4, 5, 6, 7]] == LARGE).any()
+
+
+def test_a_stack_of_fewer_than_four_dates_is_told_its_results_are_weaker():
+    from spoc_xr.pipeline import FEW_DATES, plan_annotation
+
+    for n_time, told in ((3, True), (FEW_DATES, False)):
+        _, radiometry, _ = plan_annotation(make_stack(n_time=n_time, seed=1), params=PARAMS)
+        said = [note for note in radiometry.notes if note.startswith(f"only {n_time} dates")]
+        assert bool(said) == told, radiometry.notes
