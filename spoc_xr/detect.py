@@ -267,25 +267,25 @@ def whole_pixel_shift(shift: np.ndarray | Sequence[float] | None) -> tuple[int, 
     """The whole pixels ``(dy, dx)`` by which a date shifted by ``shift`` is realigned.
 
     Each axis measured at least ``REALIGN_FROM`` px off moves by its nearest whole number of
-    pixels, at most ``MAX_REALIGN``; an unknown (NaN) or smaller shift does not move.
+    pixels; an unknown (NaN) or smaller shift does not move, and neither does a date measured
+    further off than ``MAX_REALIGN`` along an axis: that is rather a date mostly under cloud
+    (its clouds correlated, not the ground) than a misregistration that small.
 
     Examples
     --------
     >>> whole_pixel_shift((1.1, -0.4))
     (1, 0)
-    >>> whole_pixel_shift((-2.6, 9.0))
+    >>> whole_pixel_shift((-2.6, 4.2))
     (-3, 4)
-    >>> whole_pixel_shift(None)
-    (0, 0)
+    >>> whole_pixel_shift((0.0, 9.0)), whole_pixel_shift(None)
+    ((0, 0), (0, 0))
     """
-    if shift is None or not np.isfinite(np.asarray(shift, dtype=np.float64)).all():
+    values = np.asarray(np.nan if shift is None else shift, dtype=np.float64).reshape(-1)
+    if values.size != 2 or not np.isfinite(values).all():
         return (0, 0)
-    steps = [
-        int(np.clip(np.round(value), -MAX_REALIGN, MAX_REALIGN))
-        if abs(value) >= REALIGN_FROM
-        else 0
-        for value in np.asarray(shift, dtype=np.float64).reshape(2)
-    ]
+    if np.round(np.abs(values)).max() > MAX_REALIGN:
+        return (0, 0)
+    steps = [int(np.round(value)) if abs(value) >= REALIGN_FROM else 0 for value in values]
     return steps[0], steps[1]
 
 

@@ -40,6 +40,7 @@ from spoc_xr.detect import (
     reference_products,
     sample_departures,
     spatial_chunks,
+    whole_pixel_shift,
 )
 from spoc_xr.errors import (
     InputError,
@@ -261,28 +262,33 @@ def missing_band_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:
 
 def shift_notes(annotations: xr.Dataset) -> list[str]:
     """Notes on the dates that detection realigned by whole pixels
-    (:func:`spoc_xr.detect.whole_pixel_shift`),
-    and on those shifted further than it realigns, from the stored ``misregistration``."""
+    (:func:`spoc_xr.detect.whole_pixel_shift`), and on those measured further off than it
+    realigns, from the stored ``misregistration``."""
     if MISREGISTRATION not in annotations:
         return []
     shifts = np.asarray(annotations[MISREGISTRATION].values, dtype=np.float64)
+    realigned = np.array([whole_pixel_shift(shift) != (0, 0) for shift in shifts], dtype=bool)
     size = np.where(np.isfinite(shifts), np.abs(shifts), 0.0).max(axis=1)
     labels = [str(time)[:19] for time in annotations.time.values]
     notes = []
-    moved = np.flatnonzero(size >= REALIGN_FROM)
-    if moved.size:
+    if realigned.any():
+        moved = np.flatnonzero(realigned)
         notes.append(
             f"{moved.size} date(s) shifted by {REALIGN_FROM:g} px or more against the reference "
-            f"were compared with it moved by whole pixels (largest: {labels[moved[0]]}, "
+            f"were compared with it moved by whole pixels (first: {labels[moved[0]]}, largest "
             f"{size[moved].max():.1f} px; misregistration holds each date's shift); the pixels "
             "at the image's edge that the reference never saw are not valid there"
         )
-    notes.extend(
-        f"date {labels[t]} is shifted by {size[t]:.1f} px against the reference, more than "
-        f"the {MAX_REALIGN} px that detection realigns: its edges may show as objects; "
-        "co-register the dates before ingesting"
-        for t in np.flatnonzero(size > MAX_REALIGN + 0.5)
-    )
+    beyond = np.flatnonzero(np.round(size) > MAX_REALIGN)
+    if beyond.size:
+        named = ", ".join(f"{labels[t]} ({size[t]:.1f} px)" for t in beyond[:5])
+        more = ", ..." if beyond.size > 5 else ""
+        notes.append(
+            f"{beyond.size} date(s) measured further off than the {MAX_REALIGN} px that "
+            f"detection realigns were compared in place: {named}{more}; a date mostly under "
+            "cloud measures its clouds, not the ground (nothing to do then), but if such a date "
+            "is clear, co-register the dates before ingesting"
+        )
     return notes
 
 

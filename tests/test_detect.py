@@ -237,6 +237,8 @@ def test_a_date_shifted_by_whole_pixels_is_realigned_before_it_is_compared():
     result["misregistration"][2] = [0.0, -6.2]
     notes = shift_notes(result)
     assert len(notes) == 2 and "2023-03-11" in notes[1] and "6.2 px" in notes[1]
+    # An overcast date's clouds correlate too (a probe: 56 and 61 px): it is not realigned.
+    assert whole_pixel_shift((55.9, -61.2)) == (0, 0) and whole_pixel_shift((4.4, 0)) == (4, 0)
 
 
 def test_a_boat_against_a_quay_is_found_on_a_date_shifted_away_from_the_quay():
