@@ -226,7 +226,7 @@ def plan_annotation(
         notes.append(
             f"only {stack.sizes['time']} dates: each date's clouds and objects weigh on the "
             "reference and the noise model that it is compared with (a probe's 3-date stack "
-            f"missed a whole cloud and the reference date's boats); {FEW_DATES} dates or more "
+            f"missed a whole cloud); {FEW_DATES} dates or more "
             "annotate as the tables in the README were measured"
         )
     return stack, replace(radiometry, water_threshold=cut, notes=notes), params

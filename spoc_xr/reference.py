@@ -785,6 +785,22 @@ def plan_radiometry(
             f"auto: the fewest changed pixels ({changed[index]:.1%}) among dates with >= "
             f"{MIN_VALID_SHARE:.0%} of the best coverage"
         )
+        # A date is cleaned of its own objects by the median of MIN_CLEANING_DATES clean
+        # others; without them its boats would stay in the reference (a probe: the reference
+        # date of every 3-date subset of a stack lost all its boats), while the median of
+        # the dates drops each date's own.
+        dirt = changed + (1 - valid_fraction)
+        clean_others = int(np.count_nonzero(dirt <= MAX_SAMPLE_DIRT)) - int(
+            dirt[index] <= MAX_SAMPLE_DIRT
+        )
+        if clean_others < MIN_CLEANING_DATES:
+            index = None
+            if fitted.from_dates is not None:
+                median_dates = tuple(int(t) for t in np.flatnonzero(fitted.from_dates))
+            choice = (
+                f"auto: the temporal median, as fewer than {MIN_CLEANING_DATES} clean dates "
+                "beside the cleanest one could clean a date of its own objects"
+            )
     else:
         index = int(reference)
         if valid_fraction[index] == 0:

@@ -439,3 +439,18 @@ def test_a_veil_over_a_whole_date_is_no_processing_offset(added, dimmed) -> None
     fitted = common_offset_fit(offset_only, target, gains, offsets)
     assert fitted is not None
     np.testing.assert_allclose(fitted[1], -600.0, atol=40)
+
+
+@pytest.mark.parametrize(("n_time", "median"), [(2, True), (3, True), (4, False)])
+def test_auto_takes_the_median_when_too_few_clean_dates_could_clean_a_date(n_time, median):
+    # With fewer than 3 clean dates beside it, the chosen date kept its own boats in the
+    # reference, so they were found on no date (a probe: every 3-date subset of a stack).
+    radiometry = plan_radiometry(_coast(n_time), "auto")
+    assert (radiometry.reference_index is None) == median
+    assert ("temporal median" in radiometry.choice) == median
+
+
+def test_a_mostly_overcast_stack_takes_the_median_of_its_clear_dates() -> None:
+    # 7 of 10 dates overcast on 60 % of the area: 3 clear dates agree, too few to clean one.
+    radiometry = plan_radiometry(_cloud_bank(7, n_time=10), "auto")
+    assert radiometry.reference_index is None and radiometry.median_dates == (0, 1, 2)
