@@ -517,8 +517,24 @@ def _open_geotiffs(
     _check_same_grid(infos, compare_names=band_names is None)
     if band_names is not None:
         names = _check_band_names(band_names, infos[0])
+        _check_described_order(names, infos)
         infos = [replace(info, band_names=names) for info in infos]
     return _build_stack(infos, chunks), [info.path for info in infos]
+
+
+def _check_described_order(names: tuple[str, ...], infos: Sequence[_FileInfo]) -> None:
+    """Refuse files that describe their bands with the given names in another order: the
+    names would label the wrong bands (an append of files whose descriptions run nir, red,
+    green, blue into a stack named blue, green, red, nir stored NIR as blue)."""
+    wanted = tuple(name.lower() for name in names)
+    for info in infos:
+        described = tuple(name.lower() for name in info.band_names)
+        if described != wanted and sorted(described) == sorted(wanted):
+            raise BandMismatchError(
+                f"{info.path.name!r} describes its bands as {list(info.band_names)}, the names "
+                f"{list(names)} in another order; write its bands in the order "
+                f"{', '.join(names)} (e.g. gdal_translate -b), or leave it out"
+            )
 
 
 def _check_band_names(band_names: Sequence[str], first: _FileInfo) -> tuple[str, ...]:

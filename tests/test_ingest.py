@@ -620,6 +620,17 @@ def test_band_names_may_differ_in_the_files_but_not_in_count(tmp_path: Path) -> 
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_files_describing_the_given_names_in_another_order_are_refused(tmp_path: Path) -> None:
+    # Appended files that describe their bands as nir, red, ... stored NIR as "blue".
+    src = tmp_path / "src"
+    write_series(src, names=[f"a_{DATES[0]}.tif"], descriptions=("nir", "red"))
+    with pytest.raises(BandMismatchError, match=r"describes its bands as \['nir', 'red'\]"):
+        open_geotiffs(src, band_names=["red", "nir"])
+    # The same names in the same order, or other names (a renaming), are fine.
+    assert open_geotiffs(src, band_names=["NIR", "Red"]).band.values.tolist() == ["NIR", "Red"]
+    assert open_geotiffs(src, band_names=["b8", "b4"]).band.values.tolist() == ["b8", "b4"]
+
+
 @pytest.mark.parametrize(
     ("crs", "step", "metres"),
     [
