@@ -511,7 +511,10 @@ def _open_geotiffs(
         if time_a == time_b:
             raise DuplicateDateError(
                 f"{path_a.name!r} and {path_b.name!r} both carry the date {time_a}; "
-                "keep one file per date and time (move or rename the other)"
+                "ingest takes one file per date holding every band: stack a date's band files "
+                "into one (gdalbuildvrt -separate DATE.vrt B02.tif B03.tif ..., then "
+                "gdal_translate DATE.vrt S2_YYYYMMDD.tif), mosaic neighbouring granules of one "
+                "date (gdalwarp), or move the other file out of the folder"
             )
     infos = _scan_files(dated)
     _check_same_grid(infos, compare_names=band_names is None)

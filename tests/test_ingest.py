@@ -397,7 +397,7 @@ VALIDATION_CASES: dict[str, tuple[Callable[[Path], None], type[SpocError], str]]
     "duplicate date": (
         _files(("S2_2023-01-01.tif", {}), ("L8_20230101.tif", {})),
         DuplicateDateError,
-        "'L8_20230101.tif' and 'S2_2023-01-01.tif'",
+        r"'L8_20230101.tif' and 'S2_2023-01-01.tif' .* stack a date's band files into one",
     ),
 }  # fmt: skip
 
