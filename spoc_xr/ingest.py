@@ -39,6 +39,7 @@ from affine import Affine
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from dask.typing import Key
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.windows import Window
 
 import spoc_xr
@@ -601,6 +602,7 @@ def _scan_file(time: np.datetime64, path: Path) -> _FileInfo:
                     f"{path.name!r} has a rotated grid ({tuple(transform)[:6]}); "
                     "warp it to a north-up grid with gdalwarp first"
                 )
+            _check_no_mask_band(src, path)
             _read_first_and_last_blocks(src)
             stat = path.stat()
             return _FileInfo(
@@ -620,6 +622,26 @@ def _scan_file(time: np.datetime64, path: Path) -> _FileInfo:
             f"cannot read {str(path)!r} ({exc}); the file is truncated or not a valid GeoTIFF: "
             "download or export it again, or remove it from the folder"
         ) from exc
+
+
+def _check_no_mask_band(src: rasterio.DatasetReader, path: Path) -> None:
+    """Refuse files that mark invalid pixels with an alpha band or a GDAL mask and no nodata
+    value: spoc_xr reads nodata values only, so their fill would be data (a probe: swath fill
+    became 10 % large objects, and the alpha band a data band)."""
+    if ColorInterp.alpha in src.colorinterp:
+        raise BandMismatchError(
+            f"{path.name!r} has an alpha band (band "
+            f"{src.colorinterp.index(ColorInterp.alpha) + 1}); spoc_xr reads a nodata value, "
+            "not alpha: write it again without alpha and with a nodata value (gdalwarp "
+            "-dstnodata 0 instead of -dstalpha, or gdal_translate -b 1 -b 2 ... -a_nodata 0)"
+        )
+    if src.nodata is None and any(MaskFlags.per_dataset in flags for flags in src.mask_flag_enums):
+        raise BandMismatchError(
+            f"{path.name!r} marks its invalid pixels with a GDAL mask and declares no nodata "
+            "value; spoc_xr reads a nodata value, not the mask: declare the value its masked "
+            "pixels hold (gdal_edit.py -a_nodata 0, if they are 0), or write them with one "
+            "(gdal_translate -a_nodata 0)"
+        )
 
 
 def _read_first_and_last_blocks(src: rasterio.DatasetReader) -> None:

@@ -415,6 +415,38 @@ def test_invalid_inputs_fail_before_the_store_is_created(tmp_path: Path, case: s
     assert not store.exists()
 
 
+@pytest.mark.parametrize("kind", ["mask", "alpha"])
+def test_files_that_mark_invalid_pixels_by_mask_or_alpha_are_refused(tmp_path, kind) -> None:
+    # Their fill (0) would be read as data: a probe's swath fill became 10 % large objects.
+    src = tmp_path / "src"
+    src.mkdir()
+    data = np.full((3, HEIGHT, WIDTH), 500, np.uint16)
+    data[:, :, : WIDTH // 2] = 0
+    path = src / f"S2_{DATES[0]}.tif"
+    if kind == "mask":
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+            write_tif(path, data)
+            with rasterio.open(path, "r+") as dst:
+                dst.write_mask((data[0] > 0).astype(np.uint8) * 255)
+        expected = r"marks its invalid pixels with a GDAL mask .*gdal_edit.py -a_nodata 0"
+    else:
+        alpha = np.where(data[:1] > 0, 65535, 0).astype(np.uint16)
+        profile = {"driver": "GTiff", "height": HEIGHT, "width": WIDTH, "count": 4}
+        profile |= {"dtype": "uint16", "crs": CRS_UTM, "transform": TRANSFORM}
+        with rasterio.open(path, "w", photometric="RGB", alpha="YES", **profile) as dst:
+            dst.write(np.concatenate([data, alpha]))
+        expected = r"has an alpha band \(band 4\).* -dstnodata 0"
+    with pytest.raises(BandMismatchError, match=expected):
+        ingest(src, tmp_path / "stack.zarr", chunks=CHUNKS)
+    assert not (tmp_path / "stack.zarr").exists()
+    # Declared, the masked value is nodata, and the file is read.
+    if kind == "mask":
+        with rasterio.open(path, "r+") as dst:
+            dst.nodata = 0
+        ingest(src, tmp_path / "stack.zarr", chunks=CHUNKS)
+        assert (tmp_path / "stack.zarr").exists()
+
+
 @pytest.mark.parametrize("chunks", [0, -16, 1.5, True, "16"])
 def test_bad_chunks_raise_parameter_error_before_anything_is_read(
     tmp_path: Path, chunks: Any
