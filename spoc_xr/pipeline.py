@@ -216,6 +216,8 @@ def plan_annotation(
     choice = parse_reference(reference, stack.time)
     if overview is None:
         overview = compute_overview(stack)
+    else:
+        check_overview(overview, stack)
     fitted = fit_composite(overview)
     radiometry = plan_radiometry(overview, choice, fitted)
     cut = water_threshold(fitted.composite, [str(b) for b in stack.band.values])
@@ -230,6 +232,18 @@ def plan_annotation(
             "annotate as the tables in the README were measured"
         )
     return stack, replace(radiometry, water_threshold=cut, notes=notes), params
+
+
+def check_overview(overview: np.ndarray, stack: xr.DataArray) -> None:
+    """Refuse an overview that was not made for ``stack``'s dates and bands."""
+    shape = np.shape(overview)
+    wanted = (stack.sizes["time"], stack.sizes["band"])
+    if len(shape) != 4 or tuple(shape[:2]) != wanted:
+        raise ParameterError(
+            f"the overview given holds {shape[:2] if len(shape) == 4 else shape} (dates, bands) "
+            f"but the stack {wanted}: pass read_overview(store, stack) for this very stack (a "
+            "selection of the store's dates included), or no overview"
+        )
 
 
 def missing_band_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:

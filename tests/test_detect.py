@@ -1304,3 +1304,11 @@ def test_a_stack_of_fewer_than_four_dates_is_told_its_results_are_weaker():
         _, radiometry, _ = plan_annotation(make_stack(n_time=n_time, seed=1), params=PARAMS)
         said = [note for note in radiometry.notes if note.startswith(f"only {n_time} dates")]
         assert bool(said) == told, radiometry.notes
+
+
+def test_an_overview_of_other_dates_is_refused_with_what_to_pass():
+    stack = make_stack(n_time=5, seed=1)
+    with pytest.raises(
+        ParameterError, match=r"holds \(4, 4\) \(dates, bands\) but the stack \(5, 4\)"
+    ):
+        annotate(stack, params=PARAMS, overview=np.zeros((4, 4, 8, 8), np.float32))
