@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="output Zarr store, e.g. stack.zarr or s3://bucket/stack.zarr",
     )
     ingest.add_argument(
-        "--chunks", type=_parse_size, default=1024, help="spatial tile size in px (1024)"
+        "--chunks",
+        type=_parse_size,
+        default=None,
+        help="spatial tile size in px (1024; an append keeps the store's)",
     )
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
     ingest.add_argument(
@@ -309,11 +312,14 @@ def _note_skipped_subfolders(src_dir: Path) -> None:
 
 
 def run_ingest(args: argparse.Namespace) -> None:
-    from spoc_xr.ingest import ingest, open_geotiffs
+    from spoc_xr.ingest import DEFAULT_CHUNKS, ingest, open_geotiffs
     from spoc_xr.store import check_output_path
 
     _note_skipped_subfolders(args.src_dir)
     storage_options = _storage(args)
+    args.chunks_given = args.chunks is not None
+    if args.chunks is None:
+        args.chunks = DEFAULT_CHUNKS
     if isinstance(args.stack, Path):
         run_ingest_resumable(args)
         return
@@ -356,7 +362,14 @@ def run_ingest_resumable(args: argparse.Namespace) -> None:
     before = 0
     if args.append:
         with contextlib.suppress(SpocError):  # ingest_store says what is wrong with the store
-            before = open_stack(args.stack).sizes["time"]
+            stored = open_stack(args.stack)
+            before = stored.sizes["time"]
+            side = int(stored.data.chunksize[-1])
+            if args.chunks_given and args.chunks != side:
+                print(
+                    f"note: --chunks {args.chunks} is not used: appended dates keep the store's "
+                    f"{side} px tiles (re-create the store with --overwrite to change them)"
+                )
     with _client(args):
         started = time.perf_counter()
         status = ingest_store(

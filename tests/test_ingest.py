@@ -702,3 +702,20 @@ def test_pixel_metres_is_unknown_for_degrees_beyond_the_poles() -> None:
         coords={"y": 4e6 - 10.0 * np.arange(3), "x": 5e5 + 10.0 * np.arange(4)},
     ).rio.write_crs("EPSG:4326")
     assert pixel_metres(grid) is None
+
+
+def test_an_append_says_that_it_keeps_the_stores_tiles(tmp_path: Path, capsys) -> None:
+    from spoc_xr.cli import main
+    from spoc_xr.ingest import open_stack
+
+    first, later = sorted(DATES)[:3], sorted(DATES)[3:]
+    write_series(tmp_path / "src", names=[f"S2_{d}.tif" for d in first])
+    store = tmp_path / "stack.zarr"
+    assert main(["ingest", str(tmp_path / "src"), str(store), "--chunks", "16"]) == 0
+    write_series(tmp_path / "src", names=[f"S2_{d}.tif" for d in later], seed=1)
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "src"), str(store), "--append", "--chunks", "32"]) == 0
+    assert "note: --chunks 32 is not used: appended dates keep the store's 16 px" in (
+        capsys.readouterr().out
+    )
+    assert open_stack(store).data.chunksize[-2:] == (16, 16)
