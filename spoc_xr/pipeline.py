@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,7 @@ def plan_annotation(
     size_note = pixel_size_note(pixel_metres(stack), params)
     notes = radiometry.notes + ([size_note] if size_note else [])
     notes += missing_band_notes(overview, stack)
+    notes += categorical_band_notes([str(band) for band in stack.band.values])
     if stack.sizes["time"] < FEW_DATES:
         notes.append(
             f"only {stack.sizes['time']} dates: each date's clouds and objects weigh on the "
@@ -244,6 +247,36 @@ def check_overview(overview: np.ndarray, stack: xr.DataArray) -> None:
             f"but the stack {wanted}: pass read_overview(store, stack) for this very stack (a "
             "selection of the store's dates included), or no overview"
         )
+
+
+#: Band names of classifications and quality flags (Sentinel-2's SCL and cloud/snow
+#: probabilities, Landsat's QA bands, Fmask): codes, not reflectance, whose flips between dates
+#: detection would take for objects (a probe: an SCL band added 7-17 false small pixels a date).
+CATEGORICAL_BAND = re.compile(
+    r"^(scl|fmask|classification|class|qa|qa_.*|.*_qa|.*_qa_.*|.*mask.*|msk_.*|.*cldprb|.*snwprb)$",
+    re.IGNORECASE,
+)
+
+
+def categorical_band_notes(bands: Sequence[str]) -> list[str]:
+    """A note naming the bands that look like classifications or quality flags.
+
+    Examples
+    --------
+    >>> categorical_band_notes(["B02", "B08", "SCL", "QA_PIXEL"])[0][:34]
+    'band(s) SCL, QA_PIXEL look like cl'
+    >>> categorical_band_notes(["B02", "B8A", "red", "swir1"])
+    []
+    """
+    flagged = [band for band in bands if CATEGORICAL_BAND.match(band.strip())]
+    if not flagged:
+        return []
+    return [
+        f"band(s) {', '.join(flagged)} look like classification or quality bands; detection "
+        "compares every band as reflectance, so their changes of class become objects: "
+        "annotate the stack without them (stack.drop_sel(band=[...]) in Python, or ingest "
+        "files without them, e.g. gdal_translate -b)"
+    ]
 
 
 def missing_band_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:

@@ -1312,3 +1312,17 @@ def test_an_overview_of_other_dates_is_refused_with_what_to_pass():
         ParameterError, match=r"holds \(4, 4\) \(dates, bands\) but the stack \(5, 4\)"
     ):
         annotate(stack, params=PARAMS, overview=np.zeros((4, 4, 8, 8), np.float32))
+
+
+def test_classification_and_quality_bands_are_named_in_a_note():
+    from spoc_xr.pipeline import categorical_band_notes, plan_annotation
+
+    spectral = ["B01", "B02", "B8A", "B11", "blue", "nir", "swir1", "SR_B5", "ST_B10", "coastal"]
+    assert categorical_band_notes(spectral) == []
+    flagged = ["SCL", "QA_PIXEL", "SR_QA_AEROSOL", "Fmask", "cloud_mask", "MSK_CLDPRB"]
+    (note,) = categorical_band_notes([*spectral, *flagged])
+    assert note.startswith(f"band(s) {', '.join(flagged)} look like classification")
+    stack = make_stack(n_time=5, seed=1)
+    stack = stack.assign_coords(band=["B02", "B03", "B04", "SCL"])
+    _, radiometry, _ = plan_annotation(stack, params=PARAMS)
+    assert any(note.startswith("band(s) SCL look like") for note in radiometry.notes)
