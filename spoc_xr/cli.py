@@ -312,10 +312,13 @@ def _note_skipped_subfolders(src_dir: Path) -> None:
 
 
 def run_ingest(args: argparse.Namespace) -> None:
-    from spoc_xr.ingest import DEFAULT_CHUNKS, ingest, open_geotiffs
+    from spoc_xr.ingest import DEFAULT_CHUNKS, ingest, open_geotiffs, scale_offset_note
     from spoc_xr.store import check_output_path
 
     _note_skipped_subfolders(args.src_dir)
+    declared = scale_offset_note(args.src_dir)
+    if declared:
+        print(f"note: {declared}")
     storage_options = _storage(args)
     args.chunks_given = args.chunks is not None
     if args.chunks is None:

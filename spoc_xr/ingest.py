@@ -52,6 +52,7 @@ from spoc_xr.errors import (
     NoInputFilesError,
     OutputError,
     ParameterError,
+    SpocError,
     StoreError,
 )
 from spoc_xr.reference import OVERVIEW_NAME, overview_of
@@ -499,6 +500,42 @@ def _as_file_list(src: PathLike | Sequence[PathLike]) -> list[Path]:
         if not path.is_file():
             raise NoInputFilesError(f"input file {str(path)!r} does not exist; check the path")
     return files
+
+
+def scale_offset_note(src: PathLike | Sequence[PathLike]) -> str | None:
+    """A note when the GeoTIFFs declare different scales or offsets (GDAL's band metadata), else
+    None. Values are stored as the files hold them: a Sentinel-2 L2A stack spanning January
+    2022 declares offset -0.1 on its later dates, whose values are 1000 DN higher.
+
+    Examples
+    --------
+    >>> scale_offset_note("S2_folder")  # doctest: +SKIP
+    """
+    try:
+        files = _as_file_list(src)
+    except SpocError:
+        return None  # ingest refuses the input itself, and says why
+    declared: dict[tuple[tuple[float, ...], tuple[float, ...]], list[str]] = {}
+    for path in files:
+        try:
+            with rasterio.Env(**_GDAL_OPTIONS), rasterio.open(path) as dataset:
+                key = (tuple(dataset.scales), tuple(dataset.offsets))
+        except (rasterio.errors.RasterioError, OSError):
+            return None  # ingest refuses the file itself, and says why
+        declared.setdefault(key, []).append(path.name)
+    if len(declared) < 2:
+        return None
+    examples = "; ".join(
+        f"{names[0]!r} (and {len(names) - 1} more): scales {list(scales)}, offsets {list(offsets)}"
+        for (scales, offsets), names in list(declared.items())[:3]
+    )
+    return (
+        f"the files declare different scales or offsets ({examples}); values are stored as the "
+        "files hold them: annotate maps a date that differs by one constant in every band onto "
+        "the reference, but band values in object tables and chips keep the difference; "
+        "harmonise the files first (Sentinel-2 L2A from processing baseline 04.00 on: subtract "
+        "1000 DN, e.g. gdal_calc.py)"
+    )
 
 
 def _open_geotiffs(

@@ -719,3 +719,18 @@ def test_an_append_says_that_it_keeps_the_stores_tiles(tmp_path: Path, capsys) -
         capsys.readouterr().out
     )
     assert open_stack(store).data.chunksize[-2:] == (16, 16)
+
+
+def test_files_declaring_different_offsets_get_a_note(tmp_path: Path) -> None:
+    from spoc_xr.ingest import scale_offset_note
+
+    src = tmp_path / "src"
+    write_series(src)
+    assert scale_offset_note(src) is None  # none declared: all alike
+    # Sentinel-2 L2A from processing baseline 04.00 on: offset -0.1 on the later dates.
+    for name in sorted(path.name for path in src.iterdir())[2:]:
+        with rasterio.open(src / name, "r+") as dst:
+            dst.scales, dst.offsets = (1e-4, 1e-4), (-0.1, -0.1)
+    note = scale_offset_note(src)
+    assert note is not None and "offsets [-0.1, -0.1]" in note and "subtract 1000 DN" in note
+    assert scale_offset_note(tmp_path / "missing") is None  # ingest itself says what is wrong
