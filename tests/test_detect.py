@@ -1326,3 +1326,21 @@ def test_classification_and_quality_bands_are_named_in_a_note():
     stack = stack.assign_coords(band=["B02", "B03", "B04", "SCL"])
     _, radiometry, _ = plan_annotation(stack, params=PARAMS)
     assert any(note.startswith("band(s) SCL look like") for note in radiometry.notes)
+
+
+def test_round_solid_objects_are_puffs_and_ships_stay_small():
+    from spoc_xr.detect import round_objects
+
+    yy, xx = np.mgrid[:120, :160]
+
+    def ellipse(y, x, radius, stretch=1.0):
+        return (yy - y) ** 2 + ((xx - x) / stretch) ** 2 < radius**2
+
+    puff = ellipse(20, 20, 11, 1.2)  # 22 x 26 px, round enough
+    small_puff = ellipse(20, 60, 5)  # 9 px across: holds no 11 px square
+    raft = (abs(yy - 20) < 8) & (abs(xx - 120) < 20)  # ships side by side: 15 x 39 px
+    ring = ellipse(80, 30, 12) & ~ellipse(80, 30, 7)  # not solid
+    kept, moved = round_objects(puff | small_puff | raft | ring, 15)
+    assert moved is not None and (moved == puff).all()
+    assert (kept == (small_puff | raft | ring)).all()
+    assert round_objects(small_puff, 15) == (small_puff, None)
