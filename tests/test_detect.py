@@ -1344,3 +1344,34 @@ def test_round_solid_objects_are_puffs_and_ships_stay_small():
     assert moved is not None and (moved == puff).all()
     assert (kept == (small_puff | raft | ring)).all()
     assert round_objects(small_puff, 15) == (small_puff, None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(4, 9), min_size=1, max_size=5),  # tiles longer than the margin
+    st.integers(1, 6),
+    st.integers(0, 3),
+    st.data(),
+)
+def test_a_shifted_plan_assembles_the_wider_window_moved_by_whole_pixels(
+    chunks, depth, margin, data
+):
+    from spoc_xr.detect import _assemble_window, shifted_plan, window_plans
+
+    size = sum(chunks)
+    image = np.arange(size, dtype=np.int32)[None, :] * 10 + np.arange(3)[:, None]
+    blocks_of = np.split(image, np.cumsum(chunks)[:-1], axis=1)
+    tiles = tuple(chunks)
+    wide = window_plans(chunks, tiles, depth + margin, margin)
+    plain = window_plans(chunks, tiles, depth, 0)
+    for tile, (wide_plan, plain_plan) in enumerate(zip(wide, plain, strict=True)):
+        step = data.draw(st.integers(-margin, margin))
+        blocks = [blocks_of[piece[0]] for piece in wide_plan[0]]
+        whole = _assemble_window(blocks, [wide_plan], [1])
+        moved = _assemble_window(blocks, [shifted_plan(wide_plan, margin, step)], [1])
+        expected = whole[:, margin + step : whole.shape[1] - margin + step]
+        np.testing.assert_array_equal(moved, expected, err_msg=f"tile {tile}, step {step}")
+        assert (
+            moved.shape[1]
+            == sum(p[4] - p[3] for p in plain_plan[0]) + plain_plan[1] + plain_plan[2]
+        )
