@@ -316,8 +316,10 @@ def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
     offsets = np.zeros((n_time, n_band))
     for (t, b), (gain, offset) in zip(pairs, fits, strict=True):
         gains[t, b], offsets[t, b] = gain, offset
-    for t in range(n_time):
-        common = common_offset_fit(overview[t], target, gains[t], offsets[t])
+    checks = map_on_cores(
+        lambda t: common_offset_fit(overview[t], target, gains[t], offsets[t]), range(n_time)
+    )
+    for t, common in enumerate(checks):
         if common is not None:
             gains[t], offsets[t] = common
     return gains, offsets
