@@ -326,7 +326,8 @@ def shift_notes(annotations: xr.Dataset) -> list[str]:
             f"{size[moved].max():.1f} px; misregistration holds each date's shift); the pixels "
             "at the image's edge that the reference never saw are not valid there"
         )
-    beyond = np.flatnonzero(np.round(size) > MAX_REALIGN)
+    # Off by REALIGN_FROM or more, yet not realigned: beyond MAX_REALIGN.
+    beyond = np.flatnonzero((size >= REALIGN_FROM) & ~realigned)
     if beyond.size:
         named = ", ".join(f"{labels[t]} ({size[t]:.1f} px)" for t in beyond[:5])
         more = ", ..." if beyond.size > 5 else ""

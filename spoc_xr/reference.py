@@ -362,19 +362,15 @@ def common_offset_fit(
     # every other pixel (every fit runs on the client before any tile task can start).
     gains, offsets = gains[:, None, None], offsets[:, None, None]
     sparse = (slice(None), slice(None, None, 2), slice(None, None, 2))
-    explained = _within(target[sparse], gains * date[sparse] + offsets).sum(axis=(1, 2))
-    usable = np.isfinite(date[sparse]) & (target[sparse] > 0)
-    if (explained >= COMMON_OFFSET_CHECK_SHARE * usable.sum(axis=(1, 2))).all():
+    sampled = _within(target[sparse], gains * date[sparse] + offsets).sum(axis=(1, 2))
+    sampled_usable = np.isfinite(date[sparse]) & (target[sparse] > 0)
+    if (sampled >= COMMON_OFFSET_CHECK_SHARE * sampled_usable.sum(axis=(1, 2))).all():
         return None
-    within = _within(target, gains * date + offsets).sum(axis=(1, 2))
+    explained = _within(target, gains * date + offsets).sum(axis=(1, 2))
     usable = np.isfinite(date) & (target > 0)
-    pairs = []
-    for band in range(date.shape[0]):
-        keep = usable[band]
-        pairs.append((date[band][keep].astype(np.float64), target[band][keep].astype(np.float64)))
-    explained = [int(count) for count in within]
     fitted, wins = [], False
-    for (x, y), before in zip(pairs, explained, strict=True):
+    for band, before in enumerate(explained):
+        x, y = (values[band][usable[band]].astype(np.float64) for values in (date, target))
         if x.size < MIN_FIT_SAMPLES:
             return None
         offset = _difference_mode(x, y)
@@ -774,15 +770,13 @@ def plan_radiometry(
         fitted = fit_composite(overview)
     gains, offsets, changed, scale = fitted.gains, fitted.offsets, fitted.changed, fitted.scale
     notes = list(fitted.notes)
-    median_dates, water_mapping, choice = None, None, ""
+    water_mapping, choice = None, ""
     if reference == "median":
         index = None
-        if fitted.from_dates is not None:
-            median_dates = tuple(int(t) for t in np.flatnonzero(fitted.from_dates))
     elif reference == "auto":
         eligible = valid_fraction >= MIN_VALID_SHARE * valid_fraction.max()
-        score = np.where(eligible, changed + (1 - valid_fraction), np.inf)
-        index = int(np.argmin(score))
+        dirt = changed + (1 - valid_fraction)
+        index = int(np.argmin(np.where(eligible, dirt, np.inf)))
         choice = (
             f"auto: the fewest changed pixels ({changed[index]:.1%}) among dates with >= "
             f"{MIN_VALID_SHARE:.0%} of the best coverage"
@@ -791,14 +785,11 @@ def plan_radiometry(
         # others; without them its boats would stay in the reference (a probe: the reference
         # date of every 3-date subset of a stack lost all its boats), while the median of
         # the dates drops each date's own.
-        dirt = changed + (1 - valid_fraction)
         clean_others = int(np.count_nonzero(dirt <= MAX_SAMPLE_DIRT)) - int(
             dirt[index] <= MAX_SAMPLE_DIRT
         )
         if clean_others < MIN_CLEANING_DATES:
             index = None
-            if fitted.from_dates is not None:
-                median_dates = tuple(int(t) for t in np.flatnonzero(fitted.from_dates))
             choice = (
                 f"auto: the temporal median, as fewer than {MIN_CLEANING_DATES} clean dates "
                 "beside the cleanest one could clean a date of its own objects"
@@ -827,7 +818,12 @@ def plan_radiometry(
         scale,
         brightness_levels(overview, gains, offsets),
         water_mapping=water_mapping,
-        median_dates=median_dates,
+        # A median reference is the median of the dates the composite was taken from.
+        median_dates=(
+            None
+            if index is not None or fitted.from_dates is None
+            else tuple(int(t) for t in np.flatnonzero(fitted.from_dates))
+        ),
         choice=choice,
     )
 
