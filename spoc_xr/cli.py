@@ -93,6 +93,20 @@ def _parse_size(value: str) -> int:
     return number
 
 
+def _parse_levels(value: str | None) -> tuple[float, ...]:
+    if value is None:
+        return ()
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError as err:
+        from spoc_xr.errors import ParameterError
+
+        raise ParameterError(
+            f"--zero-level {value!r} is not a number or a comma-separated list of numbers (one "
+            "per band); pass e.g. 1000 or 1000,1000,1000,1000"
+        ) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``spoc-xr`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -173,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="odd side of the local background window of small objects (31: a ship covers "
         "less than half of it)",
+    )
+    annotate.add_argument(
+        "--zero-level",
+        metavar="VALUE",
+        help="stored value of zero reflectance, one for all bands or one per band (0): 1000 for "
+        "Sentinel-2 L2A from processing baseline 04.00 (January 2022) on unless harmonised, 7273 "
+        "for Landsat Collection 2 Level-2; detection's gains and colour tests are ratios",
     )
     annotate.add_argument("--overwrite", action="store_true", help="replace an existing store")
     annotate.add_argument(
@@ -409,7 +430,12 @@ def run_annotate(args: argparse.Namespace) -> None:
         sizes.update(open_size=args.open_size, close_size=args.open_size)
     if args.background_size is not None:
         sizes["background_size"] = args.background_size
-    params = DetectParams(kernel=args.kernel, threshold=parse_threshold(args.threshold), **sizes)
+    params = DetectParams(
+        kernel=args.kernel,
+        threshold=parse_threshold(args.threshold),
+        zero_level=_parse_levels(args.zero_level),
+        **sizes,
+    )
     storage_options = _storage(args)
     if isinstance(args.output, Path) and isinstance(args.stack, Path):
         run_annotate_resumable(args, params)
@@ -546,7 +572,12 @@ def describe_annotations(result: Any, output: Path | str, seconds: float) -> str
         f"threshold: {info['parameters']['threshold']} "
         f"({info['parameters']['effective_threshold']:g} noise scales), "
         f"kernel {info['parameters']['kernel']}, open {info['parameters']['open_size']} px, "
-        f"background {info['parameters']['background_size']} px",
+        f"background {info['parameters']['background_size']} px"
+        + (
+            f", zero level {info['parameters']['zero_level']}"
+            if info["parameters"].get("zero_level")
+            else ""
+        ),
         f"mean share of small-object pixels {np.nanmean(fractions.small_fraction.values):.3%}, "
         f"large {np.nanmean(fractions.large_fraction.values):.2%}",
     ]

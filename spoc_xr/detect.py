@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -307,6 +308,12 @@ class DetectParams:
         Side of the square closing applied to large objects.
     background_size : int
         Side of the window of the local median background of the change score.
+    zero_level : float or tuple of float
+        The stored value at which a band reads no light, one for every band or one per band
+        (``()``: zero). Detection's illumination gains and colour tests are ratios, so values
+        stored with an offset must have it taken off: 1000 for Sentinel-2 L2A from processing
+        baseline 04.00 (January 2022) on, unless harmonised; 7273 for Landsat Collection 2
+        Level-2 surface reflectance (its 0.2 offset over its 2.75e-5 scale).
     """
 
     kernel: int = 5
@@ -315,10 +322,26 @@ class DetectParams:
     open_size: int = DEFAULT_OPEN_SIZE
     close_size: int = DEFAULT_OPEN_SIZE
     background_size: int = DEFAULT_BACKGROUND_SIZE
+    zero_level: float | tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("kernel", "tolerance", "open_size", "close_size", "background_size"):
             kernels.check_size(getattr(self, name), name=name)
+        levels = self.zero_level
+        levels = (levels,) if isinstance(levels, numbers.Real) else levels
+        if isinstance(levels, np.ndarray):
+            levels = tuple(levels.ravel().tolist())
+        if not isinstance(levels, tuple | list) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+            for v in levels
+        ):
+            raise ParameterError(
+                f"zero_level {self.zero_level!r} must be a finite number or one per band; pass "
+                "e.g. 1000 (Sentinel-2 L2A from baseline 04.00) or (1000, 1000, 1000, 1000)"
+            )
+        # Zero everywhere is no offset: the stack is compared as stored.
+        levels = () if all(v == 0 for v in levels) else tuple(float(v) for v in levels)
+        object.__setattr__(self, "zero_level", levels)
         if self.threshold is not None:
             value = self.threshold
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -328,6 +351,11 @@ class DetectParams:
                     f"threshold {value!r} must be a finite number > 0 (in noise scales); "
                     f"pass e.g. {AUTO_THRESHOLD:g} or 'auto'"
                 )
+
+    @property
+    def zero_levels(self) -> tuple[float, ...]:
+        """``zero_level`` as checked: a tuple, empty for none."""
+        return cast(tuple[float, ...], self.zero_level)
 
     @property
     def effective_threshold(self) -> float:
@@ -375,6 +403,11 @@ class DetectParams:
         """Parameters as Zarr-serialisable attributes."""
         attrs = asdict(self)
         attrs["threshold"] = "auto" if self.threshold is None else float(self.threshold)
+        if not self.zero_level:
+            # Left out as stores before it was a parameter recorded it: they resume.
+            del attrs["zero_level"]
+        else:
+            attrs["zero_level"] = list(self.zero_levels)
         attrs["effective_threshold"] = self.effective_threshold
         return attrs
 

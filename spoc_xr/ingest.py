@@ -55,7 +55,7 @@ from spoc_xr.errors import (
     SpocError,
     StoreError,
 )
-from spoc_xr.reference import OVERVIEW_NAME, overview_of
+from spoc_xr.reference import OVERVIEW_NAME, overview_of, to_float
 from spoc_xr.store import (
     ZARR_WRITE_OPTIONS,
     check_output_path,
@@ -413,8 +413,9 @@ def read_overview(
     """The overview stored by ingest for ``stack``'s dates, or ``None`` when there is none.
 
     ``stack`` must be the store's stack or a selection of its dates (any order); a spatial
-    selection, another band set, or a store written before overviews were stored gives
-    ``None``, and annotate then reads the overview itself.
+    selection, another band set, values changed after opening (a stack scaled to reflectance:
+    checked on the first date's first chunk), or a store written before overviews were stored
+    gives ``None``, and annotate then reads the overview itself.
 
     Parameters
     ----------
@@ -456,7 +457,27 @@ def read_overview(
         "stride"
     ):
         return None
-    return np.asarray(stored.isel(time=rows).values, dtype=np.float32)
+    overview = np.asarray(stored.isel(time=rows).values, dtype=np.float32)
+    stride = int(expected.attrs["stride"])
+    return overview if _holds_overview_values(stack, overview, stride) else None
+
+
+def _holds_overview_values(stack: xr.DataArray, overview: np.ndarray, stride: int) -> bool:
+    """Whether ``stack``'s first date holds the values its stored overview says, on the
+    overview's pixels inside the first chunk (one chunk read). A stack scaled after it was
+    opened keeps the store's dates, bands and grid: fitted on the raw overview, its radiometry
+    was off by the scale (a probe: no object found on any date)."""
+    sides = {
+        dim: stack.chunksizes[dim][0] if stack.chunks is not None else stack.sizes[dim]
+        for dim in ("y", "x")
+    }
+    ys, xs = (np.arange(0, sides[dim], stride)[:OVERVIEW_CHECK_SIDE] for dim in ("y", "x"))
+    sample = to_float(stack.isel(time=[0], y=ys, x=xs)).values[0]
+    return bool(np.array_equal(sample, overview[0, :, : ys.size, : xs.size], equal_nan=True))
+
+
+#: Overview pixels per axis compared with the stack by :func:`read_overview`.
+OVERVIEW_CHECK_SIDE = 8
 
 
 def add_overview(store: PathLike) -> None:
@@ -534,7 +555,8 @@ def scale_offset_note(src: PathLike | Sequence[PathLike]) -> str | None:
         "files hold them: annotate maps a date that differs by one constant in every band onto "
         "the reference, but band values in object tables and chips keep the difference; "
         "harmonise the files first (Sentinel-2 L2A from processing baseline 04.00 on: subtract "
-        "1000 DN, e.g. gdal_calc.py)"
+        "1000 DN, e.g. gdal_calc.py); a stack whose every file holds the offset takes "
+        "'annotate --zero-level' instead"
     )
 
 

@@ -86,6 +86,7 @@ from spoc_xr.reference import (
     parse_reference,
     plan_radiometry,
     reference_text,
+    valid_pixels,
 )
 
 STACK_DIMS = ("time", "band", "y", "x")
@@ -149,7 +150,9 @@ def annotate(
     params : DetectParams, optional
         Full parameter set; overrides ``kernel`` and ``threshold`` when given.
     overview : numpy.ndarray, optional
-        Precomputed overview (see :func:`spoc_xr.reference.compute_overview`).
+        Precomputed overview of the stack as stored (see
+        :func:`spoc_xr.reference.compute_overview`, :func:`spoc_xr.ingest.read_overview`);
+        ``params.zero_level`` is taken off it as off the stack.
 
     Returns
     -------
@@ -199,7 +202,40 @@ def check_annotation_parameters(
     parse_reference(reference, stack.time)
     if stack.chunks is None:
         stack = stack.chunk({"time": 1})
-    return stack, params
+    return above_zero_level(stack, params.zero_levels), params
+
+
+def above_zero_level(stack: xr.DataArray, zero_level: Sequence[float]) -> xr.DataArray:
+    """``stack`` less its zero level (see :class:`DetectParams`), lazily: float32, NaN where
+    the stack is invalid (its nodata value no longer applies); the stack itself without one.
+
+    Examples
+    --------
+    >>> stack = xr.DataArray(np.full((1, 2, 1, 1), 1500, np.uint16), dims=STACK_DIMS)
+    >>> above_zero_level(stack, [1000.0]).values.ravel().tolist()
+    [500.0, 500.0]
+    """
+    if not zero_level or stack.attrs.get(ZERO_LEVEL_ATTR) is not None:
+        return stack
+    n_band = stack.sizes["band"]
+    if len(zero_level) not in (1, n_band):
+        raise ParameterError(
+            f"zero_level gives {len(zero_level)} values for {n_band} bands "
+            f"({', '.join(str(b) for b in stack.band.values)}); give one for every band or one "
+            "per band"
+        )
+    levels = np.broadcast_to(np.asarray(zero_level, dtype=np.float32), (n_band,))
+    shifted = (stack.astype(np.float32) - xr.DataArray(levels, dims="band")).where(
+        valid_pixels(stack)
+    )
+    shifted.attrs = {key: value for key, value in stack.attrs.items() if key != "nodata"}
+    # Planning checks its stack again: what was taken off once is not taken off twice.
+    shifted.attrs[ZERO_LEVEL_ATTR] = levels.tolist()
+    return shifted.transpose(*STACK_DIMS)
+
+
+#: Attribute of a stack whose zero level :func:`above_zero_level` took off.
+ZERO_LEVEL_ATTR = "zero_level_taken_off"
 
 
 def plan_annotation(
@@ -220,6 +256,10 @@ def plan_annotation(
         overview = compute_overview(stack)
     else:
         check_overview(overview, stack)
+        if params.zero_levels:
+            # The stored overview holds the stack's values as stored, NaN where invalid.
+            levels = np.asarray(params.zero_levels, dtype=np.float32)
+            overview = np.asarray(overview, dtype=np.float32) - levels[None, :, None, None]
     fitted = fit_composite(overview)
     radiometry = plan_radiometry(overview, choice, fitted)
     cut = water_threshold(fitted.composite, [str(b) for b in stack.band.values])

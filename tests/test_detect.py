@@ -1314,6 +1314,40 @@ def test_an_overview_of_other_dates_is_refused_with_what_to_pass():
         annotate(stack, params=PARAMS, overview=np.zeros((4, 4, 8, 8), np.float32))
 
 
+@pytest.mark.parametrize("zero_level", [1000, (1000, 1000, 1000, 1000)])
+def test_values_stored_with_an_offset_annotate_as_without_it_given_their_zero_level(zero_level):
+    from spoc_xr.pipeline import ZERO_LEVEL_ATTR, above_zero_level
+
+    stack = make_stack(n_time=6, shape=(41, 53), seed=2)
+    stack[:, :, :3, :5] = 0  # nodata: stays missing, and not 1000 DN less
+    # Sentinel-2 L2A from baseline 04.00 on: reflectance + 1000 DN, nodata still 0.
+    offset = (stack + 1000).where(stack != 0, 0).astype(np.uint16).assign_attrs(stack.attrs)
+    plain = annotate(stack, params=PARAMS).compute()
+    params = DetectParams(**{**PARAMS.__dict__, "zero_level": zero_level})
+    for overview in (None, compute_overview(offset)):
+        shifted = annotate(offset, params=params, overview=overview)
+        assert shifted.attrs["spoc_xr"]["parameters"]["zero_level"] == list(params.zero_levels)
+        shifted = shifted.compute()
+        for name in ("mask", "valid", "heatmap", "gain"):
+            np.testing.assert_array_equal(shifted[name].values, plain[name].values, err_msg=name)
+    # The ratios of the stored values are not the ratios of reflectance: without it, not so.
+    unaware = annotate(offset, params=PARAMS).compute()
+    assert not np.array_equal(unaware["gain"].values, plain["gain"].values)
+    taken = above_zero_level(offset, params.zero_levels)
+    assert taken.attrs[ZERO_LEVEL_ATTR] == [1000.0] * 4 and "nodata" not in taken.attrs
+    assert above_zero_level(taken, params.zero_levels) is taken  # never taken off twice
+
+
+def test_a_zero_level_is_checked_before_any_pixel_is_read():
+    for bad in ("1000", float("nan"), (1, None), True):
+        with pytest.raises(ParameterError, match="zero_level"):
+            DetectParams(zero_level=bad)
+    assert DetectParams(zero_level=np.float32(0)).zero_level == ()
+    assert DetectParams(zero_level=np.array([1, 2])).zero_level == (1.0, 2.0)
+    with raise_if_dask_computes(), pytest.raises(ParameterError, match="2 values for 4 bands"):
+        annotate(make_stack().chunk(), params=DetectParams(zero_level=(1, 2)))
+
+
 def test_classification_and_quality_bands_are_named_in_a_note():
     from spoc_xr.pipeline import categorical_band_notes, plan_annotation
 

@@ -289,6 +289,9 @@ def test_nans_in_a_float_stack_are_nodata(
         ("--threshold", "-2", "-2"),
         ("--threshold", "0", "0"),
         ("--threshold", "lots", "lots"),
+        ("--zero-level", "lots", "lots"),
+        ("--zero-level", "nan", "zero_level"),
+        ("--zero-level", "1000,1000", "2 values for 4 bands"),
     ],
 )
 def test_bad_parameters_are_refused_before_any_output(
@@ -323,6 +326,23 @@ def test_annotate_takes_the_sizes_and_the_store_records_them(
         9,
         21,
     )
+
+
+def test_annotate_takes_a_zero_level_and_the_store_records_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stack_store: Path
+) -> None:
+    out = tmp_path / "out.zarr"
+    options = ("--zero-level", "1", "--no-report")
+    status, printed, _ = cli(capsys, "annotate", stack_store, out, *options)
+    assert status == 0
+    assert "background 31 px, zero level [1.0]" in printed
+    assert open_store(out).attrs["spoc_xr"]["parameters"]["zero_level"] == [1.0]
+    # The values less their zero level are compared: the reference is stored so.
+    plain = tmp_path / "plain.zarr"
+    assert cli(capsys, "annotate", stack_store, plain, "--no-report")[0] == 0
+    difference = open_store(out)["reference"].values - open_store(plain)["reference"].values
+    assert np.median(difference) == pytest.approx(-1, abs=0.01)
+    assert "zero_level" not in open_store(plain).attrs["spoc_xr"]["parameters"]
 
 
 def test_output_equal_to_the_input_is_refused(

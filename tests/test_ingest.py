@@ -593,6 +593,11 @@ def test_ingest_stores_the_overview_annotate_would_read(tmp_path: Path) -> None:
     picked = stack.isel(time=[2, 0])
     np.testing.assert_array_equal(read_overview(tmp_path / "a.zarr", picked), expected[[2, 0]])
     assert read_overview(tmp_path / "a.zarr", stack.isel(x=slice(0, 10))) is None
+    # Values changed after opening (scaled to reflectance) get none: fitted on the stored
+    # values, the radiometry of a scaled stack was off by the scale; a cast keeps the values.
+    assert read_overview(tmp_path / "a.zarr", stack * 1e-4) is None
+    assert read_overview(tmp_path / "a.zarr", stack.astype(np.float32) + 1) is None
+    np.testing.assert_array_equal(read_overview(tmp_path / "a.zarr", stack.astype(float)), expected)
 
     # The resumable writer stores it too, and an append extends it.
     assert ingest_store(tmp_path / "src", tmp_path / "b.zarr", chunks=16) == "written"
