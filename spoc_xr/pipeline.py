@@ -267,6 +267,7 @@ def plan_annotation(
     notes = radiometry.notes + ([size_note] if size_note else [])
     notes += missing_band_notes(overview, stack)
     notes += categorical_band_notes([str(band) for band in stack.band.values])
+    notes += nodata_inside_notes(overview, stack)
     if stack.sizes["time"] < FEW_DATES:
         notes.append(
             f"only {stack.sizes['time']} dates: each date's clouds and objects weigh on the "
@@ -316,6 +317,46 @@ def categorical_band_notes(bands: Sequence[str]) -> list[str]:
         "compares every band as reflectance, so their changes of class become objects: "
         "annotate the stack without them (stack.drop_sel(band=[...]) in Python, or ingest "
         "files without them, e.g. gdal_translate -b)"
+    ]
+
+
+#: A nodata value with at least this share of a band's valid overview pixels on either side of
+#: it lies inside the band's values.
+NODATA_INSIDE_SHARE = 0.01
+
+
+def nodata_inside_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:
+    """A note when the stack's nodata value lies inside a band's values: pixels that read it are
+    taken as missing, and a stack scaled after it was opened keeps a nodata attribute that no
+    longer marks its missing pixels (a probe: ``stack * 1e-4 - 0.1`` took its old fill for
+    valid data and every pixel that became 0.0 for missing).
+
+    Examples
+    --------
+    >>> values = np.linspace(-0.05, 0.3, 64, dtype=np.float32).reshape(1, 1, 8, 8)
+    >>> stack = xr.DataArray(values, dims=STACK_DIMS, coords={"band": ["nir"]}, attrs={"nodata": 0})
+    >>> nodata_inside_notes(values, stack)[0][:45]
+    'the stack declares nodata 0, inside band nir'
+    """
+    nodata = stack.attrs.get("nodata")
+    if nodata is None or not np.isfinite(nodata):
+        return []
+    inside = []
+    for band, values in zip(stack.band.values, np.asarray(overview).swapaxes(0, 1), strict=True):
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        below = np.count_nonzero(values < nodata) / values.size
+        above = np.count_nonzero(values > nodata) / values.size
+        if min(below, above) >= NODATA_INSIDE_SHARE:
+            inside.append(f"{band} ({below:.0%} of its values below it)")
+    if not inside:
+        return []
+    return [
+        f"the stack declares nodata {nodata:g}, inside band {', '.join(inside)}: pixels that "
+        "read it are taken as missing; if the stack was scaled or offset after it was opened, "
+        "its attrs['nodata'] no longer marks the missing pixels: mask them before scaling "
+        "(stack.where(stack != stack.attrs['nodata'])) and drop the attribute"
     ]
 
 

@@ -1338,6 +1338,21 @@ def test_values_stored_with_an_offset_annotate_as_without_it_given_their_zero_le
     assert above_zero_level(taken, params.zero_levels) is taken  # never taken off twice
 
 
+def test_a_nodata_value_inside_the_values_is_named_in_a_note():
+    from spoc_xr.pipeline import plan_annotation
+
+    stack = make_stack(n_time=5, seed=1)  # nodata 0, values from 1 up
+    _, radiometry, _ = plan_annotation(stack, params=PARAMS)
+    assert not [note for note in radiometry.notes if "declares nodata" in note]
+    # Scaled to reflectance with an offset, the attribute stays and points inside the values.
+    scaled = stack * 1e-4 - 0.1
+    assert scaled.attrs["nodata"] == 0
+    _, radiometry, _ = plan_annotation(scaled, params=PARAMS)
+    (note,) = [note for note in radiometry.notes if "declares nodata" in note]
+    assert note.startswith("the stack declares nodata 0, inside band B02 (")
+    assert "stack.where(stack != stack.attrs['nodata'])" in note
+
+
 def test_a_zero_level_is_checked_before_any_pixel_is_read():
     for bad in ("1000", float("nan"), (1, None), True):
         with pytest.raises(ParameterError, match="zero_level"):
