@@ -335,7 +335,7 @@ def nodata_inside_notes(overview: np.ndarray, stack: xr.DataArray) -> list[str]:
     --------
     >>> values = np.linspace(-0.05, 0.3, 64, dtype=np.float32).reshape(1, 1, 8, 8)
     >>> stack = xr.DataArray(values, dims=STACK_DIMS, coords={"band": ["nir"]}, attrs={"nodata": 0})
-    >>> nodata_inside_notes(values, stack)[0][:45]
+    >>> nodata_inside_notes(values, stack)[0][:44]
     'the stack declares nodata 0, inside band nir'
     """
     nodata = stack.attrs.get("nodata")
