@@ -55,7 +55,7 @@ from dask.highlevelgraph import HighLevelGraph
 from spoc_xr import kernels
 from spoc_xr.compiled import compiled as _compiled
 from spoc_xr.errors import ParameterError
-from spoc_xr.reference import compare_exchange_row, sorting_network
+from spoc_xr.reference import compare_exchange_row, middle_network, sorting_network
 
 # Change scores are in units of the per-pixel noise scale: at 6 scales beyond the reference's
 # neighbourhood range, Gaussian noise false alarms are ~1e-9 per pixel and band.
@@ -176,10 +176,11 @@ ISOLATED_FACTOR = 2.0
 SCORE_CEILING = 65535.0
 LOG_STEPS_PER_OCTAVE = 16
 MAD_TO_SIGMA = 1.4826
-MEAN_ABS_TO_SIGMA = float(np.sqrt(np.pi / 2))
 # The local background and spread are computed on cells of this side (px), anchored on the
 # image grid: wide and smooth quantities need no full-resolution median.
 BACKGROUND_CELL = 4
+# The comparators that place the two middle values of a cell's pixels (local_background's spread).
+_CELL_NETWORK = np.asarray(middle_network(BACKGROUND_CELL**2), dtype=np.int64).reshape(-1, 2)
 # Noise scale floor, as a share of the band's typical scale: quantised calm water can show a spread
 # of ~0 over a few dates, which would make any flicker an object.
 NOISE_FLOOR_SHARE = 0.5
@@ -1240,8 +1241,12 @@ def local_background(
     Both are wide and smooth, so they are computed on a grid of ``BACKGROUND_CELL`` px cells
     (the cell means of the score, a median over ``ceil(size / cell)`` cells, made odd, then
     interpolated back linearly): 16x fewer pixels than a full-resolution median of the same
-    reach. The cells are anchored on the image grid (``origin`` is the global ``(y, x)`` of
-    ``score[0, 0]``), so every tiling sees the same cells.
+    reach. The spread's cells hold the median of their pixels' absolute residual,
+    not its mean: boats moored 1 px apart fill nearly every cell of a dense anchorage with a
+    few hull pixels, whose mean raised the CFAR level above the hulls themselves (a probe's
+    anchorage: 6 spreads reached 161 at its missed boats, their residual 112); a cell's median
+    follows its water until hulls fill half of it. The cells are anchored on the image grid
+    (``origin`` is the global ``(y, x)`` of ``score[0, 0]``), so every tiling sees the same cells.
 
     Returns
     -------
@@ -1250,16 +1255,18 @@ def local_background(
     """
     cells = window_cells(size)
     background = _cell_median(score, cells, origin)
-    # The residual and the cell means of its absolute value in one pass: as whole-tile numpy
+    # The residual and the cell medians of its absolute value in one pass: as whole-tile numpy
     # steps they were two more tile-sized temporaries and an edge-padded copy.
     residual = np.empty_like(background)
     top, left, grid = _cell_grid(score.shape, origin)
-    cell_means = np.empty(grid, dtype=np.float32)
-    _residual_cells(score, background, top, left, BACKGROUND_CELL, residual, cell_means)
-    # The mean of |x| is sqrt(2/pi) sigma for Gaussian x (cells average |residual|); scaled on
-    # the cells, before they are brought back to full resolution.
+    cell_medians = np.empty(grid, dtype=np.float32)
+    _residual_cells(
+        score, background, top, left, BACKGROUND_CELL, _CELL_NETWORK, residual, cell_medians
+    )
+    # The median of |x| is sigma / MAD_TO_SIGMA for Gaussian x (cells take the median of
+    # |residual|); scaled on the cells, before they are brought back to full resolution.
     spread = _cells_to_median(
-        cell_means, cells, score.shape, top, left, np.float32(MEAN_ABS_TO_SIGMA * spread_factor)
+        cell_medians, cells, score.shape, top, left, np.float32(MAD_TO_SIGMA * spread_factor)
     )
     return background, residual, spread
 
@@ -1506,28 +1513,47 @@ def _cells_to_median(
 
 
 @_compiled
-def _residual_cells(score, background, top, left, cell, residual, means):  # pragma: no cover
-    # Cell means as cv2.resize(INTER_AREA) sums them at an integer factor (each row of a cell
-    # left to right, then the rows top to bottom), over the tile edge-replicated to whole cells.
+def _residual_cells(
+    score, background, top, left, cell, network, residual, medians
+):  # pragma: no cover
+    # Cell medians of |residual| as numpy's median over each cell's pixels gives them (the mean
+    # of the two middle values, in float32; NaN in a cell with a NaN), over the tile
+    # edge-replicated to whole cells. A row of cells at a time: its cells' values gathered one
+    # cell position per line, then middle_network's comparators along the lines (vectorised).
     height, width = score.shape
+    nans = 0
     for y in range(height):
         for x in range(width):
-            residual[y, x] = score[y, x] - background[y, x]
-    rows = _replicated_indices(means.shape[0] * cell, top, height)
-    columns = _replicated_indices(means.shape[1] * cell, left, width)
-    scale = np.float32(1.0) / np.float32(cell * cell)
-    for cy in range(means.shape[0]):
-        totals = means[cy]
+            value = score[y, x] - background[y, x]
+            residual[y, x] = value
+            nans += value != value
+    rows = _replicated_indices(medians.shape[0] * cell, top, height)
+    columns = _replicated_indices(medians.shape[1] * cell, left, width)
+    n_cells = medians.shape[1]
+    size = cell * cell
+    ordered = np.empty((size, n_cells), dtype=np.float32)
+    missing = np.zeros(n_cells, dtype=np.bool_)
+    low, high = (size - 1) // 2, size // 2
+    half, nan = np.float32(0.5), np.float32(np.nan)
+    for cy in range(medians.shape[0]):
         for dy in range(cell):
             row = residual[rows[cy * cell + dy]]
-            for cx in range(totals.shape[0]):
-                first = cx * cell
-                part = abs(row[columns[first]])
-                for dx in range(1, cell):
-                    part += abs(row[columns[first + dx]])
-                totals[cx] = part if dy == 0 else totals[cx] + part
-        for cx in range(totals.shape[0]):
-            totals[cx] *= scale
+            for dx in range(cell):
+                line = ordered[dy * cell + dx]
+                for cx in range(n_cells):
+                    line[cx] = abs(row[columns[cx * cell + dx]])
+        if nans:  # rare: checked apart, the gather above stays free of it
+            missing[:] = False
+            for position in range(size):
+                line = ordered[position]
+                for cx in range(n_cells):
+                    missing[cx] |= line[cx] != line[cx]
+        for pair in range(network.shape[0]):
+            compare_exchange_row(ordered[network[pair, 0]], ordered[network[pair, 1]], n_cells)
+        out = medians[cy]
+        for cx in range(n_cells):
+            middle = (ordered[low, cx] + ordered[high, cx]) * half
+            out[cx] = nan if missing[cx] else middle
 
 
 @_compiled
