@@ -612,6 +612,10 @@ def check_identical(
             slice(cols.start - left, cols.stop - left),
         )
         shifts = date_shifts(stack, built["reference"], radiometry).compute()
+        # The water mask the annotation used (sea clutter is dropped on it), None without an index.
+        water = None
+        if stored["water"].attrs.get("index", "none") != "none":
+            water = _window(stored["water"].values.astype(bool), rows, cols, depth)
         compared = differing = 0
         levels = per_date_levels(radiometry.brightness, stack.sizes["time"])
         band_names = [str(band) for band in stack.band.values]
@@ -632,6 +636,7 @@ def check_identical(
                 **band_roles(band_names),
                 reference=local["reference"],
                 shift=shifts[t],
+                water=water,
             )[core]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

@@ -448,6 +448,7 @@ def build_annotations(
     products = reference_products(ref, spread, params)
     # One graph for both: the classification reads the same shift tasks the output stores.
     shifts = date_shifts(stack, ref, radiometry)
+    water = _water(products["smooth"], radiometry, index)
     codes = classify(
         stack,
         products,
@@ -456,11 +457,12 @@ def build_annotations(
         params,
         radiometry.brightness,
         shifts=shifts,
+        # Without a water index every pixel counts as water (for the heatmap): sea clutter
+        # would then be dropped on land too (cars in a car park).
+        water=water if index.available else None,
     )
     codes = _on_output_grid(codes, stack)
-    water = _water(products["smooth"], radiometry, index).chunk(
-        {dim: codes.chunksizes[dim] for dim in ("y", "x")}
-    )
+    water = water.chunk({dim: codes.chunksizes[dim] for dim in ("y", "x")})
     summary = date_summary(codes)
     result = xr.Dataset(
         {

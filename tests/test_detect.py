@@ -22,6 +22,8 @@ from spoc_xr.detect import (
     MAX_REALIGN,
     MAX_SMALL_EXTENT,
     OBJECT_REACH,
+    SEA_CLUTTER_COUNT,
+    SEA_CLUTTER_WINDOW,
     SMALL,
     DetectParams,
     band_roles,
@@ -40,6 +42,7 @@ from spoc_xr.detect import (
     visible_bands,
     whole_pixel_shift,
     window_span,
+    without_sea_clutter,
 )
 from spoc_xr.errors import InputError, ParameterError, SpocError
 from spoc_xr.pipeline import (
@@ -1424,3 +1427,79 @@ def test_a_shifted_plan_assembles_the_wider_window_moved_by_whole_pixels(
             moved.shape[1]
             == sum(p[4] - p[3] for p in plain_plan[0]) + plain_plan[1] + plain_plan[2]
         )
+
+
+def _labelled_sea_clutter(small: np.ndarray, water: np.ndarray) -> np.ndarray:
+    # The rule as scipy's labelling states it: components of one or two pixels, each counted at
+    # its first pixel (row-major) where that lies on water, crowded by SEA_CLUTTER_COUNT of them
+    # (brute force over pairs) within the window's half-width.
+    labels, count = ndi.label(small, np.ones((3, 3)))
+    sizes = ndi.sum(small, labels, np.arange(1, count + 1))
+    tiny = [label for label in range(1, count + 1) if sizes[label - 1] <= 2]
+    firsts = {}
+    for label in tiny:
+        first = int(np.flatnonzero(labels == label)[0])
+        if water.reshape(-1)[first]:
+            firsts[label] = np.unravel_index(first, small.shape)
+    kept = small.copy()
+    reach = SEA_CLUTTER_WINDOW // 2
+    for label, (y, x) in firsts.items():
+        near = sum(max(abs(y - v), abs(x - u)) <= reach for v, u in firsts.values())
+        if near >= SEA_CLUTTER_COUNT:
+            kept[labels == label] = False
+    return kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.tuples(st.integers(1, 120), st.integers(1, 120)),
+    share=st.floats(0.0, 0.08),
+)
+def test_sea_clutter_equals_the_labelled_rule(seed: int, shape: tuple[int, int], share: float):
+    rng = np.random.default_rng(seed)
+    small = rng.random(shape) < share
+    small[: shape[0] // 3, : shape[1] // 3] |= rng.random((shape[0] // 3, shape[1] // 3)) < 0.3
+    water = rng.random(shape) < 0.8
+    kept = without_sea_clutter(small, water)
+    np.testing.assert_array_equal(kept, _labelled_sea_clutter(small, water))
+    # Only objects of one or two pixels on water are ever dropped.
+    labels, count = ndi.label(small, np.ones((3, 3)))
+    for label in range(1, count + 1):
+        pixels = labels == label
+        if pixels.sum() > 2 or not water[pixels].any():
+            assert kept[pixels].all()
+
+
+def _whitecap_stack() -> tuple[xr.DataArray, xr.DataArray]:
+    # Date 1 of make_stack's scene with whitecaps: one pixel in 60 of the water (its left half)
+    # rises by 600 in every band (foam), off the boat's corner.
+    stack = make_stack(n_time=5, shape=(470, 450), seed=2)
+    rng = np.random.default_rng(7)
+    caps = (rng.random((470, 225)) < 1 / 60) & (np.arange(470)[:, None] > 20)
+    values = stack.values.copy()
+    values[1, :, :, :225] += (600 * caps).astype(np.uint16)
+    stack = stack.copy(data=values)
+    water = xr.DataArray(
+        np.arange(450)[None, :].repeat(470, axis=0) < 225,
+        dims=("y", "x"),
+        coords={"y": stack.y, "x": stack.x},
+    )
+    return stack, water
+
+
+def test_whitecaps_on_water_are_clutter_in_every_tiling():
+    stack, water = _whitecap_stack()
+    chunked, radiometry, reference, spread = _prepared(stack, {"y": 110, "x": 110})
+    products = reference_products(reference, spread, PARAMS)
+    arguments = (products, radiometry.gains, radiometry.offsets, PARAMS)
+    plain = classify(stack.chunk({"time": 1}), *arguments).values
+    whole = classify(stack.chunk({"time": 1}), *arguments, water=water).values
+    with dask.config.set({CLASSIFY_TILE_CONFIG_KEY: 220}):
+        tiled = classify(chunked, *arguments, water=water.chunk(110)).values
+    np.testing.assert_array_equal(tiled, whole)
+    # The whitecaps were hundreds of one-pixel objects; they are gone, the boat stays.
+    specks = (plain[1, :, :225] == SMALL).sum()
+    assert specks > 500 and (whole[1, :, :225] == SMALL).sum() < 0.02 * specks
+    np.testing.assert_array_equal(whole[2], plain[2])
+    assert (whole[2, 5:7, 5:7] == SMALL).all()
