@@ -1609,6 +1609,8 @@ def small_objects(
     threshold: float,
     *,
     sharpness: float = SHARPNESS,
+    needed: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """The connected candidates that pass the small class's object tests.
 
@@ -1620,7 +1622,9 @@ def small_objects(
     (its mean local ``background`` above ``CLOUD_BODY_LEVEL`` x ``threshold``), an object also
     passes when its ring stands out of the background by less than ``CLOUD_BODY_SHARPNESS`` x its
     peak residual: the cloud's own change around a hull is no fade. Objects longer than
-    ``MAX_SMALL_EXTENT`` are dropped (wakes, roads, edges).
+    ``MAX_SMALL_EXTENT`` are dropped (wakes, roads, edges). With the CFAR level ``needed`` and
+    ``valid``, faint pieces trailing a stronger object (a wake's tail) are dropped too
+    (``LINK_LEVEL``).
     """
     if not candidates.any():
         return candidates
@@ -1661,12 +1665,164 @@ def small_objects(
         keep |= in_body & (standing_out < CLOUD_BODY_SHARPNESS * peak_residual * ring_count)
     keep &= extents <= MAX_SMALL_EXTENT
     keep[0] = False
+    if needed is not None and valid is not None and np.count_nonzero(keep) > 1:
+        kept = keep[member_labels]
+        keep &= ~trailing_pieces(
+            candidates,
+            members[kept],
+            member_labels[kept],
+            peak,
+            extents,
+            score,
+            residual,
+            needed,
+            valid,
+            threshold,
+        )
     dropped = members[~keep[member_labels]]
     if dropped.size == 0:
         return candidates
     small = candidates.copy()
     small.reshape(-1)[dropped] = False
     return small
+
+
+# A ship's wake fades with distance behind it; where its change hovers about the threshold the
+# tail breaks into specks apart from the ship (a probe: 2-5 px pieces 7-20 px behind 2 x 5 px
+# hulls, peaks of 6-14 noise scales against the hull's 150, joined to the wake's stronger part by
+# pixels of 3-6). A speck (at most FRAGMENT_EXTENT px long) that is weak evidence (no pixel above
+# FRAGMENT_FACTOR x its level) is such a piece, not an object of its own, when a path of pixels
+# above LINK_LEVEL x the candidate level, at most LINK_REACH px long, leads from it to a
+# candidate pixel scoring over its peak / FRAGMENT_SHARE. Without the weak-evidence test, a real
+# 7 x 13 px boat (peak 55) moored 3 px from a brighter one (277) was dropped (algiers, seed 2).
+# Speck and path lie within MAX_SMALL_EXTENT + SMALL_CONTEXT of the core, which the tile's halo
+# covers (a test module asserts it); comparing with the whole stronger object's peak would not.
+LINK_LEVEL = 0.5
+LINK_REACH = 24
+FRAGMENT_EXTENT = 5
+FRAGMENT_SHARE = 0.2
+FRAGMENT_FACTOR = ISOLATED_FACTOR
+
+
+def trailing_pieces(
+    candidates: np.ndarray,
+    members: np.ndarray,
+    member_labels: np.ndarray,
+    peak: np.ndarray,
+    extents: np.ndarray,
+    score: np.ndarray,
+    residual: np.ndarray,
+    needed: np.ndarray,
+    valid: np.ndarray,
+    threshold: float,
+) -> np.ndarray:
+    """Which labelled objects are faint pieces trailing a stronger one (see ``LINK_LEVEL``).
+
+    ``members`` are the objects' pixels (flat indices, candidates all), ``member_labels`` their
+    labels, ``peak`` each label's peak score and ``extents`` its longer side. Returns a boolean
+    per label.
+    """
+    level = np.maximum(needed.reshape(-1)[members], np.float32(threshold))
+    clear = residual.reshape(-1)[members] > np.float32(FRAGMENT_FACTOR) * level
+    weak = np.zeros(peak.size, dtype=bool)
+    weak[member_labels] = True
+    weak[member_labels[clear]] = False
+    weak &= extents <= FRAGMENT_EXTENT
+    faint = np.zeros(peak.size, dtype=bool)
+    if not weak.any():
+        return faint
+    # The weak objects' pixels, grouped by object.
+    chosen = weak[member_labels]
+    order = np.argsort(member_labels[chosen], kind="stable")
+    pixels = members[chosen][order].astype(np.int64, copy=False)
+    owners = member_labels[chosen][order]
+    starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+    ends = np.r_[starts[1:], owners.size]
+    found = np.zeros(starts.size, dtype=np.bool_)
+    # Visited marks, one number per object searched, on a window that holds any search (the
+    # object's box and the path's reach around it): no tile-sized array.
+    side = FRAGMENT_EXTENT + 2 * (LINK_REACH + 1)
+    stamp = np.zeros((side, side), dtype=np.int32)
+    _trailing_rows(
+        candidates,
+        score,
+        residual,
+        needed,
+        valid,
+        pixels,
+        starts,
+        ends,
+        (peak[owners[starts]] / FRAGMENT_SHARE).astype(np.float32),
+        np.float32(threshold),
+        np.float32(LINK_LEVEL),
+        LINK_REACH,
+        stamp,
+        found,
+    )
+    faint[owners[starts][found]] = True
+    return faint
+
+
+@_compiled
+def _trailing_rows(  # pragma: no cover - compiled
+    candidates,
+    score,
+    residual,
+    needed,
+    valid,
+    pixels,
+    starts,
+    ends,
+    strong,
+    threshold,
+    share,
+    reach,
+    stamp,
+    found,
+):
+    # Breadth first from each object, one ring of pixels a step, through pixels above share x
+    # their level, until a candidate scoring over the object's `strong` is next to the front.
+    height, width = score.shape
+    for k in range(starts.size):
+        mark = k + 1
+        front = pixels[starts[k] : ends[k]].copy()
+        top, left = height, width
+        for p in front:
+            top, left = min(top, p // width), min(left, p % width)
+        top, left = top - reach - 1, left - reach - 1
+        for p in front:
+            stamp[p // width - top, p % width - left] = mark
+        size = front.size
+        for step in range(reach + 1):
+            grown = np.empty(max(16, 2 * size), dtype=np.int64)
+            count = 0
+            for i in range(size):
+                y, x = front[i] // width, front[i] % width
+                for ny in range(max(0, y - 1), min(height, y + 2)):
+                    for nx in range(max(0, x - 1), min(width, x + 2)):
+                        if stamp[ny - top, nx - left] == mark:
+                            continue
+                        stamp[ny - top, nx - left] = mark
+                        if candidates[ny, nx] and score[ny, nx] > strong[k]:
+                            found[k] = True
+                        if found[k] or step == reach or not valid[ny, nx]:
+                            continue
+                        level = needed[ny, nx]
+                        if not (level >= threshold or level != level):
+                            level = threshold
+                        if not residual[ny, nx] > share * level:
+                            continue
+                        if count == grown.size:
+                            wider = np.empty(2 * grown.size, dtype=np.int64)
+                            wider[:count] = grown[:count]
+                            grown = wider
+                        grown[count] = ny * width + nx
+                        count += 1
+            if found[k]:
+                break
+            front, size = grown, count
+            if size == 0:
+                break
 
 
 def object_rings(labels: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1819,7 +1975,9 @@ def classify_tile(
                 date, low, high, gain, offset, tested, nir, visible, reference, reach, noise
             )
         candidates.reshape(-1)[tested[held]] = False
-    small = small_objects(candidates, score, background, residual, threshold)
+    small = small_objects(
+        candidates, score, background, residual, threshold, needed=needed, valid=valid
+    )
     # Large: the wide change itself; closing joins the fragments of soft edges and haze, the
     # opening removes everything narrower than open_size, so no boat can be large.
     # Where the pixel brightened, both must also be large in noise floors (LARGE_MAGNITUDE) and

@@ -17,14 +17,17 @@ from spoc_xr import kernels
 from spoc_xr.detect import (
     CLASSIFY_TILE_CONFIG_KEY,
     CLEAR,
+    FRAGMENT_EXTENT,
     INVALID,
     LARGE,
+    LINK_REACH,
     MAX_REALIGN,
     MAX_SMALL_EXTENT,
     OBJECT_REACH,
     SEA_CLUTTER_COUNT,
     SEA_CLUTTER_WINDOW,
     SMALL,
+    SMALL_CONTEXT,
     DetectParams,
     band_roles,
     classification_chunks,
@@ -720,6 +723,41 @@ def test_ships_moored_in_a_row_stay_small_a_longer_streak_does_not():
     small = small_objects(candidates, score, np.zeros_like(score), score, threshold)
     assert small[10:14, 5 : 5 + row].all()
     assert not small[25:28].any()
+
+
+def test_a_wake_tail_piece_is_dropped_a_faint_boat_on_its_own_is_not():
+    threshold = 6.0
+    score = np.zeros((30, 80), dtype=np.float32)
+    score[10:12, 40:45] = 150.0  # a hull
+    # Its wake, fading behind it: above the threshold next to the hull, just below it further
+    # on, where one speck crosses it again.
+    for d in range(1, 26):
+        score[11, 40 - d] = 18.0 * (1 - d / 30)
+    score[11, 18:20] = 8.0  # the speck, 21-22 px behind the hull
+    score[11, 70] = score[11, 71] = 8.0  # a faint boat on open water, as faint as the speck
+    needed = np.full_like(score, 2.0)
+    valid = np.ones(score.shape, dtype=bool)
+    candidates = score > threshold
+    small = small_objects(
+        candidates, score, np.zeros_like(score), score, threshold, needed=needed, valid=valid
+    )
+    assert small[10:12, 40:45].all()
+    assert not small[11, 18:20].any()
+    assert small[11, 70:72].all()
+    # Without the CFAR level the test is not made: the speck stays.
+    plain = small_objects(candidates, score, np.zeros_like(score), score, threshold)
+    assert plain[11, 18:20].all()
+    # A piece standing well out of its level (FRAGMENT_FACTOR) is an object of its own.
+    score[11, 18:20] = 20.0
+    kept = small_objects(
+        score > threshold, score, np.zeros_like(score), score, threshold, needed=needed, valid=valid
+    )
+    assert kept[11, 18:20].all()
+
+
+def test_a_trailing_piece_is_told_within_the_context_the_halo_covers():
+    # The speck and its path reach no further than an object's test may (tilings agree).
+    assert FRAGMENT_EXTENT + LINK_REACH + 1 <= MAX_SMALL_EXTENT + SMALL_CONTEXT
 
 
 def _flat_scene(shape=(4, 120, 160), water=500.0, noise=10.0, seed=0):
