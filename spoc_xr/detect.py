@@ -379,8 +379,11 @@ class DetectParams:
         # The haze test widens the background's reach by HAZE_WINDOW.
         small = max(2 * background, background + HAZE_WINDOW // 2)
         # Sea clutter is told by the objects of one or two pixels within SEA_CLUTTER_WINDOW // 2
-        # of one: as long as that is shorter than MAX_SMALL_EXTENT, they are exact already.
-        extent = max(MAX_SMALL_EXTENT, SEA_CLUTTER_WINDOW // 2 + 2)
+        # of one, a wake's piece by a path of LINK_REACH px from it: as long as these are
+        # shorter than MAX_SMALL_EXTENT, they are exact already.
+        extent = max(
+            MAX_SMALL_EXTENT, SEA_CLUTTER_WINDOW // 2 + 2, FRAGMENT_EXTENT + LINK_REACH + 1
+        )
         needed = max(large, small + extent + SMALL_CONTEXT)
         # A multiple of the background's cell: tiles on a cell-aligned grid (chunks of 1024 px)
         # then start on a cell edge and their cells need no padded copy.
