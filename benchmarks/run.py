@@ -55,7 +55,13 @@ from spoc_xr.detect import (
     window_span,
 )
 from spoc_xr.ingest import add_overview, open_stack, read_overview
-from spoc_xr.pipeline import annotate, annotate_store, build_annotations, plan_annotation
+from spoc_xr.pipeline import (
+    annotate,
+    annotate_store,
+    build_annotations,
+    clipping_ceilings,
+    plan_annotation,
+)
 from spoc_xr.reference import date_shifts
 from spoc_xr.store import mark_complete, write_dataset
 from spoc_xr.synthetic import BAND_NAMES, render_harbour
@@ -637,6 +643,7 @@ def check_identical(
                 reference=local["reference"],
                 shift=shifts[t],
                 water=water,
+                ceilings=clipping_ceilings(radiometry),
             )[core]
             mask = stored["mask"][t, rows, cols].values
             valid = stored["valid"][t, rows, cols].values

@@ -876,6 +876,7 @@ def change_passes(
     direction: bool = True,
     reference: np.ndarray | None = None,
     reach: Reach | None = None,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`change_score` and :func:`change_direction` of one date in one compiled pass.
 
@@ -887,6 +888,11 @@ def change_passes(
     reach where that is lower than ``high`` by more than ``EDGE_CONTRAST`` noise scales;
     ``reference`` is then ``(band, y, x)``, padded beyond the date on every side by at least the
     reach.
+
+    ``ceilings`` ``(date's, reference's)``, each ``(band,)``: where a band clipped
+    (:func:`spoc_xr.reference.saturation_levels`, in the date's values as given, and
+    :func:`spoc_xr.reference.reference_ceilings`). A clipped value is only a lower bound: a date
+    clipped in a band shows no fall there, and a range whose top is clipped no rise.
 
     Returns
     -------
@@ -916,6 +922,11 @@ def change_passes(
             )
     else:
         reference, pad, reach = np.empty((1, 1, 1), dtype=np.float32), 0, (0, 0, 0, 0)
+    n_band = date.shape[0]
+    unclipped = np.full(n_band, np.inf, dtype=np.float32)
+    date_ceiling, reference_ceiling = (
+        (unclipped, unclipped) if ceilings is None else _float32(*ceilings)
+    )
     outputs = (
         np.empty(shape if score else empty, dtype=np.float32),
         np.empty(shape if score else empty, dtype=bool),
@@ -928,6 +939,8 @@ def change_passes(
         high,
         noise,
         *_float32(gain, offset),
+        date_ceiling,
+        reference_ceiling,
         score,
         *_nodata_arguments(date, nodata),
         np.float32(SCORE_CEILING),
@@ -1086,6 +1099,8 @@ def _change_rows(  # pragma: no cover - compiled
     noise,
     gain,
     offset,
+    date_ceiling,
+    reference_ceiling,
     with_score,
     nodata,
     check_nodata,
@@ -1152,6 +1167,7 @@ def _change_rows(  # pragma: no cover - compiled
         for band in range(date.shape[0]):
             values, lows, highs, noises = date[band, y], low[band, y], high[band, y], noise[band, y]
             g, o, seen = gain[band], offset[band], is_visible[band]
+            date_top, reference_top = date_ceiling[band], reference_ceiling[band]
             if directed:
                 # The top of the range over the reach only, used where it is lower than the
                 # window's by more than edge_contrast noise scales (see EDGE_CONTRAST); one
@@ -1170,12 +1186,16 @@ def _change_rows(  # pragma: no cover - compiled
                 normalised = np.float32(value) * g + o
                 above = normalised - highest
                 below = lowest - normalised
+                # Clipped values are lower bounds: no fall from a clipped date, no rise over
+                # a clipped range (direction's sums below keep the values as they are).
+                rise_evidence = -infinity if highest >= reference_top else above
+                fall_evidence = -infinity if value >= date_top else below
                 # np.maximum: NaN wins (then np.fmax into the score: NaN loses).
-                rose = above >= below or above != above
+                rose = rise_evidence >= fall_evidence or rise_evidence != rise_evidence
                 if with_direction:
                     # The score's excess in noise scales is one of these two quotients.
-                    risen = above / noises[x]
-                    fallen = below / noises[x]
+                    risen = rise_evidence / noises[x]
+                    fallen = fall_evidence / noises[x]
                     net[x] += above
                     tops[x] += highest
                     bottoms[x] += lowest
@@ -1191,7 +1211,7 @@ def _change_rows(  # pragma: no cover - compiled
                         rise_top[x] = highest
                     excess = risen if rose else fallen
                 else:
-                    excess = (above if rose else below) / noises[x]
+                    excess = (rise_evidence if rose else fall_evidence) / noises[x]
                 if with_score:
                     if check_nodata and value == nodata:
                         row_valid[x] = False
@@ -1911,6 +1931,7 @@ def classify_tile(
     reference: np.ndarray | None = None,
     shift: np.ndarray | None = None,
     water: np.ndarray | None = None,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Mask codes of one date tile: 0 clear, 1 small, 2 large, 255 invalid.
 
@@ -1932,8 +1953,9 @@ def classify_tile(
     narrows the tolerance window (:func:`shift_reach`), the range is taken from ``reference``
     ``(band, y, x)``, the tile padded
     by the tolerance's radius. ``water`` ``(y, x)`` bool, the water mask (None without a water
-    index): sea clutter on it is dropped (:func:`without_sea_clutter`). Exposed for tests and for
-    the reference implementation.
+    index): sea clutter on it is dropped (:func:`without_sea_clutter`). ``ceilings``: where the
+    date's and the reference's bands clipped (see :func:`change_passes`). Exposed for tests and
+    for the reference implementation.
     """
     radius = params.tolerance // 2
     # Only a narrower reach needs the range of its own; the full one is low/high.
@@ -1955,6 +1977,7 @@ def classify_tile(
         swir=swir,
         reference=reference,
         reach=reach,
+        ceilings=ceilings,
     )
     threshold = params.effective_threshold
     background, residual, needed = local_background(
@@ -2321,6 +2344,7 @@ def _classify_window(
         reference=reference,
         shift=None if shift is None else shift[0] - np.asarray(step),
         water=water,
+        ceilings=settings["ceilings"],
     )
     top, left, height, width = core
     if step == (0, 0):
@@ -2596,6 +2620,7 @@ def classify(
     levels: np.ndarray | None = None,
     shifts: da.Array | np.ndarray | None = None,
     water: xr.DataArray | None = None,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> xr.DataArray:
     """Lazy mask codes ``(time, y, x)`` uint8 for every date of ``stack``.
 
@@ -2621,6 +2646,11 @@ def classify(
     water : xarray.DataArray, optional
         ``(y, x)`` bool water mask (:func:`spoc_xr.products.water_mask`), on the stack's grid;
         sea clutter on it is dropped (:func:`without_sea_clutter`). Without it none is.
+    ceilings : tuple of numpy.ndarray, optional
+        ``(band,)`` each: where the stack's bands clipped
+        (:func:`spoc_xr.reference.saturation_levels`) and where the reference's did
+        (:func:`spoc_xr.reference.reference_ceilings`); see :func:`change_passes`. Without them
+        no value is taken for clipped.
 
     Returns
     -------
@@ -2682,6 +2712,7 @@ def classify(
         "nodata": None if nodata is None else float(nodata),
         "params": params,
         "realign": margin,
+        "ceilings": None if ceilings is None else tuple(_float32(*ceilings)),
         **band_roles(band_names),
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)

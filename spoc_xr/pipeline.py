@@ -85,7 +85,9 @@ from spoc_xr.reference import (
     overview_stride,
     parse_reference,
     plan_radiometry,
+    reference_ceilings,
     reference_text,
+    saturation_levels,
     valid_pixels,
 )
 
@@ -260,14 +262,16 @@ def plan_annotation(
             # The stored overview holds the stack's values as stored, NaN where invalid.
             levels = np.asarray(params.zero_levels, dtype=np.float32)
             overview = np.asarray(overview, dtype=np.float32) - levels[None, :, None, None]
-    fitted = fit_composite(overview)
-    radiometry = plan_radiometry(overview, choice, fitted)
+    saturation = saturation_levels(overview)
+    fitted = fit_composite(overview, ceilings=saturation)
+    radiometry = plan_radiometry(overview, choice, fitted, saturation)
     cut = water_threshold(fitted.composite, [str(b) for b in stack.band.values])
     size_note = pixel_size_note(pixel_metres(stack), params)
     notes = radiometry.notes + ([size_note] if size_note else [])
     notes += missing_band_notes(overview, stack)
     notes += categorical_band_notes([str(band) for band in stack.band.values])
     notes += nodata_inside_notes(overview, stack)
+    notes += saturation_notes(saturation, overview, stack)
     if stack.sizes["time"] < FEW_DATES:
         notes.append(
             f"only {stack.sizes['time']} dates: each date's clouds and objects weigh on the "
@@ -275,7 +279,44 @@ def plan_annotation(
             f"missed a whole cloud); {FEW_DATES} dates or more "
             "annotate as the tables in the README were measured"
         )
-    return stack, replace(radiometry, water_threshold=cut, notes=notes), params
+    return (
+        stack,
+        replace(radiometry, water_threshold=cut, notes=notes, saturation=saturation),
+        params,
+    )
+
+
+def saturation_notes(
+    saturation: np.ndarray, overview: np.ndarray, stack: xr.DataArray
+) -> list[str]:
+    """A note naming the bands that clipped (:func:`spoc_xr.reference.saturation_levels`), with
+    the share of the overview's valid pixels at the ceiling."""
+    clipped = []
+    for band, level, values in zip(
+        stack.band.values, saturation, np.asarray(overview).swapaxes(0, 1), strict=True
+    ):
+        if np.isfinite(level):
+            values = values[np.isfinite(values)]
+            clipped.append(
+                f"{band} at {level:g} ({np.count_nonzero(values == level) / values.size:.1%})"
+            )
+    if not clipped:
+        return []
+    return [
+        f"band(s) {', '.join(clipped)} clipped (saturated); a clipped value only says the "
+        "truth was at least that: no fall is read from a date where it is clipped, no rise "
+        "where the reference is, so changes there can be missed (a product that does not clip, "
+        "such as 16-bit surface reflectance instead of 8-bit true colour, avoids it)"
+    ]
+
+
+def clipping_ceilings(radiometry: Radiometry) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stack's and the reference's ceilings ``(band,)`` for :func:`spoc_xr.detect.classify`,
+    None where no band clipped."""
+    saturation = radiometry.saturation
+    if saturation is None or not np.isfinite(saturation).any():
+        return None
+    return saturation.astype(np.float32), reference_ceilings(radiometry)
 
 
 def check_overview(overview: np.ndarray, stack: xr.DataArray) -> None:
@@ -460,6 +501,7 @@ def build_annotations(
         # Without a water index every pixel counts as water (for the heatmap): sea clutter
         # would then be dropped on land too (cars in a car park).
         water=water if index.available else None,
+        ceilings=clipping_ceilings(radiometry),
     )
     codes = _on_output_grid(codes, stack)
     water = water.chunk({dim: codes.chunksizes[dim] for dim in ("y", "x")})
@@ -517,6 +559,10 @@ def build_annotations(
             if radiometry.residual_scale is None
             else [float(v) for v in radiometry.residual_scale],
             "overview_brightness": brightness_attr(radiometry.brightness),
+            # Where each band clipped (None: it did not), for a resumed or appended run.
+            "saturation": None
+            if radiometry.saturation is None
+            else [float(v) if np.isfinite(v) else None for v in radiometry.saturation],
             "water_threshold": radiometry.water_threshold,
             "water_mapping": None
             if radiometry.water_mapping is None
@@ -1157,6 +1203,7 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
     changed[: len(known_changed)] = known_changed
     scale = info.get("residual_scale")
     mapping = info.get("water_mapping")
+    saturation = info.get("saturation")
     # Dates without stored levels (stores written before they were) get no thin haze test.
     brightness = np.full((n_time, 2), np.nan)
     for t, pair in enumerate((info.get("overview_brightness") or [])[:n_time]):
@@ -1176,7 +1223,13 @@ def _stored_radiometry(stored: xr.Dataset) -> Radiometry:
         float(info.get("water_threshold", 0.0)),
         None if mapping is None else (np.asarray(mapping[0]), np.asarray(mapping[1])),
         choice=str(info.get("reference_choice", "")),
+        # Stores written before clipping was looked for compared every value as it was.
+        saturation=None if saturation is None else _ceilings_from_attr(saturation),
     )
+
+
+def _ceilings_from_attr(levels: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.inf if v is None else v for v in levels], dtype=np.float32)
 
 
 def _water(smooth: xr.DataArray, radiometry: Radiometry, index: WaterIndex) -> xr.DataArray:

@@ -99,6 +99,9 @@ class Radiometry:
     choice : str
         Why ``auto`` chose its date (empty for a reference the user named); ``notes`` hold
         what the user should be warned of.
+    saturation : numpy.ndarray or None
+        ``(band,)`` float32, the value at which each band clipped (:func:`saturation_levels`),
+        +inf where it did not; set by the pipeline.
     """
 
     reference: str
@@ -114,6 +117,63 @@ class Radiometry:
     water_mapping: tuple[np.ndarray, np.ndarray] | None = None
     median_dates: tuple[int, ...] | None = None
     choice: str = ""
+    saturation: np.ndarray | None = None
+
+
+#: A band clipped (saturated) where at least this share of its valid overview pixels, and at
+#: least SATURATION_MIN_PIXELS, hold exactly its largest value: 8-bit true-colour products
+#: (Sentinel-2's TCI clips at reflectance 0.2-0.3) saturate on roofs, sand and clouds; values
+#: that were measured reach their largest value at a handful of pixels.
+SATURATION_SHARE = 0.0005
+SATURATION_MIN_PIXELS = 16
+
+
+def saturation_levels(overview: np.ndarray) -> np.ndarray:
+    """The value at which each band of a stack clipped, from its overview: ``(band,)`` float32,
+    +inf for a band that did not (see ``SATURATION_SHARE``).
+
+    A clipped pixel only says that the truth was at least the ceiling: detection reads no fall
+    from a date where it is clipped, nor a rise where the reference is (a probe: an 8-bit
+    true-colour stack of a port with 1-3 % of its pixels clipped, boat precision 0.40).
+
+    Examples
+    --------
+    >>> view = np.full((2, 2, 8, 8), 100.0)
+    >>> view[:, 0, :4] = 255.0  # band 0 clipped on half the image
+    >>> view[0, 1, 0, 0] = 200.0  # band 1's largest value at one pixel
+    >>> saturation_levels(view).tolist()
+    [255.0, inf]
+    """
+    n_band = overview.shape[1]
+    levels = np.full(n_band, np.inf, dtype=np.float32)
+    for band in range(n_band):
+        values = np.asarray(overview[:, band], dtype=np.float32)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        top = values.max()
+        at_top = np.count_nonzero(values == top)
+        if at_top >= max(SATURATION_MIN_PIXELS, SATURATION_SHARE * values.size):
+            levels[band] = top
+    return levels
+
+
+def reference_ceilings(radiometry: Radiometry) -> np.ndarray:
+    """Where the reference ``(band,)`` may hold clipped values, in its own (normalised) units:
+    the lowest value that any date's ceiling maps to (a median reference is made of every date,
+    and a date reference is cleaned of its objects with other dates' values: a probe's date
+    reference held clipped values of other dates at 0.93 of the ceiling). +inf for bands that
+    never clip."""
+    saturation = radiometry.saturation
+    n_band = radiometry.gains.shape[1]
+    if saturation is None:
+        return np.full(n_band, np.inf, dtype=np.float32)
+    clipped = np.isfinite(saturation)
+    level = np.where(clipped, saturation, 0).astype(np.float64)
+    mapped = (radiometry.gains * level + radiometry.offsets).min(axis=0)
+    # float32 arithmetic of the normalisation may land a hair below the float64 product.
+    ceilings = mapped - np.abs(mapped) * 1e-5
+    return np.where(clipped, ceilings, np.inf).astype(np.float32)
 
 
 def overview_stride(shape: tuple[int, int], side: int = OVERVIEW_SIDE) -> int:
@@ -182,18 +242,26 @@ def compute_overview(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> np.ndarr
     return np.stack([np.asarray(d, dtype=np.float32) for d in dates])
 
 
-def robust_linear_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+def robust_linear_fit(
+    source: np.ndarray, target: np.ndarray, ceiling: float = np.inf
+) -> tuple[float, float]:
     """Fit ``target ≈ gain * source + offset`` on the pixels that did not change.
 
     Clouds can cover most of a date, so neither least squares nor a median ratio is safe. The
     unchanged pixels share one illumination ratio, so they form the *mode* of the histogram of
     ``log(target / source)``, however many pixels changed (clouds and shadows spread over a wide
     range of ratios). Gain and offset are then fitted by least squares on the pixels near that
-    mode only. Returns (1, 0) when too few pixels are usable.
+    mode only. Pairs with a value at or above ``ceiling`` (where the band clipped, see
+    :func:`saturation_levels`) are left out: clipped on both sides they put a mode at ratio 1
+    whatever the illumination. Returns (1, 0) when too few pixels are usable.
     """
     source_values, target_values = (_fit_values(values) for values in (source, target))
     if source_values.size != target_values.size:
         raise ValueError(f"source {source.shape} and target {target.shape} differ in shape")
+    if np.isfinite(ceiling):
+        # NaN pairs are not usable either: the compiled pass skips them as it skips these.
+        below = (source_values < ceiling) & (target_values < ceiling)
+        source_values, target_values = source_values[below], target_values[below]
     x, y, ratio = (np.empty(source_values.size) for _ in range(3))
     usable = _usable_pairs(source_values, target_values, x, y, ratio)
     if usable < MIN_FIT_SAMPLES:
@@ -302,16 +370,22 @@ def map_on_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[A
         return list(pool.map(function, items))
 
 
-def fit_radiometry(overview: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_radiometry(
+    overview: np.ndarray, target: np.ndarray, ceilings: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Gains and offsets ``(time, band)`` that map each date of the overview onto ``target``.
 
     The fits are independent and spend their time in numpy, which releases the GIL: they run on
     a thread per core (40 dates x 4 bands of 256²: 0.47 -> 0.29 s on 2 cores), before any tile
-    task can start.
+    task can start. ``ceilings`` ``(band,)``: values at or above are left out of each band's fit
+    (:func:`robust_linear_fit`).
     """
     n_time, n_band = overview.shape[:2]
     pairs = list(itertools.product(range(n_time), range(n_band)))
-    fits = map_on_cores(lambda pair: robust_linear_fit(overview[pair], target[pair[1]]), pairs)
+    tops = np.full(n_band, np.inf) if ceilings is None else np.asarray(ceilings, np.float64)
+    fits = map_on_cores(
+        lambda pair: robust_linear_fit(overview[pair], target[pair[1]], tops[pair[1]]), pairs
+    )
     gains = np.ones((n_time, n_band))
     offsets = np.zeros((n_time, n_band))
     for (t, b), (gain, offset) in zip(pairs, fits, strict=True):
@@ -623,9 +697,13 @@ CHECK_SCALE_QUANTILE = 0.25
 
 
 def _fit_to(
-    overview: np.ndarray, composite: np.ndarray, scale_quantile: float = 0.5, floor: float = 0.0
+    overview: np.ndarray,
+    composite: np.ndarray,
+    scale_quantile: float = 0.5,
+    floor: float = 0.0,
+    ceilings: np.ndarray | None = None,
 ) -> CompositeFit:
-    gains, offsets = fit_radiometry(overview, composite)
+    gains, offsets = fit_radiometry(overview, composite, ceilings)
     changed, scale = change_fractions(
         overview, composite, gains, offsets, scale_quantile=scale_quantile, floor=floor
     )
@@ -675,7 +753,9 @@ def darker_quarter(overview: np.ndarray) -> np.ndarray:
 CHECK_SIDE = OVERVIEW_SIDE // 4
 
 
-def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> CompositeFit:
+def fit_composite(
+    overview: np.ndarray, composite: np.ndarray | None = None, ceilings: np.ndarray | None = None
+) -> CompositeFit:
     """The composite that stands for a clean date, and every date's radiometric fit to it.
 
     The temporal median (:func:`overview_composite`, or ``composite`` when the caller has it)
@@ -686,7 +766,8 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
     (``CLEAR_QUANTILE``; clouds are bright) and the median failed too (``MEDIAN_FAILED_SHARE``
     of the dates depart from it, or its residual scale grew ``SCALE_GROWTH`` times), the
     composite is the median of the dates that agree with the darker quarter, when at least
-    ``MIN_CLEAN_SAMPLES`` do. A note says so either way.
+    ``MIN_CLEAN_SAMPLES`` do. A note says so either way. ``ceilings`` ``(band,)``: where the
+    bands clipped (:func:`saturation_levels`), left out of the fits.
 
     Examples
     --------
@@ -700,13 +781,13 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
     if composite is None:
         composite = overview_composite(overview)
     floor = quantisation_sigma(overview)
-    median = _fit_to(overview, composite, floor=floor)
+    median = _fit_to(overview, composite, floor=floor, ceilings=ceilings)
     n_time = overview.shape[0]
     # The median's own fit cannot tell: half cloud departs from cloud and from the surface
     # alike, and the residual scale grows to match. The darker quarter can, on a coarser view.
     step = max(1, -(-max(overview.shape[2:]) // CHECK_SIDE))
     view = overview[:, :, ::step, ::step]
-    darker = _fit_to(view, darker_quarter(view), CHECK_SCALE_QUANTILE, floor)
+    darker = _fit_to(view, darker_quarter(view), CHECK_SCALE_QUANTILE, floor, ceilings)
     dirty = int((darker.changed > MAX_SAMPLE_DIRT).sum())
     # Only where the median failed visibly: many dates depart from it too, or its residual
     # scale grew with the clouds. A dark change on a third of the dates (a flood) also leaves
@@ -738,14 +819,23 @@ def fit_composite(overview: np.ndarray, composite: np.ndarray | None = None) -> 
         "the same area is overcast on half of them"
     )
     return replace(
-        _fit_to(overview, overview_composite(overview[agree]), CHECK_SCALE_QUANTILE, floor),
+        _fit_to(
+            overview,
+            overview_composite(overview[agree]),
+            CHECK_SCALE_QUANTILE,
+            floor,
+            ceilings,
+        ),
         notes=[note],
         from_dates=agree,
     )
 
 
 def plan_radiometry(
-    overview: np.ndarray, reference: str | int, fitted: CompositeFit | None = None
+    overview: np.ndarray,
+    reference: str | int,
+    fitted: CompositeFit | None = None,
+    ceilings: np.ndarray | None = None,
 ) -> Radiometry:
     """Choose the reference date (for ``auto``) and fit every date's radiometry to it.
 
@@ -757,6 +847,8 @@ def plan_radiometry(
         Reference kind, or the index of the reference date.
     fitted : CompositeFit, optional
         The overview's composite and fits (:func:`fit_composite`), when the caller has them.
+    ceilings : numpy.ndarray, optional
+        ``(band,)`` where the bands clipped (:func:`saturation_levels`): left out of the fits.
 
     Returns
     -------
@@ -767,7 +859,7 @@ def plan_radiometry(
     if not valid_fraction.any():
         raise NoDataError("every date of the stack is entirely nodata; check the nodata value")
     if fitted is None:
-        fitted = fit_composite(overview)
+        fitted = fit_composite(overview, ceilings=ceilings)
     gains, offsets, changed, scale = fitted.gains, fitted.offsets, fitted.changed, fitted.scale
     notes = list(fitted.notes)
     water_mapping, choice = None, ""
@@ -805,7 +897,7 @@ def plan_radiometry(
         # The fit onto the composite maps the reference date into the radiometry where the
         # water index is read: a single date's band gains move a ratio index by up to ~0.2.
         water_mapping = (gains[index].copy(), offsets[index].copy())
-        gains, offsets = fit_radiometry(overview, overview[index])
+        gains, offsets = fit_radiometry(overview, overview[index], ceilings)
         gains[index], offsets[index] = 1.0, 0.0
     return Radiometry(
         "median" if index is None else "date",

@@ -59,6 +59,7 @@ def numpy_score(
     gain: np.ndarray,
     offset: np.ndarray,
     nodata: float | None,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     valid = np.isfinite(low).all(axis=0)
     score = np.zeros(date.shape[1:], dtype=np.float32)
@@ -68,13 +69,33 @@ def numpy_score(
         if date.dtype.kind == "f":
             valid &= np.isfinite(date[band])
         values = np.multiply(date[band], gain[band], dtype=np.float32) + offset[band]
-        excess = np.maximum(values - high[band], low[band] - values) / noise[band]
+        above, below = censored(values - high[band], low[band] - values, date, high, band, ceilings)
+        excess = np.maximum(above, below) / noise[band]
         np.fmax(score, excess, out=score)
     score[~valid] = 0
     np.maximum(score, 0, out=score)
     if date.dtype.kind == "f":
         np.nan_to_num(score, copy=False, nan=0.0, posinf=SCORE_CEILING)
     return score, valid
+
+
+def censored(
+    above: np.ndarray,
+    below: np.ndarray,
+    date: np.ndarray,
+    high: np.ndarray,
+    band: int,
+    ceilings: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """No rise over a clipped range's top, no fall from a clipped date (NaN stays NaN)."""
+    if ceilings is None:
+        return above, below
+    date_ceiling, reference_ceiling = ceilings
+    minus = np.float32(-np.inf)
+    return (
+        np.where(high[band] >= reference_ceiling[band], minus, above),
+        np.where(date[band] >= date_ceiling[band], minus, below),
+    )
 
 
 def numpy_direction(
@@ -87,6 +108,7 @@ def numpy_direction(
     levels: tuple[float, float] | None,
     visible: Sequence[int] | None,
     swir: Sequence[int] | None = None,
+    ceilings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     shape = date.shape[1:]
     net, rise, fall = (np.zeros(shape, dtype=np.float32) for _ in range(3))
@@ -118,6 +140,7 @@ def numpy_direction(
         net += above
         tops += high[band]
         bottoms += low[band]
+        above, below = censored(above, below, date, high, band, ceilings)
         below /= noise[band]
         dimmed += below > 1
         fall_top = np.where(below > fall, high[band], fall_top)
@@ -192,6 +215,61 @@ def test_the_compiled_score_equals_numpy_bit_for_bit(
     # Bit for bit: array_equal would let -0.0 equal 0.0.
     np.testing.assert_array_equal(score.view(np.uint32), expected_score.view(np.uint32))
     assert 0 < valid.mean() < 1 and score.max() > 0  # the inputs exercise both sides
+
+
+def random_ceilings(date: np.ndarray, high: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """Ceilings inside the values of some bands (a tenth of their pixels at or above), none in
+    the others."""
+    rng = np.random.default_rng(seed)
+    with np.errstate(invalid="ignore"):
+        date_ceiling = np.nanpercentile(date.astype(np.float64), 90, axis=(1, 2))
+        reference_ceiling = np.nanpercentile(high, 90, axis=(1, 2))
+    none = rng.random(date.shape[0]) < 0.3
+    date_ceiling[none], reference_ceiling[none[::-1]] = np.inf, np.inf
+    return date_ceiling.astype(np.float32), reference_ceiling.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("visible", [None, (0, 2)])
+def test_clipped_values_are_compared_as_numpy_censors_them(
+    dtype: type[np.generic], visible: tuple[int, ...] | None
+) -> None:
+    date, low, high, noise, gain, offset = random_inputs(dtype, seed=11)
+    date = np.where(date == 0, date.dtype.type(1), date)  # the nodata value is another test's
+    ceilings = random_ceilings(date, high, seed=len(str(dtype)))
+    score, _, darker, thin = change_passes(
+        date, low, high, noise, gain, offset, visible=visible, ceilings=ceilings
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected_score, _ = numpy_score(date, low, high, noise, gain, offset, None, ceilings)
+        expected = numpy_direction(
+            date, low, high, noise, gain, offset, None, visible, ceilings=ceilings
+        )
+        plain_score, _ = numpy_score(date, low, high, noise, gain, offset, None)
+    np.testing.assert_array_equal(score.view(np.uint32), expected_score.view(np.uint32))
+    np.testing.assert_array_equal(darker, expected[0])
+    np.testing.assert_array_equal(thin, expected[1])
+    # The ceilings changed scores (else this test would test nothing), never raised one.
+    assert (score != plain_score).any()
+    assert (score <= plain_score).all()
+
+
+def test_a_clipped_date_shows_no_fall_and_a_clipped_range_no_rise() -> None:
+    ones = np.ones((1, 1, 2), dtype=np.float32)
+    low, high, noise = 100 * ones, 120 * ones, ones
+    date = np.array([[[255, 250]]], dtype=np.uint8)  # both far above the range
+    gain, offset = np.array([0.3], np.float32), np.zeros(1, np.float32)  # ... until normalised
+    plain = change_passes(date, low, high, noise, gain, offset)[0]
+    assert (plain > 20).all()  # a fall: 255 x 0.3 = 76.5 and 75 lie below 100
+    clipped = (np.array([255.0], np.float32), np.array([np.inf], np.float32))
+    score = change_passes(date, low, high, noise, gain, offset, ceilings=clipped)[0]
+    assert score[0, 0] == 0 and score[0, 1] == plain[0, 1]  # 255 may hide any brighter value
+    rise = np.array([[[200, 200]]], dtype=np.uint8)
+    high_clipped = np.array([[[255.0, 120.0]]], dtype=np.float32)
+    at_top = (np.array([np.inf], np.float32), np.array([255.0], np.float32))
+    unit = np.ones(1, np.float32)
+    score = change_passes(rise, low, high_clipped, noise, unit, 0 * unit, ceilings=at_top)[0]
+    assert score[0, 0] == 0 and score[0, 1] == 80  # a clipped top hides how bright it was
 
 
 def test_the_score_counts_known_pixels_from_the_caller_when_given() -> None:

@@ -1418,6 +1418,53 @@ def test_classification_and_quality_bands_are_named_in_a_note():
     assert any(note.startswith("band(s) SCL look like") for note in radiometry.notes)
 
 
+def clipped_true_colour_stack(seed: int, n_time: int = 8, side: int = 96) -> xr.DataArray:
+    """8-bit red/green/blue dates that clip at 255 on a third of the scene (bright land under
+    varying illumination), water on the left third, one 3 x 6 px boat on the water of date 5."""
+    rng = np.random.default_rng(seed)
+    land = ndi.gaussian_filter(rng.normal(size=(side, side)), 2)
+    land = 260 + 70 * land / land.std()
+    scene = np.where(np.arange(side)[None, :] < side // 3, 40.0, land)
+    bands = np.stack([scene * k for k in (1.0, 0.95, 0.9)])
+    dates = np.stack(
+        [bands * g + rng.normal(0, 1.5, bands.shape) for g in rng.uniform(0.85, 1.15, n_time)]
+    )
+    dates[5, :, 40:43, 10:16] = 130
+    return xr.DataArray(
+        np.clip(np.round(dates), 1, 255).astype(np.uint8),
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": pd.date_range("2023-01-01", periods=n_time, freq="5D"),
+            "band": ["B04", "B03", "B02"],
+            "y": -10.0 * np.arange(side),
+            "x": 10.0 * np.arange(side),
+        },
+        attrs={"nodata": 0},
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 6, 8])
+def test_clipped_values_make_no_objects_and_the_boat_stays(seed, monkeypatch):
+    from spoc_xr import pipeline
+
+    stack = clipped_true_colour_stack(seed)
+    assert (stack.values == 255).mean() > 0.2
+    result = annotate(stack).compute()
+    codes = result["mask"].values
+    boat = np.zeros(codes.shape, dtype=bool)
+    boat[5, 40:43, 10:16] = True
+    assert (codes[boat] == SMALL).all()
+    assert not codes[~boat].any()
+    assert result.attrs["spoc_xr"]["saturation"] == [255.0, 255.0, 255.0]
+    assert any("clipped" in note for note in result.attrs["spoc_xr"]["notes"])
+    # Every value taken as measured (no ceiling): the clipped land shows objects.
+    monkeypatch.setattr(
+        pipeline, "saturation_levels", lambda view: np.full(view.shape[1], np.inf, np.float32)
+    )
+    plain = annotate(stack)["mask"].values
+    assert np.count_nonzero(plain[~boat]) > 10
+
+
 def test_round_solid_objects_are_puffs_and_ships_stay_small():
     from spoc_xr.detect import round_objects
 

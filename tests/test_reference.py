@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
+from dataclasses import replace
 
 import dask.array as da
 import hypothesis.extra.numpy as hnp
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from spoc_xr.reference import (
     CLEAR_QUANTILE,
     SHIFT_WINDOW,
+    Radiometry,
     clean_date_values,
     common_offset_fit,
     darker_quarter,
@@ -204,6 +206,30 @@ def test_the_compiled_fit_equals_numpy_to_the_bit(dtype, seed):
     assert robust_linear_fit(*few) == _numpy_linear_fit(*few) == (1.0, 0.0)
     with pytest.raises(ValueError, match="differ in shape"):
         robust_linear_fit(source, target[:-1])
+
+
+def test_clipped_pairs_are_left_out_of_the_fit_and_the_saturation_is_found():
+    from spoc_xr.reference import reference_ceilings, saturation_levels
+
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(40, 400, (96, 96))
+    reference = np.clip(np.round(truth), 1, 255)
+    date = np.clip(np.round(truth / 0.9), 1, 255)  # a brighter date
+    # 30-45 % of the pixels clip on both: their ratio 1 is the mode when they count.
+    assert abs(robust_linear_fit(date, reference)[0] - 0.9) > 0.02
+    gain, _ = robust_linear_fit(date, reference, 255.0)
+    assert gain == pytest.approx(0.9, abs=0.01)
+    view = np.stack([reference, date])[:, None]
+    levels = saturation_levels(view)
+    assert levels.tolist() == [255.0]
+    assert saturation_levels(view * 0.999 + rng.uniform(0, 0.5, view.shape)).tolist() == [np.inf]
+    radiometry = Radiometry(
+        "date", 0, np.array([[1.0], [0.9]]), np.array([[0.0], [2.0]]), np.ones(2), np.zeros(2)
+    )
+    assert reference_ceilings(radiometry).tolist() == [np.inf]  # no saturation known
+    radiometry = replace(radiometry, saturation=levels)
+    # The date's clipped values map to 0.9 x 255 + 2 in the reference's units: the lower.
+    assert reference_ceilings(radiometry)[0] == pytest.approx(231.5, rel=1e-4)
 
 
 def test_the_compiled_ratio_counts_are_numpys_histogram_on_and_beside_every_edge():
