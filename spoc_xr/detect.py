@@ -2712,7 +2712,7 @@ def classify(
         "nodata": None if nodata is None else float(nodata),
         "params": params,
         "realign": margin,
-        "ceilings": None if ceilings is None else tuple(_float32(*ceilings)),
+        "ceilings": ceilings,
         **band_roles(band_names),
     }
     gains32, offsets32 = gains.astype(np.float32), offsets.astype(np.float32)

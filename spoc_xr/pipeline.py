@@ -279,11 +279,7 @@ def plan_annotation(
             f"missed a whole cloud); {FEW_DATES} dates or more "
             "annotate as the tables in the README were measured"
         )
-    return (
-        stack,
-        replace(radiometry, water_threshold=cut, notes=notes, saturation=saturation),
-        params,
-    )
+    return stack, replace(radiometry, water_threshold=cut, notes=notes), params
 
 
 def saturation_notes(

@@ -101,7 +101,7 @@ class Radiometry:
         what the user should be warned of.
     saturation : numpy.ndarray or None
         ``(band,)`` float32, the value at which each band clipped (:func:`saturation_levels`),
-        +inf where it did not; set by the pipeline.
+        +inf where it did not: the ``ceilings`` the fits left out.
     """
 
     reference: str
@@ -917,6 +917,7 @@ def plan_radiometry(
             else tuple(int(t) for t in np.flatnonzero(fitted.from_dates))
         ),
         choice=choice,
+        saturation=None if ceilings is None else np.asarray(ceilings, dtype=np.float32),
     )
 
 
