@@ -937,6 +937,8 @@ def store_lock(store: PathLike) -> Iterator[Path]:
         if _create_lock(lock, record):
             break
         holder = _read_lock(lock)
+        if holder is None and not lock.exists():
+            continue  # released since: try again (a takeover here could remove a rival's new lock)
         if holder is None and _is_young(lock):
             holder = {"pid": "unknown", "host": "unknown (its lock is being written)"}
         if holder is not None and _is_alive(holder):
@@ -1250,7 +1252,9 @@ def _take_stale_lock(lock: Path, stale: dict[str, Any] | None) -> None:
 
     Takeovers are serialised by an advisory lock on the lock's folder, and the lock is removed
     only when it still holds the record judged dead: a live run's lock never leaves its path, so
-    no third run can create one beside it (moving it aside and back left such a gap).
+    no third run can create one beside it (moving it aside and back left such a gap). A missing
+    lock is never unlinked: a rival may create one between the check and the unlink (session 27's
+    CI saw two writers that way).
     """
     if fcntl is None:
         _move_stale_lock_aside(lock, stale)
@@ -1258,9 +1262,12 @@ def _take_stale_lock(lock: Path, stale: dict[str, Any] | None) -> None:
     folder = os.open(lock.parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
-        if _read_lock(lock) == stale and (stale is not None or not _is_young(lock)):
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+        if _read_lock(lock) != stale:
+            return
+        if stale is None and (not lock.exists() or _is_young(lock)):
+            return  # nothing to remove, or an unreadable lock that may still be being written
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
     finally:
         os.close(folder)  # closing releases the advisory lock
 

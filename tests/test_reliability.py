@@ -442,6 +442,32 @@ def test_a_takeover_never_leaves_a_live_lock_path_empty(tmp_path: Path) -> None:
     assert json.loads(lock.read_text()) == live
 
 
+def test_a_takeover_of_a_released_lock_never_removes_a_rivals_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Session 27's CI: a writer found the lock gone (released), judged the missing lock stale,
+    # and a rival created its lock just before the takeover's unlink; both then wrote. A missing
+    # lock must never be unlinked, whatever is checked before.
+    lock = st.lock_path(tmp_path / "out.zarr")
+    unlinked: list[Path] = []
+    unlink = Path.unlink
+
+    def record_unlink(path: Path, missing_ok: bool = False) -> None:
+        unlinked.append(path)
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", record_unlink)
+    st._take_stale_lock(lock, None)
+    assert lock not in unlinked
+    lock.write_text("")  # an unreadable lock is held while young ...
+    st._take_stale_lock(lock, None)
+    assert unlinked == [] and lock.exists()
+    old = time.time() - 2 * st.UNREADABLE_LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    st._take_stale_lock(lock, None)  # ... and removed when old
+    assert unlinked == [lock] and not lock.exists()
+
+
 def test_an_unreadable_lock_is_held_while_young_and_taken_over_when_old(tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
     lock = st.lock_path(out)
