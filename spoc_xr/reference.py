@@ -48,8 +48,23 @@ RATIO_SMOOTHING_BINS = 3.0
 # Pixels within this log-ratio distance of the mode (about +-10 %) count as unchanged.
 RATIO_INLIER_WIDTH = 0.1
 # Illumination and atmosphere change reflectance by well under a factor 1.5 between dates of
-# one place; a larger apparent gain means the scene itself changed (overcast, snow).
+# one place; a larger apparent gain means the scene itself changed (overcast, snow) ...
 MAX_LOG_GAIN = float(np.log(1.5))
+# ... unless every band tells the same larger gain: in each band at least ILLUMINATION_SHARE of
+# the pixels lie within RATIO_INLIER_WIDTH of the band's mode, and every band's mode within a
+# factor ILLUMINATION_AGREEMENT of the bands' median mode. Then the date is lit differently
+# (a low sun, radiance or raw counts, a reference picked on a bright date), and its gains follow
+# up to the histogram's range. Cloud, haze or snow adds light, so its ratio to the ground spreads
+# with the ground's brightness and differs between bands. Measured: a demo stack (seed 3) whose
+# reference is its brightest date held 7 of 16 dates at 1.5 (their modes 1.35-1.74, every band's
+# share 0.37-0.60, within 1.23 of their median); of the real Landsat stack's 61 dates held there
+# (clouds, snow), none has every share above 0.25 with modes within 1.36 of each other.
+# The ratio must hold over a scene with texture: the pixels near the mode must span a factor
+# exp(ILLUMINATION_TEXTURE) between the quartiles of the target's values in some band (a flat
+# scene under a flat veil of cloud has one ratio too; blue is often flat where NIR is not).
+ILLUMINATION_SHARE = 0.35
+ILLUMINATION_AGREEMENT = float(np.log(1.25))
+ILLUMINATION_TEXTURE = 2 * RATIO_INLIER_WIDTH
 # Robust fits need a minimum of clean samples; below it a date keeps gain 1 and offset 0.
 MIN_FIT_SAMPLES = 64
 # MAD -> standard deviation for Gaussian noise.
@@ -243,7 +258,10 @@ def compute_overview(stack: xr.DataArray, side: int = OVERVIEW_SIDE) -> np.ndarr
 
 
 def robust_linear_fit(
-    source: np.ndarray, target: np.ndarray, ceiling: float = np.inf
+    source: np.ndarray,
+    target: np.ndarray,
+    ceiling: float = np.inf,
+    max_log_gain: float = MAX_LOG_GAIN,
 ) -> tuple[float, float]:
     """Fit ``target ≈ gain * source + offset`` on the pixels that did not change.
 
@@ -253,8 +271,51 @@ def robust_linear_fit(
     range of ratios). Gain and offset are then fitted by least squares on the pixels near that
     mode only. Pairs with a value at or above ``ceiling`` (where the band clipped, see
     :func:`saturation_levels`) are left out: clipped on both sides they put a mode at ratio 1
-    whatever the illumination. Returns (1, 0) when too few pixels are usable.
+    whatever the illumination. Gains stay within ``max_log_gain`` (see ``MAX_LOG_GAIN``).
+    Returns (1, 0) when too few pixels are usable.
     """
+    pairs = _log_ratio_mode(source, target, ceiling)
+    if pairs is None:
+        return 1.0, 0.0
+    x, y, log_ratio, mode = pairs
+    if abs(mode) > max_log_gain:
+        # A whole-scene change (overcast, snow) is no illumination change: mapping it onto the
+        # reference would hide it. Keep the largest plausible gain and no offset.
+        return float(np.exp(np.clip(mode, -max_log_gain, max_log_gain))), 0.0
+    near_x, near_y = np.empty(x.size), np.empty(x.size)
+    near = _pairs_near_mode(log_ratio, x, y, mode, RATIO_INLIER_WIDTH, near_x, near_y)
+    near_x, near_y = near_x[:near], near_y[:near]
+    if near < MIN_FIT_SAMPLES or np.ptp(near_x) == 0:
+        return float(np.exp(mode)), 0.0
+    gain, offset = _least_squares_line(near_x, near_y)
+    if not gain > 0 or abs(np.log(gain)) > max_log_gain:
+        return float(np.exp(mode)), 0.0
+    return float(gain), float(offset)
+
+
+def ratio_mode(
+    source: np.ndarray, target: np.ndarray, ceiling: float = np.inf
+) -> tuple[float, float, float]:
+    """The mode of ``log(target / source)`` (as :func:`robust_linear_fit` finds it), the share of
+    the usable pairs within ``RATIO_INLIER_WIDTH`` of it and the interquartile range of
+    ``log(target)`` over those pairs; ``(nan, 0, 0)`` when too few pairs are usable."""
+    pairs = _log_ratio_mode(source, target, ceiling)
+    if pairs is None:
+        return float("nan"), 0.0, 0.0
+    x, y, log_ratio, mode = pairs
+    near_x, near_y = np.empty(x.size), np.empty(x.size)
+    near = _pairs_near_mode(log_ratio, x, y, mode, RATIO_INLIER_WIDTH, near_x, near_y)
+    if near == 0:
+        return mode, 0.0, 0.0
+    quartiles = np.percentile(np.log(near_y[:near]), [25, 75])
+    return mode, near / x.size, float(quartiles[1] - quartiles[0])
+
+
+def _log_ratio_mode(
+    source: np.ndarray, target: np.ndarray, ceiling: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+    """The usable pairs ``x``, ``y`` (float64), their log ratios and its histogram's mode, or
+    None when fewer than MIN_FIT_SAMPLES pairs are usable."""
     source_values, target_values = (_fit_values(values) for values in (source, target))
     if source_values.size != target_values.size:
         raise ValueError(f"source {source.shape} and target {target.shape} differ in shape")
@@ -265,27 +326,13 @@ def robust_linear_fit(
     x, y, ratio = (np.empty(source_values.size) for _ in range(3))
     usable = _usable_pairs(source_values, target_values, x, y, ratio)
     if usable < MIN_FIT_SAMPLES:
-        return 1.0, 0.0
-    x, y = x[:usable], y[:usable]
+        return None
     # numpy's logarithm (its own SIMD code here), so that the ratios' bins are numpy's.
     log_ratio = np.log(ratio[:usable], out=ratio[:usable])
     counts = _ratio_counts(log_ratio, RATIO_EDGES, RATIO_RANGE, RATIO_BIN_WIDTH)
     smoothed = ndi.gaussian_filter1d(counts.astype(np.float64), RATIO_SMOOTHING_BINS)
     peak = int(np.argmax(smoothed))
-    mode = 0.5 * (RATIO_EDGES[peak] + RATIO_EDGES[peak + 1])
-    if abs(mode) > MAX_LOG_GAIN:
-        # A whole-scene change (overcast, snow) is no illumination change: mapping it onto the
-        # reference would hide it. Keep the largest plausible gain and no offset.
-        return float(np.exp(np.clip(mode, -MAX_LOG_GAIN, MAX_LOG_GAIN))), 0.0
-    near_x, near_y = np.empty(usable), np.empty(usable)
-    near = _pairs_near_mode(log_ratio, x, y, mode, RATIO_INLIER_WIDTH, near_x, near_y)
-    near_x, near_y = near_x[:near], near_y[:near]
-    if near < MIN_FIT_SAMPLES or np.ptp(near_x) == 0:
-        return float(np.exp(mode)), 0.0
-    gain, offset = _least_squares_line(near_x, near_y)
-    if not gain > 0 or abs(np.log(gain)) > MAX_LOG_GAIN:
-        return float(np.exp(mode)), 0.0
-    return float(gain), float(offset)
+    return x[:usable], y[:usable], log_ratio, 0.5 * (RATIO_EDGES[peak] + RATIO_EDGES[peak + 1])
 
 
 def _fit_values(values: np.ndarray) -> np.ndarray:
@@ -390,12 +437,52 @@ def fit_radiometry(
     offsets = np.zeros((n_time, n_band))
     for (t, b), (gain, offset) in zip(pairs, fits, strict=True):
         gains[t, b], offsets[t, b] = gain, offset
+    # Dates held at the gain's limit in some band: lit differently when every band agrees.
+    held = np.isclose(np.abs(np.log(gains)), MAX_LOG_GAIN, rtol=0, atol=1e-9).any(axis=1)
+    for date in np.flatnonzero(held):  # few dates: on threads these took longer (measured)
+        relit = illumination_fit(overview[date], target, tops)
+        if relit is not None:
+            gains[date], offsets[date] = relit
     checks = map_on_cores(
         lambda t: common_offset_fit(overview[t], target, gains[t], offsets[t]), range(n_time)
     )
     for t, common in enumerate(checks):
         if common is not None:
             gains[t], offsets[t] = common
+    return gains, offsets
+
+
+def illumination_fit(
+    date: np.ndarray, target: np.ndarray, ceilings: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Gains and offsets ``(band,)`` mapping ``date`` onto ``target`` (both ``(band, h, w)``)
+    beyond ``MAX_LOG_GAIN`` when every band agrees on an illumination change (see
+    ``ILLUMINATION_SHARE``), else None.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> target = rng.gamma(2.0, 400.0, (3, 64, 64))
+    >>> gains, offsets = illumination_fit(target / 1.8, target, np.full(3, np.inf))
+    >>> np.round(gains, 2).tolist()
+    [1.8, 1.8, 1.8]
+    """
+    found = []
+    for band in range(date.shape[0]):  # most dates fail on one band: stop there
+        mode, share, texture = ratio_mode(date[band], target[band], ceilings[band])
+        if not (np.isfinite(mode) and share >= ILLUMINATION_SHARE):
+            return None
+        found.append((mode, texture))
+    modes, textures = (np.array(values) for values in zip(*found, strict=True))
+    if textures.max() < ILLUMINATION_TEXTURE:
+        return None  # a flat scene: one veil of cloud over it has a constant ratio too
+    if (np.abs(modes - np.median(modes)) > ILLUMINATION_AGREEMENT).any():
+        return None
+    fits = [
+        robust_linear_fit(date[b], target[b], ceilings[b], max_log_gain=RATIO_RANGE)
+        for b in range(date.shape[0])
+    ]
+    gains, offsets = (np.array(values) for values in zip(*fits, strict=True))
     return gains, offsets
 
 

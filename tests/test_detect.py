@@ -1588,3 +1588,46 @@ def test_whitecaps_on_water_are_clutter_in_every_tiling():
     assert specks > 500 and (whole[1, :, :225] == SMALL).sum() < 0.02 * specks
     np.testing.assert_array_equal(whole[2], plain[2])
     assert (whole[2, 5:7, 5:7] == SMALL).all()
+
+
+def dim_date_stack(seed: int, n_time: int = 8, side: int = 96) -> xr.DataArray:
+    """uint16 dates of textured land beside water; date 3 lit 1.8 times darker in every band
+    (a low sun, raw counts), a 3 x 6 px boat on the water of date 3."""
+    rng = np.random.default_rng(seed)
+    land = ndi.gaussian_filter(rng.normal(size=(side, side)), 2)
+    land = 2500 + 600 * land / land.std()
+    scene = np.where(np.arange(side)[None, :] < side // 3, 400.0, land)
+    bands = np.stack([scene * k for k in (1.0, 0.9, 1.2, 1.4)])
+    lighting = rng.uniform(0.95, 1.05, n_time)
+    lighting[3] = 1 / 1.8
+    dates = np.stack([bands * g + rng.normal(0, 15, bands.shape) for g in lighting])
+    dates[3, :, 40:43, 10:16] = 1500
+    return xr.DataArray(
+        np.clip(np.round(dates), 1, 65535).astype(np.uint16),
+        dims=("time", "band", "y", "x"),
+        coords={
+            "time": pd.date_range("2023-01-01", periods=n_time, freq="5D"),
+            "band": ["B02", "B03", "B04", "B08"],
+            "y": -10.0 * np.arange(side),
+            "x": 10.0 * np.arange(side),
+        },
+        attrs={"nodata": 0},
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_date_lit_far_darker_in_every_band_is_followed_not_made_large(seed, monkeypatch):
+    from spoc_xr import reference
+
+    stack = dim_date_stack(seed)
+    result = annotate(stack).compute()
+    codes = result["mask"].values
+    boat = np.zeros(codes.shape, dtype=bool)
+    boat[3, 40:43, 10:16] = True
+    assert (codes[boat] == SMALL).all()
+    assert not codes[~boat].any()
+    np.testing.assert_allclose(result["gain"].values[3], 1.8, rtol=0.05)
+    # Held at the old limit (1.5), the dim date's land came out large.
+    monkeypatch.setattr(reference, "illumination_fit", lambda *args: None)
+    held = annotate(stack)["mask"].values
+    assert np.count_nonzero(held[3] == LARGE) > 0.3 * held[3].size

@@ -480,3 +480,29 @@ def test_a_mostly_overcast_stack_takes_the_median_of_its_clear_dates() -> None:
     # 7 of 10 dates overcast on 60 % of the area: 3 clear dates agree, too few to clean one.
     radiometry = plan_radiometry(_cloud_bank(7, n_time=10), "auto")
     assert radiometry.reference_index is None and radiometry.median_dates == (0, 1, 2)
+
+
+def test_illumination_beyond_the_gain_limit_is_followed_only_when_every_band_agrees():
+    from spoc_xr.reference import MAX_LOG_GAIN, fit_radiometry, illumination_fit
+
+    rng = np.random.default_rng(3)
+    target = rng.gamma(2.0, 400.0, (3, 80, 80)) + 50
+    tops = np.full(3, np.inf)
+    dim = target / 2.0 + rng.normal(0, 3, target.shape)
+    gains, offsets = illumination_fit(dim, target, tops)
+    np.testing.assert_allclose(gains, 2.0, rtol=0.02)
+    np.testing.assert_allclose(offsets, 0.0, atol=15.0)
+    # A veil of cloud adds light: its ratio to the ground spreads with the ground's brightness.
+    veiled = target + 3000 + rng.normal(0, 30, target.shape)
+    assert illumination_fit(veiled, target, tops) is None
+    # The bands disagree (one dimmed 2x, the others 1.6x and 2.6x): no single illumination.
+    mixed = target / np.array([2.0, 1.6, 2.6])[:, None, None]
+    assert illumination_fit(mixed, target, tops) is None
+    # A flat scene under a flat veil has one ratio too: it is no evidence.
+    flat = np.full_like(target, 1000.0) + rng.normal(0, 5, target.shape)
+    assert illumination_fit(flat * 1.7, flat, tops) is None
+    # Through fit_radiometry: the dim date follows, the veiled one stays at the limit.
+    overview = np.stack([target, dim, veiled])
+    gains, _ = fit_radiometry(overview, target)
+    np.testing.assert_allclose(gains[1], 2.0, rtol=0.02)
+    assert (np.abs(np.log(gains[2])) <= MAX_LOG_GAIN + 1e-9).all()
