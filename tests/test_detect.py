@@ -1418,29 +1418,43 @@ def test_classification_and_quality_bands_are_named_in_a_note():
     assert any(note.startswith("band(s) SCL look like") for note in radiometry.notes)
 
 
-def clipped_true_colour_stack(seed: int, n_time: int = 8, side: int = 96) -> xr.DataArray:
-    """8-bit red/green/blue dates that clip at 255 on a third of the scene (bright land under
-    varying illumination), water on the left third, one 3 x 6 px boat on the water of date 5."""
-    rng = np.random.default_rng(seed)
+def _coast_scene(
+    rng: np.random.Generator, side: int, water: float, land_mean: float, land_spread: float
+) -> np.ndarray:
+    """A ``side``² scene: smooth textured land, flat water on the left third."""
     land = ndi.gaussian_filter(rng.normal(size=(side, side)), 2)
-    land = 260 + 70 * land / land.std()
-    scene = np.where(np.arange(side)[None, :] < side // 3, 40.0, land)
-    bands = np.stack([scene * k for k in (1.0, 0.95, 0.9)])
-    dates = np.stack(
-        [bands * g + rng.normal(0, 1.5, bands.shape) for g in rng.uniform(0.85, 1.15, n_time)]
-    )
-    dates[5, :, 40:43, 10:16] = 130
+    land = land_mean + land_spread * land / land.std()
+    return np.where(np.arange(side)[None, :] < side // 3, water, land)
+
+
+def _integer_stack(dates: np.ndarray, dtype: type, bands: list[str]) -> xr.DataArray:
+    """``dates`` ``(time, band, y, x)`` rounded and clipped into ``dtype`` (0 is nodata), on a
+    10 m grid, 5 days apart."""
+    n_time, side = dates.shape[0], dates.shape[-1]
     return xr.DataArray(
-        np.clip(np.round(dates), 1, 255).astype(np.uint8),
+        np.clip(np.round(dates), 1, np.iinfo(dtype).max).astype(dtype),
         dims=("time", "band", "y", "x"),
         coords={
             "time": pd.date_range("2023-01-01", periods=n_time, freq="5D"),
-            "band": ["B04", "B03", "B02"],
+            "band": bands,
             "y": -10.0 * np.arange(side),
             "x": 10.0 * np.arange(side),
         },
         attrs={"nodata": 0},
     )
+
+
+def clipped_true_colour_stack(seed: int, n_time: int = 8, side: int = 96) -> xr.DataArray:
+    """8-bit red/green/blue dates that clip at 255 on a third of the scene (bright land under
+    varying illumination), water on the left third, one 3 x 6 px boat on the water of date 5."""
+    rng = np.random.default_rng(seed)
+    scene = _coast_scene(rng, side, 40.0, 260, 70)
+    bands = np.stack([scene * k for k in (1.0, 0.95, 0.9)])
+    dates = np.stack(
+        [bands * g + rng.normal(0, 1.5, bands.shape) for g in rng.uniform(0.85, 1.15, n_time)]
+    )
+    dates[5, :, 40:43, 10:16] = 130
+    return _integer_stack(dates, np.uint8, ["B04", "B03", "B02"])
 
 
 @pytest.mark.parametrize("seed", [0, 6, 8])
@@ -1594,25 +1608,13 @@ def dim_date_stack(seed: int, n_time: int = 8, side: int = 96) -> xr.DataArray:
     """uint16 dates of textured land beside water; date 3 lit 1.8 times darker in every band
     (a low sun, raw counts), a 3 x 6 px boat on the water of date 3."""
     rng = np.random.default_rng(seed)
-    land = ndi.gaussian_filter(rng.normal(size=(side, side)), 2)
-    land = 2500 + 600 * land / land.std()
-    scene = np.where(np.arange(side)[None, :] < side // 3, 400.0, land)
+    scene = _coast_scene(rng, side, 400.0, 2500, 600)
     bands = np.stack([scene * k for k in (1.0, 0.9, 1.2, 1.4)])
     lighting = rng.uniform(0.95, 1.05, n_time)
     lighting[3] = 1 / 1.8
     dates = np.stack([bands * g + rng.normal(0, 15, bands.shape) for g in lighting])
     dates[3, :, 40:43, 10:16] = 1500
-    return xr.DataArray(
-        np.clip(np.round(dates), 1, 65535).astype(np.uint16),
-        dims=("time", "band", "y", "x"),
-        coords={
-            "time": pd.date_range("2023-01-01", periods=n_time, freq="5D"),
-            "band": ["B02", "B03", "B04", "B08"],
-            "y": -10.0 * np.arange(side),
-            "x": 10.0 * np.arange(side),
-        },
-        attrs={"nodata": 0},
-    )
+    return _integer_stack(dates, np.uint16, ["B02", "B03", "B04", "B08"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
