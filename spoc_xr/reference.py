@@ -282,33 +282,29 @@ def robust_linear_fit(
         # A whole-scene change (overcast, snow) is no illumination change: mapping it onto the
         # reference would hide it. Keep the largest plausible gain and no offset.
         return float(np.exp(np.clip(mode, -max_log_gain, max_log_gain))), 0.0
+    return _line_near_mode(mode, *_pairs_near(x, y, log_ratio, mode), max_log_gain)
+
+
+def _pairs_near(
+    x: np.ndarray, y: np.ndarray, log_ratio: np.ndarray, mode: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs whose log ratio lies within ``RATIO_INLIER_WIDTH`` of ``mode``."""
     near_x, near_y = np.empty(x.size), np.empty(x.size)
     near = _pairs_near_mode(log_ratio, x, y, mode, RATIO_INLIER_WIDTH, near_x, near_y)
-    near_x, near_y = near_x[:near], near_y[:near]
-    if near < MIN_FIT_SAMPLES or np.ptp(near_x) == 0:
+    return near_x[:near], near_y[:near]
+
+
+def _line_near_mode(
+    mode: float, near_x: np.ndarray, near_y: np.ndarray, max_log_gain: float
+) -> tuple[float, float]:
+    """:func:`robust_linear_fit`'s line through the pairs near the mode (the mode's ratio alone
+    when they are too few or the line's gain is out of bounds)."""
+    if near_x.size < MIN_FIT_SAMPLES or np.ptp(near_x) == 0:
         return float(np.exp(mode)), 0.0
     gain, offset = _least_squares_line(near_x, near_y)
     if not gain > 0 or abs(np.log(gain)) > max_log_gain:
         return float(np.exp(mode)), 0.0
     return float(gain), float(offset)
-
-
-def ratio_mode(
-    source: np.ndarray, target: np.ndarray, ceiling: float = np.inf
-) -> tuple[float, float, float]:
-    """The mode of ``log(target / source)`` (as :func:`robust_linear_fit` finds it), the share of
-    the usable pairs within ``RATIO_INLIER_WIDTH`` of it and the interquartile range of
-    ``log(target)`` over those pairs; ``(nan, 0, 0)`` when too few pairs are usable."""
-    pairs = _log_ratio_mode(source, target, ceiling)
-    if pairs is None:
-        return float("nan"), 0.0, 0.0
-    x, y, log_ratio, mode = pairs
-    near_x, near_y = np.empty(x.size), np.empty(x.size)
-    near = _pairs_near_mode(log_ratio, x, y, mode, RATIO_INLIER_WIDTH, near_x, near_y)
-    if near == 0:
-        return mode, 0.0, 0.0
-    quartiles = np.percentile(np.log(near_y[:near]), [25, 75])
-    return mode, near / x.size, float(quartiles[1] - quartiles[0])
 
 
 def _log_ratio_mode(
@@ -469,19 +465,24 @@ def illumination_fit(
     """
     found = []
     for band in range(date.shape[0]):  # most dates fail on one band: stop there
-        mode, share, texture = ratio_mode(date[band], target[band], ceilings[band])
-        if not (np.isfinite(mode) and share >= ILLUMINATION_SHARE):
+        pairs = _log_ratio_mode(date[band], target[band], ceilings[band])
+        if pairs is None:
             return None
-        found.append((mode, texture))
-    modes, textures = (np.array(values) for values in zip(*found, strict=True))
-    if textures.max() < ILLUMINATION_TEXTURE:
+        x, y, log_ratio, mode = pairs
+        near_x, near_y = _pairs_near(x, y, log_ratio, mode)
+        if not near_x.size >= ILLUMINATION_SHARE * x.size:
+            return None
+        found.append((mode, near_x, near_y))
+    modes = np.array([mode for mode, _, _ in found])
+    # The interquartile range of the target's log values near each band's mode.
+    textures = [np.subtract(*np.percentile(np.log(near_y), [75, 25])) for _, _, near_y in found]
+    if max(textures) < ILLUMINATION_TEXTURE:
         return None  # a flat scene: one veil of cloud over it has a constant ratio too
     if (np.abs(modes - np.median(modes)) > ILLUMINATION_AGREEMENT).any():
         return None
-    fits = [
-        robust_linear_fit(date[b], target[b], ceilings[b], max_log_gain=RATIO_RANGE)
-        for b in range(date.shape[0])
-    ]
+    # The modes lie within the histogram's range: the lines are robust_linear_fit's with no bound
+    # but that range, from the pairs found above.
+    fits = [_line_near_mode(*band_pairs, RATIO_RANGE) for band_pairs in found]
     gains, offsets = (np.array(values) for values in zip(*fits, strict=True))
     return gains, offsets
 
