@@ -69,6 +69,7 @@ from spoc_xr.products import (
 from spoc_xr.reference import (
     MIN_CLEANING_DATES,
     MISREGISTRATION,
+    OUTLIER_SIGMA,
     OVERVIEW_SIDE,
     QUANTISATION_SIGMA,
     SHIFT_AXES,
@@ -888,15 +889,21 @@ def _reference_strip(
     """The final reference of a strip's ``rows``: cleaned of its own objects, water put back."""
     samples = normalise_values(samples_raw, gains, offsets, nodata)
     reference = base.astype(np.float32)
+    # The date's own values count in the uncover test where its objects were cleaned away.
+    date, margin = None, None
     if scale is not None and samples.shape[0] >= MIN_CLEANING_DATES:
         reference = clean_date_values(reference, *nanmiddle_pair(samples), scale)
+        date = base[:, rows].astype(np.float32)
+        margin = np.asarray(scale, dtype=np.float32) * np.float32(OUTLIER_SIGMA)
     floor = None
     if second_index_band(bands, index) is not None:
         # NaN (unknown) neighbours do not lower the floor; an unknown pixel is never uncovered.
         known = np.where(np.isnan(reference), np.float32(np.inf), reference)
         floor = kernels.minimum_filter(known, 2 * halo + 1)[:, rows]
     samples, reference = samples[:, :, rows], reference[:, rows]
-    return uncover_water_values(reference, samples, index, bands, floor=floor)
+    return uncover_water_values(
+        reference, samples, index, bands, floor=floor, date=date, margin=margin
+    )
 
 
 def _output_chunks(stack: xr.DataArray, *, time: bool = True) -> dict[str, Any]:

@@ -172,6 +172,8 @@ def uncover_water_values(
     index: WaterIndex,
     bands: list[str],
     floor: np.ndarray | None = None,
+    date: np.ndarray | None = None,
+    margin: np.ndarray | None = None,
 ) -> np.ndarray:
     """The reference ``(band, y, x)`` with water put back where ships moored on most dates hid it.
 
@@ -189,33 +191,67 @@ def uncover_water_values(
     window: the date must then be darker than ``floor`` in every band, so that water which a 1 px
     shift of a static edge shows (a pier's, a quay's) is not taken for a ship gone. The MNDWI test
     stays as it was: a small ship has no pixel beyond the reach of the water around it.
+
+    ``date`` ``(band, y, x)`` is the reference date's own values (normalised, before its objects
+    were cleaned away) where the reference was cleaned with the samples' median: in a short
+    stack a ship moored on most sample dates is that median, and the cleaning painted it over
+    the water that the reference date itself shows (a 6-date stack lost the ship on all of its
+    dates). Where the date shows the water uncovered, lower than the reference by more than
+    ``margin`` ``(band,)`` in every band (misregistration at an edge lowers only some bands), it
+    counts as one more wet date; the water values stay the samples' where any shows it.
     """
     if not index.available or samples.shape[0] < MIN_WET_DATES:
         return reference
-    green, other = bands.index(index.bands[0]), bands.index(index.bands[1])
-    ratio = _normalised_difference(reference[green], reference[other])
-    sample_ratio = _normalised_difference(samples[:, green], samples[:, other])
-    nir = second_index_band(bands, index)
-    with np.errstate(invalid="ignore"):
-        wetter = sample_ratio > ratio + np.float32(WET_INCREASE)
-        if floor is not None and nir is not None:
-            near = bands.index(nir)
-            wetter |= (
-                _normalised_difference(samples[:, green], samples[:, near])
-                > _normalised_difference(reference[green], reference[near])
-                + np.float32(WET_INCREASE)
-            ) & (samples < floor[None]).all(axis=1)
-        uncovered = (sample_ratio > 0) & wetter & (samples < reference[None]).all(axis=1)
-    wet = uncovered.mean(axis=0) >= WET_SHARE
+    n_samples = samples.shape[0]
+    uncovered = _uncovered(reference, samples, index, bands, floor)
+    count = uncovered.sum(axis=0)
+    wet = count >= WET_SHARE * n_samples
+    if date is not None and margin is not None:
+        with np.errstate(invalid="ignore"):
+            well_below = (date < reference - margin[:, None, None]).all(axis=0)
+        wet |= (
+            _uncovered(reference, date[None], index, bands, floor)[0]
+            & well_below
+            & (count + 1 >= WET_SHARE * (n_samples + 1))
+        )
     if not wet.any():
         return reference
     # Berths are few: the median of the water values only where the reference takes it.
     rows, columns = np.nonzero(wet)
     picked = samples[:, :, rows, columns]
-    water = nanmedian_first(np.where(uncovered[:, None, rows, columns], picked, np.float32(np.nan)))
+    shown = uncovered[:, rows, columns]
+    water = nanmedian_first(np.where(shown[:, None], picked, np.float32(np.nan)))
+    if date is not None and margin is not None:
+        only_date = ~shown.any(axis=0)
+        water[:, only_date] = date[:, rows[only_date], columns[only_date]]
     out = reference.astype(np.float32)
     out[:, rows, columns] = water
     return out
+
+
+def _uncovered(
+    reference: np.ndarray,
+    dates: np.ndarray,
+    index: WaterIndex,
+    bands: list[str],
+    floor: np.ndarray | None,
+) -> np.ndarray:
+    """Where each of ``dates`` ``(time, band, y, x)`` shows water that ``reference`` hides
+    (see :func:`uncover_water_values`), ``(time, y, x)``."""
+    green, other = bands.index(index.bands[0]), bands.index(index.bands[1])
+    ratio = _normalised_difference(reference[green], reference[other])
+    date_ratio = _normalised_difference(dates[:, green], dates[:, other])
+    nir = second_index_band(bands, index)
+    with np.errstate(invalid="ignore"):
+        wetter = date_ratio > ratio + np.float32(WET_INCREASE)
+        if floor is not None and nir is not None:
+            near = bands.index(nir)
+            wetter |= (
+                _normalised_difference(dates[:, green], dates[:, near])
+                > _normalised_difference(reference[green], reference[near])
+                + np.float32(WET_INCREASE)
+            ) & (dates < floor[None]).all(axis=1)
+        return (date_ratio > 0) & wetter & (dates < reference[None]).all(axis=1)
 
 
 def water_mask(reference: xr.DataArray, index: WaterIndex) -> xr.DataArray:

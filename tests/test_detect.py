@@ -538,22 +538,28 @@ NEW_SHIP = (slice(50, 53), slice(10, 14))
 MOORED_DATES = {0, 1, 2, 3, 4, 5, 6}
 
 
-def moored_ship_stack(seed: int = 0) -> xr.DataArray:
-    """12 dates of water left, quay right; a white ship at its berth on 7 dates, a new ship on 9."""
+def moored_ship_stack(
+    seed: int = 0,
+    n_dates: int = 12,
+    moored: set[int] = MOORED_DATES,
+    new_ship: int | None = 9,
+) -> xr.DataArray:
+    """Water left, quay right; a white ship at its berth on the ``moored`` dates and a new ship
+    on date ``new_ship``: by default 12 dates, the ship at its berth on 7, the new one on 9."""
     rng = np.random.default_rng(seed)
     shape = (64, 64)
     quay = np.arange(shape[1])[None, None, :] >= 40
     base = np.where(quay, S2_LAND[:, None, None], S2_WATER[:, None, None])
     base = np.broadcast_to(base, (5, *shape)).copy()
     dates = []
-    for t in range(12):
+    for t in range(n_dates):
         image = base.copy()
-        if t in MOORED_DATES:
+        if t in moored:
             image[(slice(None), *BERTH)] = S2_HULL[:, None, None]
-        if t == 9:
+        if t == new_ship:
             image[(slice(None), *NEW_SHIP)] = S2_HULL[:, None, None]
         dates.append(image + rng.normal(0, 10, size=image.shape))
-    times = np.datetime64("2023-03-01T10:30:00") + np.arange(12) * np.timedelta64(5, "D")
+    times = np.datetime64("2023-03-01T10:30:00") + np.arange(n_dates) * np.timedelta64(5, "D")
     return xr.DataArray(
         np.clip(np.stack(dates), 1, 65535).astype(np.uint16),
         dims=("time", "band", "y", "x"),
@@ -584,6 +590,46 @@ def test_the_empty_berth_of_a_white_ship_moored_on_most_dates_is_no_object():
     chunked = annotate(stack.chunk({"time": 1, "y": 21, "x": 30})).compute()
     for name in ("mask", "reference", "spread", "water"):
         np.testing.assert_array_equal(chunked[name].values, result[name].values, err_msg=name)
+
+
+def test_a_ship_moored_on_most_dates_of_a_short_stack_is_not_cleaned_into_the_reference():
+    # 6 dates, the ship at its berth on 4 of the 5 that are not the reference: their median, which
+    # cleans the reference date of its own objects, is the ship, and only 1 of 5 samples shows
+    # the water (under WET_SHARE); the reference date's own water is the second.
+    moored = {1, 2, 3, 4}
+    stack = moored_ship_stack(n_dates=6, moored=moored, new_ship=None)
+    result = annotate(stack.chunk({"time": 1}), reference="2023-03-01").compute()
+    inside = (slice(None), slice(21, 33), slice(29, 33))  # beyond misregistration's reach
+    np.testing.assert_allclose(result.reference.values[inside].mean((1, 2)), S2_WATER, atol=50)
+    assert result.water.values[inside[1:]].all()  # where the heatmap counts boats
+    # (Found on its dates in the semi-real 6-date stacks; here the ship departs on 4 of the 5
+    # noise samples, too many to leave out, and its pixels' noise model stays wide.)
+
+
+def test_the_reference_dates_own_water_counts_only_where_every_band_fell():
+    index = choose_water_index(S2_BANDS)
+    shape = (12, 12)
+    water = np.broadcast_to(S2_WATER[:, None, None], (5, *shape)).astype(np.float32)
+    reference = water.copy()
+    reference[:, 2:8, 2:8] = S2_HULL[:, None, None]  # the samples' ship, cleaned in
+    samples = np.repeat(reference[None], 5, axis=0)
+    samples[0] = water  # the water shows on 1 of 5 samples only
+    date = water.copy()
+    # Where only NIR fell (a pier's edge shifted, a hull's shadow), the date is no water shown.
+    date[:, 2:8, 7] = reference[:, 2:8, 7]
+    date[3, 2:8, 7] = S2_WATER[3]
+    margin = np.full(5, 40.0, dtype=np.float32)
+    floor = ndi.minimum_filter(reference, (1, 3, 3), mode="nearest")
+    alone = uncover_water_values(reference, samples, index, S2_BANDS, floor=floor)
+    np.testing.assert_array_equal(alone, reference)  # 1 of 5 is too few
+    both = uncover_water_values(
+        reference, samples, index, S2_BANDS, floor=floor, date=date, margin=margin
+    )
+    gone = ~np.isclose(both, reference).all(axis=0)
+    expected = np.zeros(shape, dtype=bool)
+    expected[3:7, 3:7] = True  # the hull beyond a 1 px shift's reach, NIR-only column out
+    np.testing.assert_array_equal(gone, expected)
+    np.testing.assert_allclose(both[:, 4, 4], S2_WATER)  # the samples' water values
 
 
 def test_ndwi_uncovers_a_white_hull_but_not_a_white_pier_shifted_by_a_pixel():
