@@ -69,7 +69,6 @@ from spoc_xr.products import (
 from spoc_xr.reference import (
     MIN_CLEANING_DATES,
     MISREGISTRATION,
-    OUTLIER_SIGMA,
     OVERVIEW_SIDE,
     QUANTISATION_SIGMA,
     SHIFT_AXES,
@@ -83,6 +82,7 @@ from spoc_xr.reference import (
     nanmiddle_pair,
     noise_sample_indices,
     normalise_values,
+    outlier_limits,
     overview_stride,
     parse_reference,
     plan_radiometry,
@@ -894,7 +894,7 @@ def _reference_strip(
     if scale is not None and samples.shape[0] >= MIN_CLEANING_DATES:
         reference = clean_date_values(reference, *nanmiddle_pair(samples), scale)
         date = base[:, rows].astype(np.float32)
-        margin = np.asarray(scale, dtype=np.float32) * np.float32(OUTLIER_SIGMA)
+        margin = outlier_limits(scale)
     floor = None
     if second_index_band(bands, index) is not None:
         # NaN (unknown) neighbours do not lower the floor; an unknown pixel is never uncovered.

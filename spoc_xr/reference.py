@@ -1069,6 +1069,12 @@ def normalise_values(
     return values
 
 
+def outlier_limits(scale: np.ndarray) -> np.ndarray:
+    """How far ``(band,)`` a value lies from the clean dates' before it is another date's object:
+    OUTLIER_SIGMA residual scales ``scale`` (float32)."""
+    return np.asarray(scale, dtype=np.float32) * np.float32(OUTLIER_SIGMA)
+
+
 def clean_date_values(
     date: np.ndarray, lower: np.ndarray, upper: np.ndarray, scale: np.ndarray
 ) -> np.ndarray:
@@ -1087,7 +1093,7 @@ def clean_date_values(
     its neighbours (1 % of scattered holes left 91 % of every date valid, against 99 % with a
     median reference).
     """
-    limit = (scale.astype(np.float32) * np.float32(OUTLIER_SIGMA))[:, None, None]
+    limit = outlier_limits(scale)[:, None, None]
     median = (lower + upper) / np.float32(2)
     with np.errstate(invalid="ignore"):
         departs = ((date < lower - limit) | (date > upper + limit)).any(axis=0)

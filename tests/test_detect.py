@@ -1503,6 +1503,16 @@ def clipped_true_colour_stack(seed: int, n_time: int = 8, side: int = 96) -> xr.
     return _integer_stack(dates, np.uint8, ["B04", "B03", "B02"])
 
 
+def assert_only_the_boat(codes: np.ndarray, date: int) -> np.ndarray:
+    """The textured-coast stacks' boat (rows 40-42, columns 10-15 of ``date``) is small, and
+    nothing else is an object; returns where the boat is."""
+    boat = np.zeros(codes.shape, dtype=bool)
+    boat[date, 40:43, 10:16] = True
+    assert (codes[boat] == SMALL).all()
+    assert not codes[~boat].any()
+    return boat
+
+
 @pytest.mark.parametrize("seed", [0, 6, 8])
 def test_clipped_values_make_no_objects_and_the_boat_stays(seed, monkeypatch):
     from spoc_xr import pipeline
@@ -1510,11 +1520,7 @@ def test_clipped_values_make_no_objects_and_the_boat_stays(seed, monkeypatch):
     stack = clipped_true_colour_stack(seed)
     assert (stack.values == 255).mean() > 0.2
     result = annotate(stack).compute()
-    codes = result["mask"].values
-    boat = np.zeros(codes.shape, dtype=bool)
-    boat[5, 40:43, 10:16] = True
-    assert (codes[boat] == SMALL).all()
-    assert not codes[~boat].any()
+    boat = assert_only_the_boat(result["mask"].values, 5)
     assert result.attrs["spoc_xr"]["saturation"] == [255.0, 255.0, 255.0]
     assert any("clipped" in note for note in result.attrs["spoc_xr"]["notes"])
     # Every value taken as measured (no ceiling): the clipped land shows objects.
@@ -1669,11 +1675,7 @@ def test_a_date_lit_far_darker_in_every_band_is_followed_not_made_large(seed, mo
 
     stack = dim_date_stack(seed)
     result = annotate(stack).compute()
-    codes = result["mask"].values
-    boat = np.zeros(codes.shape, dtype=bool)
-    boat[3, 40:43, 10:16] = True
-    assert (codes[boat] == SMALL).all()
-    assert not codes[~boat].any()
+    assert_only_the_boat(result["mask"].values, 3)
     np.testing.assert_allclose(result["gain"].values[3], 1.8, rtol=0.05)
     # Held at the old limit (1.5), the dim date's land came out large.
     monkeypatch.setattr(reference, "illumination_fit", lambda *args: None)
