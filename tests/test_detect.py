@@ -1393,6 +1393,17 @@ def test_a_stack_of_fewer_than_four_dates_is_told_its_results_are_weaker():
         assert bool(said) == told, radiometry.notes
 
 
+def test_a_stack_with_few_clean_noise_dates_is_told_so_and_a_longer_one_is_not():
+    from spoc_xr.pipeline import FEW_NOISE_DATES, plan_annotation
+
+    for n_time, told in ((FEW_NOISE_DATES, True), (FEW_NOISE_DATES + 2, False)):
+        _, radiometry, _ = plan_annotation(make_stack(n_time=n_time, seed=1), params=PARAMS)
+        said = [note for note in radiometry.notes if "clean enough for the noise model" in note]
+        assert bool(said) == told, radiometry.notes
+        if told:  # every date but the reference is a clean noise date here
+            assert said[0].startswith(f"only {n_time - 1} of {n_time} dates")
+
+
 def test_an_overview_of_other_dates_is_refused_with_what_to_pass():
     stack = make_stack(n_time=5, seed=1)
     with pytest.raises(
