@@ -99,7 +99,7 @@ STACK_DIMS = ("time", "band", "y", "x")
 FEW_DATES = 4
 #: With fewer clean dates than this for the noise model (:func:`noise_sample_indices`), a run
 #: says that its masks are weaker: the semi-real ports built with 6 dates (at most 5 noise dates)
-#: scored boat F1 0.52-0.96 where 12 dates scored 0.88-0.999 (session 30, benchmarks/HISTORY.md).
+#: scored boat F1 0.52-0.96 where 12 dates scored 0.90-0.999 (session 30, benchmarks/HISTORY.md).
 FEW_NOISE_DATES = 6
 
 
@@ -306,7 +306,7 @@ def few_dates_notes(n_time: int, radiometry: Radiometry) -> list[str]:
         f"only {len(clean)} of {n_time} dates are clean enough for the noise model (at most "
         f"{MAX_SAMPLE_DIRT:.0%} changed): with few of them hazy dates and ships moored on most "
         "dates weigh on it, and boats are missed (semi-real ports of 6 dates: boat F1 0.52-0.96, "
-        f"0.88-0.999 with 12); add dates where the archive has them ({FEW_NOISE_DATES + 1} "
+        f"0.90-0.999 with 12); add dates where the archive has them ({FEW_NOISE_DATES + 1} "
         "or more with little cloud)"
     ]
 
